@@ -1,0 +1,82 @@
+"""Capped exponential backoff with jitter, and a retry loop that logs one line per attempt."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from outbox_relay.exceptions import UnavailableError
+from outbox_relay.logs import scrub
+
+T = TypeVar("T")
+
+
+class Backoff:
+    """Delays of ``initial * 2**n`` seconds, capped at ``maximum``, each with ±20 % jitter."""
+
+    def __init__(self, initial: float = 0.2, maximum: float = 10.0) -> None:
+        self.initial = initial
+        self.maximum = maximum
+        self.attempt = 0
+
+    def next_delay(self) -> float:
+        """The delay before the next attempt (and count this one)."""
+        delay = min(self.maximum, self.initial * 2.0**self.attempt)
+        self.attempt += 1
+        return delay * random.uniform(0.8, 1.2)  # noqa: S311 - jitter, not crypto
+
+    def reset(self) -> None:
+        """Start again from ``initial`` (after a success)."""
+        self.attempt = 0
+
+
+def describe(exc: BaseException) -> str:
+    """A one-line, secret-free description of an error for logs and messages."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    name = type(exc).__name__
+    return scrub(f"{name}: {text}" if text else name)
+
+
+async def retry(
+    operation: Callable[[], Awaitable[T]],
+    *,
+    what: str,
+    logger: logging.Logger,
+    give_up_after: float | None,
+    stop: asyncio.Event | None = None,
+    backoff: Backoff | None = None,
+    retry_on: tuple[type[BaseException], ...] = (Exception,),
+) -> T:
+    """Run ``operation`` until it succeeds.
+
+    Services pass ``give_up_after=None`` and retry forever with capped backoff;
+    one-off commands pass a few seconds and get an :class:`UnavailableError`.
+    Each failed attempt logs one plain line (no traceback). When ``stop`` is
+    set while waiting, :class:`asyncio.CancelledError` is raised.
+    """
+    backoff = backoff or Backoff()
+    deadline = None if give_up_after is None else time.monotonic() + give_up_after
+    while True:
+        try:
+            return await operation()
+        except retry_on as exc:
+            delay = backoff.next_delay()
+            if deadline is not None and time.monotonic() + delay > deadline:
+                raise UnavailableError(f"cannot reach {what}: {describe(exc)}") from None
+            logger.warning(
+                "cannot reach %s, retrying",
+                what,
+                extra={"error": describe(exc), "retry_in": round(delay, 2), "attempt": backoff.attempt},
+            )
+        if stop is None:
+            await asyncio.sleep(delay)
+        else:
+            try:
+                await asyncio.wait_for(stop.wait(), delay)
+            except TimeoutError:
+                continue
+            raise asyncio.CancelledError

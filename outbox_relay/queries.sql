@@ -1,0 +1,196 @@
+-- Every query outbox_relay runs, by name. Loaded by outbox_relay/sql.py; a
+-- block runs from its "-- name:" line to the next one.
+
+-- name: try_relay_lock
+-- One active relay per service database, whatever its queue name: a session
+-- lock held on the listener's own connection, released when that session ends.
+SELECT pg_try_advisory_lock(hashtext('outbox_relay'), 1);
+
+-- name: select_new_by_ids
+SELECT id, correlation_id, generation
+  FROM outbox_relay.outbox
+ WHERE id = ANY($1::bigint[]) AND status = 'new';
+
+-- name: select_new
+SELECT id, correlation_id, generation
+  FROM outbox_relay.outbox
+ WHERE status = 'new' AND id > $1
+ ORDER BY id
+ LIMIT $2;
+
+-- name: stale_cutoff
+SELECT now() - make_interval(secs => $1::float8);
+
+-- name: select_stale_queued
+-- Rows handed to the queue before $1 and still not done: the queue may have
+-- lost them (Redis restarted empty, a job expired, a worker gave up).
+SELECT id, correlation_id, generation
+  FROM outbox_relay.outbox
+ WHERE status = 'queued' AND queued_at < $1
+ ORDER BY queued_at
+ LIMIT $2;
+
+-- name: mark_queued
+-- Compare-and-set: a row a worker has already finished stays finished.
+UPDATE outbox_relay.outbox
+   SET status = 'queued', queued_at = now()
+ WHERE id = ANY($1::bigint[]) AND status IN ('new', 'queued');
+
+-- name: claim_row
+-- Locks the row for the handler's transaction: a second delivery of the same
+-- job waits here, then sees the row finished and changes nothing.
+SELECT id, correlation_id, kind, outcome, payload, created_at, status, attempts, generation
+  FROM outbox_relay.outbox
+ WHERE id = $1
+   FOR UPDATE;
+
+-- name: finish_row
+UPDATE outbox_relay.outbox
+   SET status = 'finished', attempts = attempts + 1, last_error = NULL, finished_at = now()
+ WHERE id = $1;
+
+-- name: fail_row
+UPDATE outbox_relay.outbox
+   SET status = 'failed', attempts = attempts + 1, last_error = $2, finished_at = now()
+ WHERE id = $1 AND status IN ('new', 'queued');
+
+-- name: record_transient_failure
+-- Counts the attempt; the row turns failed once it has had $3 (MAX_ATTEMPTS).
+UPDATE outbox_relay.outbox
+   SET attempts    = attempts + 1,
+       last_error  = $2,
+       status      = CASE WHEN attempts + 1 >= $3 THEN 'failed' ELSE status END,
+       finished_at = CASE WHEN attempts + 1 >= $3 THEN now() ELSE finished_at END
+ WHERE id = $1 AND status IN ('new', 'queued')
+RETURNING status, attempts;
+
+-- name: burn_reservation
+UPDATE ledger.reservations
+   SET state = 'burned', settled_at = now()
+ WHERE correlation_id = $1 AND state = 'reserved';
+
+-- name: reclaim_reservation
+WITH settled AS (
+    UPDATE ledger.reservations
+       SET state = 'reclaimed', settled_at = now()
+     WHERE correlation_id = $1 AND state = 'reserved'
+    RETURNING account_id, amount
+)
+UPDATE ledger.accounts AS a
+   SET balance = a.balance + settled.amount
+  FROM settled
+ WHERE a.id = settled.account_id;
+
+-- name: reservation_state
+SELECT state FROM ledger.reservations WHERE correlation_id = $1;
+
+-- name: status_counts
+SELECT status, count(*) AS n FROM outbox_relay.outbox GROUP BY status;
+
+-- name: oldest_pending_age
+SELECT extract(epoch FROM now() - min(created_at))::float8
+  FROM outbox_relay.outbox
+ WHERE status IN ('new', 'queued');
+
+-- name: failed_rows
+SELECT correlation_id, kind, attempts, last_error
+  FROM outbox_relay.outbox
+ WHERE status = 'failed'
+ ORDER BY id
+ LIMIT $1;
+
+-- name: requeue_ids
+UPDATE outbox_relay.outbox
+   SET status = 'new', attempts = 0, last_error = NULL, queued_at = NULL,
+       finished_at = NULL, generation = generation + 1
+ WHERE correlation_id = ANY($1::text[]) AND status = 'failed'
+RETURNING correlation_id;
+
+-- name: requeue_all_failed
+WITH requeued AS (
+    UPDATE outbox_relay.outbox
+       SET status = 'new', attempts = 0, last_error = NULL, queued_at = NULL,
+           finished_at = NULL, generation = generation + 1
+     WHERE status = 'failed'
+    RETURNING 1
+)
+SELECT count(*) FROM requeued;
+
+-- name: wake_relay
+-- Any payload that is not a row id asks the relay for an immediate sweep.
+SELECT pg_notify('outbox_relay', 'sweep');
+
+-- name: migrate_lock
+SELECT pg_advisory_xact_lock(hashtext('outbox_relay'), 0);
+
+-- name: create_migrations_table
+CREATE SCHEMA IF NOT EXISTS outbox_relay;
+CREATE TABLE IF NOT EXISTS outbox_relay.schema_migrations (
+    target     text        NOT NULL,
+    version    integer     NOT NULL,
+    name       text        NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (target, version)
+);
+
+-- name: applied_migrations
+SELECT version FROM outbox_relay.schema_migrations WHERE target = $1 ORDER BY version;
+
+-- name: record_migration
+INSERT INTO outbox_relay.schema_migrations (target, version, name) VALUES ($1, $2, $3);
+
+-- name: schema_version
+SELECT coalesce(max(version), 0)
+  FROM outbox_relay.schema_migrations
+ WHERE target = $1;
+
+-- name: migrations_table_exists
+SELECT to_regclass('outbox_relay.schema_migrations') IS NOT NULL;
+
+-- name: slot_exists
+SELECT count(*) > 0 FROM pg_replication_slots WHERE slot_name = $1;
+
+-- name: create_slot
+SELECT pg_create_logical_replication_slot($1, 'pgoutput');
+
+-- name: drop_slot
+SELECT pg_drop_replication_slot(slot_name)
+  FROM pg_replication_slots
+ WHERE slot_name = $1 AND NOT active;
+
+-- name: slot_active
+SELECT active FROM pg_replication_slots WHERE slot_name = $1;
+
+-- name: publication_exists
+SELECT count(*) > 0 FROM pg_publication WHERE pubname = 'outbox_relay';
+
+-- name: subscription_info
+SELECT subenabled, subslotname
+  FROM pg_subscription
+ WHERE subname = $1
+   AND subdbid = (SELECT oid FROM pg_database WHERE datname = current_database());
+
+-- name: create_subscription
+-- Identifiers and the connection string are quoted by outbox_relay/replication.py.
+CREATE SUBSCRIPTION {subscription}
+    CONNECTION {conninfo}
+    PUBLICATION outbox_relay
+    WITH (create_slot = false, slot_name = {slot}, copy_data = true);
+
+-- name: enable_subscription
+ALTER SUBSCRIPTION {subscription} ENABLE;
+
+-- name: disable_subscription
+ALTER SUBSCRIPTION {subscription} DISABLE;
+
+-- name: detach_subscription_slot
+ALTER SUBSCRIPTION {subscription} SET (slot_name = NONE);
+
+-- name: drop_subscription
+DROP SUBSCRIPTION IF EXISTS {subscription};
+
+-- name: subscription_table_states
+SELECT srsubstate::text AS srsubstate
+  FROM pg_subscription_rel r
+  JOIN pg_subscription s ON s.oid = r.srsubid
+ WHERE s.subname = $1;

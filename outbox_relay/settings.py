@@ -1,0 +1,197 @@
+"""Settings: built once at the edge (the CLI) from ``OUTBOX_RELAY_*`` variables, then passed down.
+
+Every URL is a :class:`~pydantic.SecretStr` so that it never reaches a log or an
+error message by accident; :func:`redact_url` gives a printable form.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from outbox_relay.exceptions import SettingsError
+
+ENV_PREFIX = "OUTBOX_RELAY_"
+
+_PG_SCHEMES = ("postgresql", "postgres")
+_REDIS_SCHEMES = ("redis", "rediss", "unix")
+_NAME_RE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+
+
+class Settings(BaseSettings):
+    """Every setting of outbox_relay; the environment variable is ``OUTBOX_RELAY_<NAME>``."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        case_sensitive=False,
+        extra="ignore",
+        frozen=True,
+    )
+
+    # -- the contract's settings ---------------------------------------------
+    database_url: SecretStr | None = Field(
+        default=None, description="service database (required, except for `demo`)"
+    )
+    primary_url: SecretStr | None = Field(
+        default=None, description="primary, for `migrate --primary`, `subscribe` and `unsubscribe`"
+    )
+    redis_url: SecretStr = Field(default=SecretStr("redis://127.0.0.1:6379/0"), description="arq's Redis")
+    queue_name: str = Field(default="outbox_relay", min_length=1, max_length=200, description="arq queue")
+    sweep_interval: float = Field(default=5.0, gt=0, description="period of the sweep (seconds)")
+    requeue_after: float = Field(
+        default=60.0,
+        gt=0,
+        description="a `queued` row older than this (seconds) is enqueued again by the sweep",
+    )
+    max_attempts: int = Field(
+        default=5, ge=1, description="attempts before a transient failure turns the row `failed`"
+    )
+    subscription_conninfo: SecretStr | None = Field(
+        default=None,
+        description="connection string the service database's server uses to reach the primary "
+        "(default: PRIMARY_URL; set it where the two see the primary under different names)",
+    )
+    subscription_name: str | None = Field(
+        default=None,
+        description="subscription and replication slot name (default: from the service database)",
+    )
+
+    # -- extensions ------------------------------------------------------------
+    job_timeout: float = Field(
+        default=10.0,
+        gt=0,
+        description="time one handler attempt may take (seconds); a killed worker's job "
+        "is run again by another worker after job_timeout + 15 s",
+    )
+    retry_backoff: float = Field(
+        default=1.0, gt=0, description="first delay before a transient retry (seconds), doubling"
+    )
+    retry_backoff_max: float = Field(
+        default=60.0, gt=0, description="cap of the transient retry delay (seconds)"
+    )
+    worker_concurrency: int = Field(default=32, ge=1, description="jobs one worker process runs at once")
+    worker_poll_delay: float = Field(
+        default=0.01,
+        gt=0,
+        description="how often a worker polls Redis for jobs (seconds): a latency floor",
+    )
+    batch_size: int = Field(
+        default=500, ge=1, le=10_000, description="rows the relay enqueues per round trip"
+    )
+    max_queue_depth: int = Field(
+        default=20_000,
+        ge=1,
+        description="the relay stops enqueueing while the arq queue holds this many jobs",
+    )
+    handler_modules: tuple[str, ...] = Field(
+        default=(), description="comma-separated modules imported by `worker` to register handlers"
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(default="INFO")
+    log_format: Literal["text", "json"] = Field(default="text")
+
+    @field_validator("database_url", "primary_url")
+    @classmethod
+    def _postgres_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            _check_url(value.get_secret_value(), _PG_SCHEMES)
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: SecretStr) -> SecretStr:
+        _check_url(value.get_secret_value(), _REDIS_SCHEMES)
+        return value
+
+    @field_validator("subscription_name")
+    @classmethod
+    def _identifier(cls, value: str | None) -> str | None:
+        if value is not None and not _NAME_RE.match(value):
+            raise ValueError("must be a lower-case PostgreSQL identifier: letters, digits, _; at most 63")
+        return value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("handler_modules", mode="before")
+    @classmethod
+    def _split(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    # -- derived -----------------------------------------------------------------
+
+    def require_database_url(self) -> str:
+        """The service database URL, or a :class:`SettingsError` naming the variable."""
+        if self.database_url is None:
+            raise SettingsError(env_name("database_url"), "is required")
+        return self.database_url.get_secret_value()
+
+    def require_primary_url(self) -> str:
+        """The primary URL, or a :class:`SettingsError` naming the variable."""
+        if self.primary_url is None:
+            raise SettingsError(env_name("primary_url"), "is required for this command")
+        return self.primary_url.get_secret_value()
+
+    def effective_subscription_name(self) -> str:
+        """``SUBSCRIPTION_NAME``, or ``outbox_relay_<service database name>``."""
+        if self.subscription_name:
+            return self.subscription_name
+        path = urlsplit(self.require_database_url()).path.lstrip("/")
+        database = re.sub(r"[^a-z0-9_]", "_", (path or "postgres").lower())
+        return f"outbox_relay_{database}"[:63]
+
+    @property
+    def job_namespace(self) -> str:
+        """Prefix of every job id: arq job ids share one namespace per Redis database."""
+        return f"outbox_relay:{self.queue_name}"
+
+
+def env_name(field: str) -> str:
+    """The environment variable of a settings field."""
+    return f"{ENV_PREFIX}{field.upper()}"
+
+
+def load_settings(overrides: Mapping[str, Any] | None = None) -> Settings:
+    """Read the environment (plus command-line ``overrides``) once.
+
+    Raises :class:`SettingsError` naming the first bad variable.
+    """
+    try:
+        return Settings(**dict(overrides or {}))
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        field = str(error["loc"][0]) if error["loc"] else "?"
+        message = error["msg"]
+        if message.startswith("Value error, "):
+            message = message[len("Value error, ") :]
+        raise SettingsError(env_name(field), message) from None
+
+
+def _check_url(url: str, schemes: tuple[str, ...]) -> None:
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        raise ValueError("is not a valid URL") from None
+    if parts.scheme not in schemes:
+        raise ValueError(f"must be a URL starting with {' or '.join(s + '://' for s in schemes)}")
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any password replaced by ``***`` (safe to log)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable url>"
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))

@@ -1,0 +1,59 @@
+"""The sweep: the guarantee behind the NOTIFY fast path.
+
+It finds ``new`` rows the listener missed and ``queued`` rows the queue may
+have lost, page by page along the partial indexes, so its cost follows the
+number of pending rows and not the size of the table.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from outbox_relay.db import Pool
+from outbox_relay.jobs import PendingRow
+from outbox_relay.sql import query
+
+
+class Sweeper:
+    """Pages of rows to hand (again) to the queue."""
+
+    def __init__(self, pool: Pool, *, batch_size: int, requeue_after: float) -> None:
+        self.pool = pool
+        self.batch_size = batch_size
+        self.requeue_after = requeue_after
+
+    async def new_rows(self) -> AsyncIterator[list[PendingRow]]:
+        """Every ``new`` row, oldest id first, in pages of ``batch_size``."""
+        after = 0
+        while True:
+            records = await self.pool.fetch(query("select_new"), after, self.batch_size)
+            if not records:
+                return
+            yield [PendingRow(r["id"], r["correlation_id"], r["generation"]) for r in records]
+            if len(records) < self.batch_size:
+                return
+            after = records[-1]["id"]
+
+    async def stale_queued_rows(self, *, everything: bool = False) -> AsyncIterator[list[PendingRow]]:
+        """``queued`` rows handed over more than REQUEUE_AFTER ago (all of them if ``everything``).
+
+        The cut-off is fixed when the sweep starts: a row enqueued again gets a
+        new ``queued_at`` after it and is not seen twice.
+        """
+        cutoff = await self.pool.fetchval(query("stale_cutoff"), 0.0 if everything else self.requeue_after)
+        while True:
+            records = await self.pool.fetch(query("select_stale_queued"), cutoff, self.batch_size)
+            if not records:
+                return
+            yield [PendingRow(r["id"], r["correlation_id"], r["generation"]) for r in records]
+            if len(records) < self.batch_size:
+                return
+
+    async def new_by_ids(self, ids: list[int]) -> list[PendingRow]:
+        """The rows among ``ids`` that are still ``new`` (the fast path's look-up by primary key)."""
+        records = await self.pool.fetch(query("select_new_by_ids"), ids)
+        return [PendingRow(r["id"], r["correlation_id"], r["generation"]) for r in records]
+
+    async def mark_queued(self, ids: list[int]) -> None:
+        """Move rows to ``queued`` (compare-and-set: finished rows stay finished)."""
+        await self.pool.execute(query("mark_queued"), ids)
