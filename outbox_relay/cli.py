@@ -176,6 +176,8 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from outbox_relay.demo import DemoOptions, run_demo
 
     options = DemoOptions(events=args.events, workers=args.workers, producers=args.producers, rate=args.rate)
+    # The demo narrates; only problems should interrupt it.
+    logging.getLogger().setLevel(max(logging.WARNING, logging.getLogger().level))
     return run_demo(options)
 
 
@@ -256,7 +258,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="concurrent producer connections on the primary (4)",
     )
     demo.add_argument(
-        "--rate", type=float, default=0.0, help="events per second to offer (0: as fast as the producers go)"
+        "--rate",
+        type=float,
+        default=200.0,
+        help="events/s offered in the steady phase (200); the second half of the events is a burst",
     )
     return parser
 

@@ -37,7 +37,6 @@ DEFAULT_PG_SETTINGS: Mapping[str, str] = {
     "max_worker_processes": "40",
     "max_connections": "300",
     "fsync": "off",
-    "synchronous_commit": "off",
     "full_page_writes": "off",
     "shared_buffers": "256MB",
     "wal_sender_timeout": "10s",

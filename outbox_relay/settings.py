@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from outbox_relay.exceptions import SettingsError
 
@@ -88,7 +88,8 @@ class Settings(BaseSettings):
         ge=1,
         description="the relay stops enqueueing while the arq queue holds this many jobs",
     )
-    handler_modules: tuple[str, ...] = Field(
+    # NoDecode: the variable is a comma list, not the JSON pydantic-settings expects for tuples.
+    handler_modules: Annotated[tuple[str, ...], NoDecode] = Field(
         default=(), description="comma-separated modules imported by `worker` to register handlers"
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(default="INFO")

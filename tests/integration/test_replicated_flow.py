@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from outbox_relay.replication import subscribe
+from outbox_relay.replication import subscribe, unsubscribe
 from tests.conftest import OutboxEnv
 from tests.helpers import (
     count_status,
@@ -44,6 +44,140 @@ async def test_row_committed_on_primary_finishes_through_notify_without_the_swee
     assert await money_total(service) == total
 
 
+async def test_sweep_alone_finishes_replicated_rows_when_the_notify_trigger_is_disabled(
+    outbox_env: OutboxEnv, service: Any, primary: Any
+) -> None:
+    """With the notify trigger disabled, the periodic sweep alone finishes replicated rows."""
+    await service.execute("ALTER TABLE outbox_relay.outbox DISABLE TRIGGER outbox_notify")
+    settings = outbox_env.settings(sweep_interval=0.3)
+    await subscribe(settings)
+    await open_account(service, "acc", 1_000)
+    await reserve(service, "acc", 100, "sw-1")
+    await reserve(service, "acc", 40, "sw-2")
+    total = await money_total(service)
+    async with running_worker(settings), running_relay(settings) as relay:
+        await wait_until(lambda: _active(relay), message="relay active")
+        await produce(primary, "sw-1", "success")
+        await produce(primary, "sw-2", "failure")
+        await wait_until(
+            lambda: _equals(count_status(service, "finished"), 2), timeout=20, message="both finished"
+        )
+        assert relay.stats.notifications == 0, "a notification arrived although the trigger is disabled"
+        assert relay.stats.swept >= 2
+    states = dict(await service.fetch("SELECT correlation_id, state FROM ledger.reservations"))
+    assert states == {"sw-1": "burned", "sw-2": "reclaimed"}
+    assert await money_total(service) == total
+
+
+async def test_subscribe_copies_existing_rows_leaves_a_slot_and_is_safe_to_run_again(
+    outbox_env: OutboxEnv, service: Any, primary: Any
+) -> None:
+    """subscribe copies rows already on the primary, leaves its slot there on return, and can run again."""
+    settings = outbox_env.settings(sweep_interval=3600)
+    name = settings.effective_subscription_name()
+    await open_account(service, "acc", 1_000)
+    cids = [f"pre-{i}" for i in range(5)]
+    for cid in cids:
+        await reserve(service, "acc", 10, cid)
+        await produce(primary, cid, "failure")
+    total = await money_total(service)
+
+    first = await subscribe(settings, wait=False)
+    assert first.created
+    assert await _slot_exists(primary, name), "no replication slot on the primary after subscribe"
+    second = await subscribe(settings)
+    assert not second.created, "a second subscribe created another subscription"
+    assert second.synced
+    assert await _slot_exists(primary, name)
+    assert await service.fetchval("SELECT count(*) FROM pg_subscription WHERE subname = $1", name) == 1
+
+    await wait_until(
+        lambda: _equals(_row_count(service), len(cids)), timeout=30, message="pre-existing rows copied"
+    )
+    async with running_worker(settings), running_relay(settings) as relay:
+        await wait_until(lambda: _active(relay), message="relay active")
+        await wait_until(
+            lambda: _equals(count_status(service, "finished"), len(cids)),
+            timeout=20,
+            message="copied rows finished",
+        )
+    assert await _row_count(service) == len(cids)
+    assert await service.fetchval("SELECT balance FROM ledger.accounts WHERE id = 'acc'") == 1_000
+    assert await money_total(service) == total
+
+
+async def test_resubscription_brings_over_only_the_missing_rows_and_never_stalls(
+    outbox_env: OutboxEnv, service: Any, primary: Any
+) -> None:
+    """After unsubscribe and subscribe again, the service gets exactly the missing rows; replication keeps going."""
+    settings = outbox_env.settings(sweep_interval=3600)
+    await open_account(service, "acc", 10_000)
+    for i in range(10):
+        await reserve(service, "acc", 10, f"r-{i}")
+    total = await money_total(service)
+
+    async with running_worker(settings), running_relay(settings) as relay:
+        await wait_until(lambda: _active(relay), message="relay active")
+        await subscribe(settings)
+        for i in range(4):
+            await produce(primary, f"r-{i}", "failure")
+        await wait_until(
+            lambda: _equals(count_status(service, "finished"), 4), timeout=20, message="first rows finished"
+        )
+        before = {
+            r["correlation_id"]: (r["id"], r["attempts"], r["finished_at"])
+            for r in await service.fetch("SELECT * FROM outbox_relay.outbox")
+        }
+
+        await unsubscribe(settings)
+        for i in range(4, 8):
+            await produce(primary, f"r-{i}", "failure")
+        await subscribe(settings)
+        await wait_until(
+            lambda: _equals(count_status(service, "finished"), 8), timeout=30, message="missing rows finished"
+        )
+        await produce(primary, "r-8", "failure")
+        await wait_until(
+            lambda: _equals(count_status(service, "finished"), 9),
+            timeout=30,
+            message="a row inserted after the re-subscription finished",
+        )
+
+    cids = [r["correlation_id"] for r in await service.fetch("SELECT correlation_id FROM outbox_relay.outbox")]
+    assert sorted(cids) == sorted(f"r-{i}" for i in range(9)), "rows duplicated or lost"
+    after = {
+        r["correlation_id"]: (r["id"], r["attempts"], r["finished_at"])
+        for r in await service.fetch("SELECT * FROM outbox_relay.outbox")
+    }
+    for cid, kept in before.items():
+        assert after[cid] == kept, f"row {cid} was touched again by the re-subscription"
+    states = dict(await service.fetch("SELECT correlation_id, state FROM ledger.reservations"))
+    assert states == {**{f"r-{i}": "reclaimed" for i in range(9)}, "r-9": "reserved"}
+    assert await service.fetchval("SELECT balance FROM ledger.accounts WHERE id = 'acc'") == 10_000 - 10
+    assert await money_total(service) == total
+
+
+async def test_unsubscribe_drops_subscription_and_slot_and_is_safe_to_run_again(
+    outbox_env: OutboxEnv, service: Any, primary: Any
+) -> None:
+    """unsubscribe leaves neither the subscription nor its slot, and a second run succeeds doing nothing."""
+    settings = outbox_env.settings()
+    name = settings.effective_subscription_name()
+    await subscribe(settings)
+    assert await _slot_exists(primary, name)
+
+    first = await unsubscribe(settings)
+    assert first.subscription_dropped
+    assert first.slot_dropped
+    assert not await _slot_exists(primary, name), "the slot was left behind on the primary"
+    assert await service.fetchval("SELECT count(*) FROM pg_subscription WHERE subname = $1", name) == 0
+
+    second = await unsubscribe(settings)
+    assert not second.subscription_dropped
+    assert not second.slot_dropped
+    assert not await _slot_exists(primary, name)
+
+
 async def _active(relay: Any) -> bool:
     return bool(relay.active.is_set())
 
@@ -54,3 +188,11 @@ async def _swept(relay: Any) -> bool:
 
 async def _equals(value: Any, expected: Any) -> bool:
     return bool(await value == expected)
+
+
+async def _slot_exists(primary: Any, name: str) -> bool:
+    return bool(await primary.fetchval("SELECT count(*) > 0 FROM pg_replication_slots WHERE slot_name = $1", name))
+
+
+async def _row_count(conn: Any) -> int:
+    return int(await conn.fetchval("SELECT count(*) FROM outbox_relay.outbox"))

@@ -1,0 +1,383 @@
+"""`demo`: the whole service on embedded PostgreSQL and Redis, under a load, with a report.
+
+It needs no settings. One embedded PostgreSQL cluster (``wal_level =
+logical``) holds both the primary and the service database, replicated by a
+real subscription; an embedded Redis holds the queue. The relay and the
+workers run as separate processes, exactly as they would in production.
+Producers commit reservations' outcomes on the primary; the demo shows
+progress and ends with throughput, commit→finished latency percentiles, and
+the checks that matter: nothing lost, every effect applied once, money
+conserved. Everything it started is stopped and removed at the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from outbox_relay.db import Connection, connect
+from outbox_relay.embedded import EmbeddedPostgres, EmbeddedRedis
+from outbox_relay.migrate import migrate
+from outbox_relay.replication import subscribe, unsubscribe
+from outbox_relay.settings import Settings
+
+ACCOUNTS = 20
+ACCOUNT_BALANCE = 10_000_000
+#: Rows that can never succeed, to show quarantine: (correlation id, kind, outcome, payload, why).
+POISON: list[tuple[str, str, str | None, str]] = [
+    ("demo-poison-unknown-kind", "email", "success", "{}"),
+    ("demo-poison-no-reservation", "reservation", "success", "{}"),
+    ("demo-poison-bad-outcome", "reservation", "maybe", "{}"),
+    ("demo-poison-bad-payload", "reservation", "success", "[1, 2, 3]"),
+]
+
+
+@dataclass(frozen=True)
+class DemoOptions:
+    """What the demo drives."""
+
+    events: int = 3000
+    workers: int = 2
+    producers: int = 4
+    #: events/s offered in the steady phase (half the events); the other half is a burst
+    rate: float = 200.0
+
+
+@dataclass
+class DemoReport:
+    """The demo's findings; ``ok`` is False when any check failed."""
+
+    lines: list[str] = field(default_factory=list)
+    ok: bool = True
+
+    def check(self, condition: bool, text: str) -> None:
+        self.ok = self.ok and condition
+        self.lines.append(f"  [{'ok' if condition else 'FAILED'}] {text}")
+
+
+def say(text: str = "") -> None:
+    """Print a line of the demo's narrative at once."""
+    print(text, flush=True)
+
+
+def run_demo(options: DemoOptions) -> int:
+    """Run the demo; 0 when every check passed."""
+    from outbox_relay.cli import run_async
+
+    workdir = Path(tempfile.mkdtemp(prefix="outbox-relay-demo-"))
+    say("outbox_relay demo: embedded PostgreSQL (logical replication) + Redis, relay and workers")
+    started = time.monotonic()
+    pg = EmbeddedPostgres(workdir / "postgres")
+    redis = EmbeddedRedis(workdir / "redis")
+    (workdir / "postgres").mkdir()
+    (workdir / "redis").mkdir()
+    processes: list[subprocess.Popen[bytes]] = []
+    try:
+        pg.start()
+        redis.start()
+        say(f"  servers up in {time.monotonic() - started:.1f} s "
+            f"(PostgreSQL on 127.0.0.1:{pg.port}, Redis on 127.0.0.1:{redis.port})")
+        settings = Settings(
+            database_url=pg.create_database("service"),
+            primary_url=pg.create_database("primary"),
+            redis_url=redis.url(),
+            queue_name="demo",
+        )
+        report = run_async(_demo(options, settings, workdir, processes))
+    finally:
+        for proc in processes:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in processes:
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        redis.cleanup()
+        pg.cleanup()
+        import shutil
+
+        shutil.rmtree(workdir, ignore_errors=True)
+    say()
+    say("\n".join(report.lines))
+    say()
+    say("demo passed: nothing lost, every effect applied once, money conserved" if report.ok
+        else "demo FAILED: see the checks above")
+    say("cleaned up: servers stopped, files removed")
+    return 0 if report.ok else 1
+
+
+async def _demo(
+    options: DemoOptions, settings: Settings, workdir: Path, processes: list[subprocess.Popen[bytes]]
+) -> DemoReport:
+    service_url = settings.require_database_url()
+    primary_url = settings.require_primary_url()
+    for url, target in ((service_url, "service"), (primary_url, "primary")):
+        conn = await connect(url)
+        try:
+            await migrate(conn, target)  # type: ignore[arg-type]
+        finally:
+            await conn.close()
+    say("  schemas migrated (service database and primary)")
+    await subscribe(settings)
+    say(f"  subscription {settings.effective_subscription_name()} created; replication running")
+
+    service = await connect(service_url)
+    try:
+        amounts = await _prepare_ledger(service, options.events)
+        initial_total = await _money_total(service)
+        say(f"  ledger: {ACCOUNTS} accounts, {options.events} reservations made "
+            f"(total money {initial_total:,})")
+
+        env = {k: v for k, v in os.environ.items() if not k.startswith("OUTBOX_RELAY_")}
+        env.update({
+            "OUTBOX_RELAY_DATABASE_URL": service_url,
+            "OUTBOX_RELAY_REDIS_URL": settings.redis_url.get_secret_value(),
+            "OUTBOX_RELAY_QUEUE_NAME": settings.queue_name,
+            "OUTBOX_RELAY_LOG_LEVEL": "WARNING",
+        })
+        processes.append(_spawn("run", env, workdir / "relay.log"))
+        for index in range(options.workers):
+            processes.append(_spawn("worker", env, workdir / f"worker-{index}.log"))
+        await _warm_up(service, primary_url, processes, workdir)
+        say(f"  relay and {options.workers} worker processes started and warmed up")
+
+        outcomes = {cid: ("success" if random.random() < 0.8 else "failure")  # noqa: S311
+                    for cid in amounts}
+        steady = dict(list(outcomes.items())[: options.events // 2])
+        burst = dict(list(outcomes.items())[options.events // 2 :])
+        say(f"  phase 1, steady: {len(steady)} events (+{len(POISON)} poison rows) offered at "
+            f"{options.rate:.0f}/s by {options.producers} producers (latency)")
+        producing = asyncio.create_task(_produce(primary_url, steady, options.producers, options.rate, POISON))
+        await _show_progress(service, 1 + len(steady) + len(POISON), producing, processes, workdir)
+        await producing
+        say(f"  phase 2, burst: {len(burst)} events as fast as {options.producers} producers go "
+            "(throughput)")
+        producing = asyncio.create_task(_produce(primary_url, burst, options.producers, 0.0, []))
+        await _show_progress(service, 1 + options.events + len(POISON), producing, processes, workdir)
+        await producing
+        return await _report(service, steady, burst, amounts, initial_total, options)
+    finally:
+        await service.close()
+        await unsubscribe(settings)
+
+
+async def _warm_up(
+    service: Connection, primary_url: str, processes: list[subprocess.Popen[bytes]], workdir: Path
+) -> None:
+    """One event through the whole path, so that start-up time is not counted as latency."""
+    await service.execute("SELECT ledger.reserve('account-00', 1, 'demo-warm-up')")
+    primary = await connect(primary_url)
+    try:
+        await primary.execute(
+            "INSERT INTO outbox_relay.outbox (correlation_id, outcome) VALUES ('demo-warm-up', 'success')"
+        )
+    finally:
+        await primary.close()
+    deadline = time.monotonic() + 60
+    while await service.fetchval(
+        "SELECT count(*) FROM outbox_relay.outbox WHERE correlation_id = 'demo-warm-up' AND status = 'finished'"
+    ) == 0:
+        if time.monotonic() > deadline or any(p.poll() is not None for p in processes):
+            logs = "\n".join(_tail(path) for path in sorted(workdir.glob("*.log")))
+            raise RuntimeError(f"the relay and workers did not come up\n{logs}")
+        await asyncio.sleep(0.05)
+
+
+async def _prepare_ledger(service: Connection, events: int) -> dict[str, int]:
+    await service.executemany(
+        "INSERT INTO ledger.accounts (id, balance) VALUES ($1, $2)",
+        [(f"account-{a:02d}", ACCOUNT_BALANCE) for a in range(ACCOUNTS)],
+    )
+    amounts = {f"demo-{i:06d}": random.randint(1, 1_000) for i in range(events)}  # noqa: S311
+    await service.executemany(
+        "SELECT ledger.reserve($1, $2, $3)",
+        [(f"account-{i % ACCOUNTS:02d}", amount, cid) for i, (cid, amount) in enumerate(amounts.items())],
+    )
+    return amounts
+
+
+async def _produce(
+    primary_url: str,
+    outcomes: dict[str, str],
+    producers: int,
+    rate: float,
+    poison: list[tuple[str, str, str | None, str]],
+) -> None:
+    """Commit every outcome on the primary, one transaction per event, as a backend would."""
+    rows: list[tuple[str, str, str | None, str]] = [
+        (cid, "reservation", outcome, "{}") for cid, outcome in outcomes.items()
+    ]
+    # Poison rows spread through the load: they must not hold anything up.
+    for index, row in enumerate(poison):
+        rows.insert((index + 1) * len(rows) // (len(poison) + 1), row)
+    queue: asyncio.Queue[tuple[str, str, str | None, str]] = asyncio.Queue()
+    for row in rows:
+        queue.put_nowait(row)
+    start = time.monotonic()
+    interval = 1.0 / rate if rate else 0.0
+    sent = 0
+
+    async def producer() -> None:
+        nonlocal sent
+        conn = await connect(primary_url)
+        try:
+            statement = await conn.prepare(
+                "INSERT INTO outbox_relay.outbox (correlation_id, kind, outcome, payload)"
+                " VALUES ($1, $2, $3, $4::jsonb)"
+            )
+            while not queue.empty():
+                row = queue.get_nowait()
+                if interval:  # open loop: the schedule, not the replies, sets the pace
+                    due = start + sent * interval
+                    sent += 1
+                    delay = due - time.monotonic()
+                    if delay > 0:
+                        await asyncio.sleep(delay)
+                await statement.fetch(*row)
+        finally:
+            await conn.close()
+
+    await asyncio.gather(*(producer() for _ in range(producers)))
+
+
+async def _show_progress(
+    service: Connection,
+    total: int,
+    producing: asyncio.Task[None],
+    processes: list[subprocess.Popen[bytes]],
+    workdir: Path,
+) -> None:
+    interactive = sys.stdout.isatty()
+    last_print = 0.0
+    deadline = time.monotonic() + max(120.0, total / 50)
+    while True:
+        counts = dict(await service.fetch(
+            "SELECT status, count(*) FROM outbox_relay.outbox GROUP BY status"))
+        done = counts.get("finished", 0) + counts.get("failed", 0)
+        line = (f"  replicated {sum(counts.values()):>6}/{total}  queued {counts.get('queued', 0):>5}  "
+                f"finished {counts.get('finished', 0):>6}  failed {counts.get('failed', 0):>3}")
+        now = time.monotonic()
+        if interactive:
+            print("\r" + line, end="", flush=True)
+        elif now - last_print >= 1.0 or done >= total:
+            say(line)
+            last_print = now
+        if done >= total and producing.done():
+            if interactive:
+                print(flush=True)
+            return
+        if producing.done() and producing.exception() is not None:
+            raise producing.exception()  # type: ignore[misc]
+        dead = [p for p in processes if p.poll() is not None]
+        if dead or now > deadline:
+            logs = "\n".join(_tail(path) for path in sorted(workdir.glob("*.log")))
+            raise RuntimeError(f"the demo stalled (a process exited or time ran out)\n{logs}")
+        await asyncio.sleep(0.25)
+
+
+async def _phase_stats(service: Connection, ids: list[str]) -> Any:
+    return await service.fetchrow(
+        """
+        SELECT count(*) AS n,
+               extract(epoch FROM max(finished_at) - min(created_at))::float8 AS span,
+               percentile_cont(0.50) WITHIN GROUP (ORDER BY finished_at - created_at) AS p50,
+               percentile_cont(0.95) WITHIN GROUP (ORDER BY finished_at - created_at) AS p95,
+               percentile_cont(0.99) WITHIN GROUP (ORDER BY finished_at - created_at) AS p99,
+               max(finished_at - created_at) AS worst
+          FROM outbox_relay.outbox
+         WHERE correlation_id = ANY($1::text[]) AND status = 'finished'
+        """,
+        ids,
+    )
+
+
+async def _report(
+    service: Connection,
+    steady: dict[str, str],
+    burst: dict[str, str],
+    amounts: dict[str, int],
+    initial_total: int,
+    options: DemoOptions,
+) -> DemoReport:
+    report = DemoReport()
+    outcomes = {**steady, **burst}
+    latency = await _phase_stats(service, list(steady))
+    throughput = await _phase_stats(service, list(burst))
+
+    def ms(value: Any) -> str:
+        return f"{value.total_seconds() * 1000:.1f} ms" if value is not None else "n/a"
+
+    report.lines.append("summary")
+    report.lines.append(f"  events       {options.events} (+{len(POISON)} poison rows), "
+                        f"{options.workers} worker processes")
+    report.lines.append(f"  latency      commit -> finished at {options.rate:.0f} events/s offered: "
+                        f"p50 {ms(latency['p50'])}  p95 {ms(latency['p95'])}  "
+                        f"p99 {ms(latency['p99'])}  max {ms(latency['worst'])}")
+    span = float(throughput["span"] or 0.0)
+    if span > 0:
+        report.lines.append(f"  throughput   {throughput['n'] / span:,.0f} events/s end to end in the burst "
+                            f"({throughput['n']} events, first commit to last finish {span:.2f} s)")
+    report.lines.append("checks")
+
+    rows = {r["correlation_id"]: r for r in await service.fetch(
+        "SELECT correlation_id, status, last_error FROM outbox_relay.outbox")}
+    missing = [cid for cid in outcomes if cid not in rows]
+    unfinished = [cid for cid in outcomes if cid in rows and rows[cid]["status"] != "finished"]
+    report.check(not missing and not unfinished,
+                 f"nothing lost: all {len(outcomes)} events replicated and finished"
+                 + (f" (missing {len(missing)}, unfinished {len(unfinished)})"
+                    if missing or unfinished else ""))
+    poison_ok = all(rows.get(cid) is not None and rows[cid]["status"] == "failed" for cid, *_ in POISON)
+    report.check(poison_ok, f"{len(POISON)} poison rows quarantined as failed, the rest kept flowing:")
+    for cid, *_ in POISON:
+        error = rows[cid]["last_error"] if cid in rows else "missing"
+        report.lines.append(f"         {cid}: {error}")
+
+    states = dict(await service.fetch("SELECT correlation_id, state FROM ledger.reservations"))
+    expected = {cid: ("burned" if outcome == "success" else "reclaimed") for cid, outcome in outcomes.items()}
+    wrong = [cid for cid, state in expected.items() if states.get(cid) != state]
+    burned = sum(1 for s in expected.values() if s == "burned")
+    report.check(not wrong, f"every effect applied once: {burned} burned, {len(expected) - burned} reclaimed"
+                 + (f" ({len(wrong)} wrong)" if wrong else ""))
+    final_total = await _money_total(service)
+    reclaimed = sum(amounts[cid] for cid, s in expected.items() if s == "reclaimed")
+    balances = int(await service.fetchval("SELECT sum(balance) FROM ledger.accounts"))
+    report.check(
+        final_total == initial_total,
+        f"money conserved: {initial_total:,} before = {final_total:,} after "
+        f"(balances {balances:,}, of which {reclaimed:,} reclaimed)",
+    )
+    return report
+
+
+async def _money_total(conn: Connection) -> int:
+    return int(await conn.fetchval(
+        "SELECT (SELECT coalesce(sum(balance), 0) FROM ledger.accounts)"
+        " + (SELECT coalesce(sum(amount), 0) FROM ledger.reservations WHERE state IN ('reserved', 'burned'))"
+    ))
+
+
+def _spawn(command: str, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    with log.open("ab") as handle:
+        return subprocess.Popen(
+            [sys.executable, "-m", "outbox_relay", command],
+            env=env,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    text = path.read_text(errors="replace").splitlines()[-lines:]
+    return f"--- {path.name}\n" + "\n".join(text)
+

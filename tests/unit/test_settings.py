@@ -1,0 +1,221 @@
+"""Settings: contract defaults, OUTBOX_RELAY_* variables, validation naming the variable, secrets."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from outbox_relay.exceptions import SettingsError
+from outbox_relay.settings import Settings, env_name, load_settings, redact_url
+
+PASSWORD = "hunter2-s3cret"
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No OUTBOX_RELAY_* variable of the developer's shell leaks into a test."""
+    for name in list(os.environ):
+        if name.upper().startswith("OUTBOX_RELAY_"):
+            monkeypatch.delenv(name)
+
+
+def test_defaults_match_the_contract_table() -> None:
+    """With no variables set, every default is the one the contract's settings table promises."""
+    settings = load_settings()
+    assert settings.database_url is None
+    assert settings.primary_url is None
+    assert settings.redis_url.get_secret_value() == "redis://127.0.0.1:6379/0"
+    assert settings.queue_name == "outbox_relay"
+    assert settings.sweep_interval == 5
+    assert settings.requeue_after == 60
+    assert settings.max_attempts == 5
+    assert settings.subscription_name is None
+
+
+def test_variables_with_the_prefix_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every contract setting is read from its OUTBOX_RELAY_* environment variable."""
+    monkeypatch.setenv("OUTBOX_RELAY_DATABASE_URL", "postgresql://svc@db.example/svc")
+    monkeypatch.setenv("OUTBOX_RELAY_PRIMARY_URL", "postgres://backend@primary.example/main")
+    monkeypatch.setenv("OUTBOX_RELAY_REDIS_URL", "rediss://cache.example:6380/3")
+    monkeypatch.setenv("OUTBOX_RELAY_QUEUE_NAME", "orders")
+    monkeypatch.setenv("OUTBOX_RELAY_SWEEP_INTERVAL", "0.5")
+    monkeypatch.setenv("OUTBOX_RELAY_REQUEUE_AFTER", "7")
+    monkeypatch.setenv("OUTBOX_RELAY_MAX_ATTEMPTS", "1")
+    monkeypatch.setenv("OUTBOX_RELAY_SUBSCRIPTION_NAME", "orders_sub")
+    settings = load_settings()
+    assert settings.require_database_url() == "postgresql://svc@db.example/svc"
+    assert settings.require_primary_url() == "postgres://backend@primary.example/main"
+    assert settings.redis_url.get_secret_value() == "rediss://cache.example:6380/3"
+    assert settings.queue_name == "orders"
+    assert settings.sweep_interval == 0.5
+    assert settings.requeue_after == 7
+    assert settings.max_attempts == 1
+    assert settings.effective_subscription_name() == "orders_sub"
+
+
+def test_unprefixed_variables_are_ignored(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bare QUEUE_NAME (no OUTBOX_RELAY_ prefix) does not change the setting."""
+    monkeypatch.setenv("QUEUE_NAME", "not_ours")
+    assert load_settings().queue_name == "outbox_relay"
+
+
+def test_command_line_overrides_win_over_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An override passed by the CLI replaces the environment's value."""
+    monkeypatch.setenv("OUTBOX_RELAY_SWEEP_INTERVAL", "9")
+    assert load_settings({"sweep_interval": 2.0}).sweep_interval == 2.0
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("OUTBOX_RELAY_SWEEP_INTERVAL", "0"),
+        ("OUTBOX_RELAY_SWEEP_INTERVAL", "-1"),
+        ("OUTBOX_RELAY_SWEEP_INTERVAL", "abc"),
+        ("OUTBOX_RELAY_REQUEUE_AFTER", "0"),
+        ("OUTBOX_RELAY_REQUEUE_AFTER", "-5"),
+        ("OUTBOX_RELAY_MAX_ATTEMPTS", "0"),
+        ("OUTBOX_RELAY_MAX_ATTEMPTS", "1.5"),
+        ("OUTBOX_RELAY_DATABASE_URL", f"mysql://root:{PASSWORD}@db.example/app"),
+        ("OUTBOX_RELAY_PRIMARY_URL", "http://primary.example/"),
+        ("OUTBOX_RELAY_REDIS_URL", "http://cache.example:6379/0"),
+        ("OUTBOX_RELAY_SUBSCRIPTION_NAME", "Bad-Name"),
+        ("OUTBOX_RELAY_SUBSCRIPTION_NAME", "x" * 64),
+        ("OUTBOX_RELAY_QUEUE_NAME", ""),
+    ],
+)
+def test_invalid_value_raises_settings_error_naming_the_variable(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str
+) -> None:
+    """Each invalid value is a SettingsError whose message names exactly the bad variable."""
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(SettingsError) as caught:
+        load_settings()
+    assert caught.value.variable == variable
+    message = str(caught.value)
+    assert variable in message
+    assert "\n" not in message
+    assert PASSWORD not in message
+
+
+def test_first_of_several_bad_variables_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With only MAX_ATTEMPTS wrong, the error names it and not some other variable."""
+    monkeypatch.setenv("OUTBOX_RELAY_SWEEP_INTERVAL", "3")
+    monkeypatch.setenv("OUTBOX_RELAY_MAX_ATTEMPTS", "0")
+    with pytest.raises(SettingsError) as caught:
+        load_settings()
+    assert caught.value.variable == "OUTBOX_RELAY_MAX_ATTEMPTS"
+    assert "SWEEP_INTERVAL" not in str(caught.value)
+
+
+def test_env_name_is_the_prefixed_upper_case_field() -> None:
+    """env_name maps a field to the variable an operator sets."""
+    assert env_name("sweep_interval") == "OUTBOX_RELAY_SWEEP_INTERVAL"
+
+
+def test_require_database_url_names_the_variable_when_missing() -> None:
+    """Without DATABASE_URL, require_database_url raises a SettingsError naming OUTBOX_RELAY_DATABASE_URL."""
+    with pytest.raises(SettingsError) as caught:
+        load_settings().require_database_url()
+    assert caught.value.variable == "OUTBOX_RELAY_DATABASE_URL"
+    assert "OUTBOX_RELAY_DATABASE_URL" in str(caught.value)
+
+
+def test_require_primary_url_names_the_variable_when_missing() -> None:
+    """Without PRIMARY_URL, require_primary_url raises a SettingsError naming OUTBOX_RELAY_PRIMARY_URL."""
+    with pytest.raises(SettingsError) as caught:
+        Settings(database_url="postgresql://h/svc").require_primary_url()
+    assert "OUTBOX_RELAY_PRIMARY_URL" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("postgresql://u:p@h:5432/orders", "outbox_relay_orders"),
+        ("postgresql://u@h/My-Service.DB", "outbox_relay_my_service_db"),
+        ("postgres://h/billing_2?sslmode=disable", "outbox_relay_billing_2"),
+    ],
+)
+def test_effective_subscription_name_derives_from_the_database_name(url: str, expected: str) -> None:
+    """With no SUBSCRIPTION_NAME, the name is outbox_relay_<database>, lower-cased and sanitised."""
+    assert Settings(database_url=url).effective_subscription_name() == expected
+
+
+def test_derived_subscription_name_is_a_valid_identifier_of_at_most_63_chars() -> None:
+    """A long or odd database name still gives a name that passes the SUBSCRIPTION_NAME check."""
+    name = Settings(database_url="postgresql://h/Ünïcode-" + "x" * 100).effective_subscription_name()
+    assert len(name) <= 63
+    assert Settings(subscription_name=name).subscription_name == name
+
+
+def test_different_databases_get_different_subscription_names() -> None:
+    """Two services on different databases do not share a subscription (and slot) name."""
+    first = Settings(database_url="postgresql://h/svc_a").effective_subscription_name()
+    second = Settings(database_url="postgresql://h/svc_b").effective_subscription_name()
+    assert first != second
+
+
+def test_explicit_subscription_name_wins() -> None:
+    """SUBSCRIPTION_NAME, when set, is used as is."""
+    settings = Settings(database_url="postgresql://h/orders", subscription_name="custom_sub")
+    assert settings.effective_subscription_name() == "custom_sub"
+
+
+def test_urls_stay_out_of_repr_and_str() -> None:
+    """Passwords (and whole URLs) of every URL setting are hidden in repr() and str() of Settings."""
+    settings = Settings(
+        database_url=f"postgresql://svc:{PASSWORD}@db.example/svc",
+        primary_url=f"postgresql://backend:{PASSWORD}@primary.example/main",
+        redis_url=f"redis://:{PASSWORD}@cache.example/0",
+        subscription_conninfo=f"host=primary.example password={PASSWORD}",
+    )
+    for text in (repr(settings), str(settings)):
+        assert PASSWORD not in text
+        assert "db.example" not in text
+    assert settings.require_database_url() == f"postgresql://svc:{PASSWORD}@db.example/svc"
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("postgresql://svc:pw@db.example:5432/svc", "postgresql://svc:***@db.example:5432/svc"),
+        ("redis://:pw@cache.example/0", "redis://:***@cache.example/0"),
+        ("postgresql://svc:p%40ss@h/db?sslmode=require", "postgresql://svc:***@h/db?sslmode=require"),
+    ],
+)
+def test_redact_url_hides_the_password(url: str, expected: str) -> None:
+    """redact_url replaces the password with *** and keeps the rest readable."""
+    assert redact_url(url) == expected
+
+
+@pytest.mark.parametrize(
+    "url", ["postgresql://svc@db.example/svc", "redis://127.0.0.1:6379/0", "postgresql:///svc?host=/tmp"]
+)
+def test_redact_url_leaves_password_less_urls_alone(url: str) -> None:
+    """A URL without a password comes back unchanged."""
+    assert redact_url(url) == url
+
+
+def test_handler_modules_parses_a_comma_list(monkeypatch: pytest.MonkeyPatch) -> None:
+    """OUTBOX_RELAY_HANDLER_MODULES='a, b,,c ' becomes ('a', 'b', 'c')."""
+    monkeypatch.setenv("OUTBOX_RELAY_HANDLER_MODULES", "myapp.handlers, other.mod,,third ")
+    assert load_settings().handler_modules == ("myapp.handlers", "other.mod", "third")
+
+
+def test_handler_modules_single_module_and_empty(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One module gives a one-tuple; an empty value gives no modules."""
+    monkeypatch.setenv("OUTBOX_RELAY_HANDLER_MODULES", "myapp.handlers")
+    assert load_settings().handler_modules == ("myapp.handlers",)
+    monkeypatch.setenv("OUTBOX_RELAY_HANDLER_MODULES", "")
+    assert load_settings().handler_modules == ()
+
+
+def test_log_level_is_case_insensitive(monkeypatch: pytest.MonkeyPatch) -> None:
+    """OUTBOX_RELAY_LOG_LEVEL=debug is accepted as DEBUG."""
+    monkeypatch.setenv("OUTBOX_RELAY_LOG_LEVEL", "debug")
+    assert load_settings().log_level == "DEBUG"
+
+
+def test_job_namespace_contains_the_queue_name() -> None:
+    """Two queue names give two job namespaces."""
+    assert Settings(queue_name="a").job_namespace != Settings(queue_name="b").job_namespace
