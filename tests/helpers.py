@@ -167,3 +167,95 @@ def spawn_cli(*args: str, env: Mapping[str, str], log: Path) -> subprocess.Popen
 async def connect(url: str) -> asyncpg.Connection:  # type: ignore[type-arg]
     """A plain connection for the test's own queries."""
     return await asyncpg.connect(url)
+
+
+# -- CLI services in subprocesses (fault and acceptance tests) ---------------------
+
+
+def log_tail(path: Path, lines: int = 30) -> str:
+    """The last ``lines`` lines of a subprocess log, headed by its name (for failure messages)."""
+    try:
+        text = path.read_text(errors="replace")
+    except FileNotFoundError:
+        return f"--- {path.name}: no log"
+    return f"--- {path.name} (last {lines} lines):\n" + "\n".join(text.splitlines()[-lines:])
+
+
+class Service:
+    """One ``python -m outbox_relay`` subprocess and its log."""
+
+    def __init__(self, name: str, proc: subprocess.Popen[bytes], log: Path) -> None:
+        self.name = name
+        self.proc = proc
+        self.log = log
+
+    def running(self) -> bool:
+        """True while the process has not exited."""
+        return self.proc.poll() is None
+
+    def text(self) -> str:
+        """Everything the process wrote so far."""
+        try:
+            return self.log.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def count(self, needle: str) -> int:
+        """Lines of the log that contain ``needle``."""
+        return sum(needle in line for line in self.text().splitlines())
+
+
+class Services:
+    """CLI subprocesses started by one test: killed at the end, logs at hand for failure messages."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.started: list[Service] = []
+
+    def start(self, name: str, *args: str, env: Mapping[str, str]) -> Service:
+        """Start ``python -m outbox_relay ARGS``; its output goes to ``<name>.log``."""
+        log = self.directory / f"{name}.log"
+        service = Service(name, spawn_cli(*args, env=env, log=log), log)
+        self.started.append(service)
+        return service
+
+    def tails(self, lines: int = 30) -> str:
+        """The end of every log, for a failure message."""
+        return "\n".join(log_tail(s.log, lines) for s in self.started)
+
+    async def wait(
+        self, predicate: Callable[[], Awaitable[Any]], *, timeout: float = 30.0, message: str = "condition"
+    ) -> Any:
+        """:func:`wait_until`, with the logs' tails in the failure message."""
+        try:
+            return await wait_until(predicate, timeout=timeout, interval=0.05, message=message)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{self.tails()}") from None
+
+    async def wait_logged(
+        self, service: Service, needle: str, *, count: int = 1, timeout: float = 30.0
+    ) -> None:
+        """Wait until ``service`` logged ``count`` lines containing ``needle``."""
+
+        async def logged() -> bool:
+            return service.count(needle) >= count
+
+        await self.wait(logged, timeout=timeout, message=f"{count} x {needle!r} in {service.name}.log")
+
+    async def wait_exit(self, service: Service, *, timeout: float = 30.0) -> int:
+        """Wait until ``service`` exits; its exit code."""
+
+        async def exited() -> bool:
+            return service.proc.poll() is not None
+
+        await self.wait(exited, timeout=timeout, message=f"{service.name} to exit")
+        return int(service.proc.returncode)
+
+    def kill_all(self) -> None:
+        """SIGKILL every process still running and reap them all."""
+        for service in self.started:
+            if service.proc.poll() is None:
+                service.proc.kill()
+        for service in self.started:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                service.proc.wait(10)
