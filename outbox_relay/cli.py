@@ -14,6 +14,7 @@ import logging
 import signal
 import sys
 from collections.abc import Callable, Coroutine, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 from outbox_relay import logs
@@ -172,6 +173,68 @@ def cmd_requeue(args: argparse.Namespace, settings: Settings) -> int:
     return 1 if result.not_failed else 0
 
 
+def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
+    from outbox_relay.bench import BenchOptions, run_bench
+
+    if args.use_settings:
+        settings.require_database_url()
+    if args.quick:
+        options = BenchOptions.quick(json_path=args.json, use_settings=args.use_settings)
+    else:
+        options = BenchOptions(
+            events=args.events, workers=args.workers, backlog=args.backlog, table_rows=args.table_rows,
+            json_path=args.json, use_settings=args.use_settings,
+        )
+    logging.getLogger().setLevel(max(logging.WARNING, logging.getLogger().level))
+    return run_bench(options, settings)
+
+
+def cmd_prune(args: argparse.Namespace, settings: Settings) -> int:
+    import math
+
+    from outbox_relay.db import connect_retrying
+    from outbox_relay.migrate import check_schema
+    from outbox_relay.prune import prune_primary, prune_service
+    from outbox_relay.settings import env_name
+
+    older_than = args.older_than if args.older_than is not None else settings.retention
+    if older_than is None:
+        raise SettingsError(env_name("retention"), "is required for prune (or pass --older-than SECONDS)")
+    if not (math.isfinite(older_than) and older_than > 0):
+        raise UsageError("prune --older-than must be a number of seconds > 0")
+    if args.primary and args.include_failed:
+        raise UsageError("prune --include-failed applies to the service database, not with --primary")
+    if args.wait is not None and not args.primary:
+        raise UsageError("prune --wait applies only with --primary")
+    wait = 30.0 if args.wait is None else args.wait
+    if not (math.isfinite(wait) and wait >= 0):
+        raise UsageError("prune --wait must be a number of seconds >= 0")
+    label = "primary" if args.primary else "service database"
+    url = settings.require_primary_url() if args.primary else settings.require_database_url()
+
+    async def main() -> int:
+        conn = await connect_retrying(url, what=f"the {label}")
+        try:
+            if args.primary:
+                await check_schema(conn, "primary")
+                return await prune_primary(
+                    conn, older_than=older_than, batch_size=settings.prune_batch_size, wait_timeout=wait
+                )
+            await check_schema(conn, "service")
+            return await prune_service(
+                conn,
+                older_than=older_than,
+                batch_size=settings.prune_batch_size,
+                include_failed=args.include_failed,
+            )
+        finally:
+            await conn.close()
+
+    pruned = run_async(main())
+    print(f"pruned {pruned} row{'s' if pruned != 1 else ''} from the {label}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from outbox_relay.demo import DemoOptions, run_demo
 
@@ -248,6 +311,36 @@ def build_parser() -> argparse.ArgumentParser:
     )
     requeue.add_argument("--all-failed", action="store_true", help="every failed row")
 
+    prune = add(
+        "prune",
+        cmd_prune,
+        "delete finished rows older than RETENTION from the service database (or the primary's "
+        "outbox: only rows every subscriber has received)",
+    )
+    prune.add_argument(
+        "--primary",
+        action="store_true",
+        help="prune the primary's outbox instead: rows created before the cut-off that every "
+        "logical replication slot has confirmed",
+    )
+    prune.add_argument(
+        "--older-than",
+        type=float,
+        metavar="SECONDS",
+        help="the retention for this run (default: OUTBOX_RELAY_RETENTION)",
+    )
+    prune.add_argument(
+        "--include-failed",
+        action="store_true",
+        help="also delete failed rows finished before the cut-off (service database only)",
+    )
+    prune.add_argument(
+        "--wait",
+        type=float,
+        metavar="SECONDS",
+        help="with --primary: how long to wait for the slots to confirm the rows (30)",
+    )
+
     demo = add("demo", cmd_demo, "run everything on embedded PostgreSQL and Redis under a load, then report")
     demo.add_argument("--events", type=_positive_int, default=3000, help="events to drive (3000)")
     demo.add_argument("--workers", type=_positive_int, default=2, help="worker processes (2)")
@@ -263,6 +356,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=200.0,
         help="events/s offered in the steady phase (200); the second half of the events is a burst",
     )
+
+    bench = add("bench", cmd_bench, "measure throughput, latency, backlog drain and table-scale costs")
+    bench.add_argument("--quick", action="store_true", help="a smoke run of a few seconds")
+    bench.add_argument("--json", type=Path, metavar="PATH", help="also write the results as JSON")
+    bench.add_argument("--events", type=_positive_int, default=10_000, help="events per throughput run")
+    bench.add_argument("--workers", type=_positive_int, default=2, help="worker processes (2)")
+    bench.add_argument("--backlog", type=_positive_int, default=50_000, help="backlog rows (50000)")
+    bench.add_argument("--table-rows", type=_positive_int, default=1_000_000,
+                       help="finished rows for the table-scale check (1000000)")
+    bench.add_argument("--use-settings", action="store_true",
+                       help="run on the servers of OUTBOX_RELAY_DATABASE_URL and _REDIS_URL (it creates and "
+                       "drops its own databases there) instead of embedded ones")
     return parser
 
 

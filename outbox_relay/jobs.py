@@ -37,9 +37,12 @@ def job_id(namespace: str, correlation_id: str, generation: int = 0) -> str:
 
     ``namespace`` (``outbox_relay:<queue name>``) keeps services that share one
     Redis apart; a requeued row (``generation`` > 0) gets a new id so that it
-    never waits for whatever the queue kept of its earlier attempts.
+    never waits for whatever the queue kept of its earlier attempts. ``%``, ``:``
+    and ``#`` in the correlation id are escaped, so that the last ``:`` and the
+    ``#`` are unambiguous: no two rows, queues or generations share an id.
     """
-    base = f"{namespace}:{correlation_id}"
+    escaped = correlation_id.replace("%", "%25").replace(":", "%3A").replace("#", "%23")
+    base = f"{namespace}:{escaped}"
     return base if generation == 0 else f"{base}#{generation}"
 
 

@@ -194,3 +194,58 @@ SELECT srsubstate::text AS srsubstate
   FROM pg_subscription_rel r
   JOIN pg_subscription s ON s.oid = r.srsubid
  WHERE s.subname = $1;
+
+-- name: prune_cutoff
+-- Retention: the cut-off of one prune run, from the database's own clock.
+SELECT now() - make_interval(secs => $1::float8);
+
+-- name: prune_first_id
+-- The first row at or after $1: one probe of the primary key, so a stretch of
+-- ids with no rows (pruned before, or never used) costs nothing to cross.
+SELECT min(id) FROM outbox_relay.outbox WHERE id >= $1;
+
+-- name: prune_last_id
+SELECT max(id) FROM outbox_relay.outbox;
+
+-- name: prune_service_range
+-- One short step of `prune` on the service database: a primary-key range scan
+-- (no index beyond the primary key, nothing in the hot path). "oldest" is read
+-- from the snapshot before the DELETE: the range's earliest created_at, which
+-- tells prune.py whether anything deletable can still follow.
+WITH pruned AS (
+    DELETE FROM outbox_relay.outbox
+     WHERE id BETWEEN $1 AND $2
+       AND status = ANY($4::text[])
+       AND finished_at < $3
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM pruned) AS pruned,
+       (SELECT min(created_at) FROM outbox_relay.outbox WHERE id BETWEEN $1 AND $2) AS oldest;
+
+-- name: prune_primary_range
+-- Candidates on the primary (which has no status): rows created before $3.
+SELECT coalesce(array_agg(id ORDER BY id) FILTER (WHERE created_at < $3), '{}') AS ids,
+       min(created_at) AS oldest
+  FROM outbox_relay.outbox
+ WHERE id BETWEEN $1 AND $2;
+
+-- name: prune_wal_insert_lsn
+-- Read after the candidates' snapshot exists: every row it sees committed before this LSN.
+SELECT pg_current_wal_insert_lsn()::text;
+
+-- name: prune_wal_nudge
+-- Assigns a transaction id, so committing writes a WAL record after the LSN
+-- read above: on an idle server the slots then still move past that LSN.
+SELECT pg_current_xact_id()::text;
+
+-- name: prune_logical_slots
+-- Every logical slot of this database: a subscriber of any service (or any
+-- other logical consumer) must have confirmed the LSN before rows go.
+SELECT slot_name, active, confirmed_flush_lsn::text AS confirmed_flush_lsn,
+       coalesce(confirmed_flush_lsn >= $1::text::pg_lsn, false) AS caught_up
+  FROM pg_replication_slots
+ WHERE database = current_database() AND slot_type = 'logical'
+ ORDER BY slot_name;
+
+-- name: prune_primary_ids
+DELETE FROM outbox_relay.outbox WHERE id = ANY($1::bigint[]);

@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import SettingsError as SettingsSourceError
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from outbox_relay.exceptions import SettingsError
@@ -87,6 +88,19 @@ class Settings(BaseSettings):
         default=20_000,
         ge=1,
         description="the relay stops enqueueing while the arq queue holds this many jobs",
+    )
+    retention: float | None = Field(
+        default=None,
+        gt=0,
+        allow_inf_nan=False,
+        description="`prune` removes finished rows finished more than this many seconds ago "
+        "(default: keep forever)",
+    )
+    prune_interval: float = Field(
+        default=300.0, gt=0, description="period of the relay's prune when RETENTION is set (seconds)"
+    )
+    prune_batch_size: int = Field(
+        default=5000, ge=1, le=100_000, description="rows `prune` deletes per short transaction"
     )
     # NoDecode: the variable is a comma list, not the JSON pydantic-settings expects for tuples.
     handler_modules: Annotated[tuple[str, ...], NoDecode] = Field(
@@ -167,6 +181,9 @@ def load_settings(overrides: Mapping[str, Any] | None = None) -> Settings:
     """
     try:
         return Settings(**dict(overrides or {}))
+    except SettingsSourceError as exc:  # a value the environment source could not even parse
+        match = re.search(r'field "([a-z_]+)"', str(exc))
+        raise SettingsError(env_name(match[1]) if match else ENV_PREFIX + "*", "cannot be parsed") from None
     except ValidationError as exc:
         error = exc.errors()[0]
         field = str(error["loc"][0]) if error["loc"] else "?"

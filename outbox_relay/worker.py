@@ -104,7 +104,7 @@ async def run_worker(
     database_url = settings.require_database_url()
     pool = await create_pool(
         database_url,
-        max_size=min(settings.worker_concurrency, 10),
+        max_size=settings.worker_concurrency,
         application_name="outbox_relay.worker",
     )
     redis = redis_client(

@@ -258,7 +258,8 @@ async def test_standby_relay_takes_over_after_the_active_one_is_sigkilled(
 @pytest.mark.slow
 async def test_rows_finish_when_a_worker_is_sigkilled_mid_load(env: OutboxEnv, services: Services) -> None:
     """A worker SIGKILLed mid-load loses nothing: its jobs run on the other worker, each settled once."""
-    load = await prepare_load(env.service_url, 2000)
+    load = await prepare_load(env.service_url, 2500)
+    backlog, later = load.rows[:2000], load.rows[2000:]
     # JOB_TIMEOUT=1: arq's in-progress key of a killed worker's job expires after 1 + 15 s.
     cli = cli_env(env.env(job_timeout="1"))
     relay = services.start("relay", "run", env=cli)
@@ -267,21 +268,29 @@ async def test_rows_finish_when_a_worker_is_sigkilled_mid_load(env: OutboxEnv, s
     for service in (relay, victim, survivor):
         await services.wait_logged(service, "relay active" if service is relay else "worker started")
 
-    producer = asyncio.create_task(produce(env.service_url, load.rows, pause=0.02))
-    try:
-        await services.wait(at_least_finished(env.service_url, 300), message="300 rows finished")
-        assert not producer.done(), "the load ended before the worker was killed"
-        victim.proc.kill()
-        await producer
-    finally:
-        producer.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await producer
-
+    # A backlog keeps both workers saturated: the victim dies with jobs in flight.
+    await produce(env.service_url, backlog, chunk=50)
+    await services.wait(at_least_finished(env.service_url, 300), message="300 rows finished")
+    victim.proc.kill()
     assert victim.proc.wait(5) == -9
-    await services.wait(
-        at_least_finished(env.service_url, len(load.rows)), timeout=90, message="every row finished"
-    )
+    conn = await asyncpg.connect(env.service_url)
+    try:
+        killed_at = await conn.fetchval("SELECT clock_timestamp()")
+        unfinished = len(backlog) - await count_status(conn, "finished")
+        await produce(env.service_url, later, pause=0.02)
+        await services.wait(
+            at_least_finished(env.service_url, len(load.rows)), timeout=90, message="every row finished"
+        )
+        # The victim's own jobs wait for their in-progress keys to expire (16 s).
+        recovered = await conn.fetchval(
+            "SELECT count(*) FROM outbox_relay.outbox"
+            " WHERE finished_at > $1::timestamptz + interval '10 seconds'",
+            killed_at,
+        )
+    finally:
+        await conn.close()
+    assert unfinished > 0, "the backlog was done before the kill"
+    assert recovered > 0, "no job of the killed worker had to be recovered: the kill hit an idle worker"
     assert_running(relay, survivor)
     await assert_settled(env.service_url, load)
 
@@ -292,28 +301,30 @@ async def test_rows_finish_when_redis_restarts_empty_mid_load(
 ) -> None:
     """Redis restarted empty mid-load loses nothing: the relay sees the new run id and enqueues again."""
     _, redis = servers
-    load = await prepare_load(env.service_url, 1500)
+    load = await prepare_load(env.service_url, 3000)
+    backlog, later = load.rows[:2500], load.rows[2500:]
     cli = cli_env(env.env(requeue_after="2"))
     relay = services.start("relay", "run", env=cli)
     worker = services.start("worker", "worker", env=cli)
     await services.wait_logged(relay, "relay active")
     await services.wait_logged(worker, "worker started")
 
-    producer = asyncio.create_task(produce(env.service_url, load.rows, pause=0.02))
+    # A backlog: when Redis restarts, it holds many jobs, and loses them.
+    await produce(env.service_url, backlog, chunk=50)
+    await services.wait(at_least_finished(env.service_url, 200), message="200 rows finished")
+    await asyncio.to_thread(redis.restart)
+    conn = await asyncpg.connect(env.service_url)
     try:
-        await services.wait(at_least_finished(env.service_url, 200), message="200 rows finished")
-        assert not producer.done(), "the load ended before Redis was restarted"
-        await asyncio.to_thread(redis.restart)
-        await producer
+        lost = await count_status(conn, "queued")
     finally:
-        producer.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await producer
+        await conn.close()
+    await produce(env.service_url, later, pause=0.02)
 
     await services.wait_logged(relay, "Redis restarted", timeout=30)
     await services.wait(
         at_least_finished(env.service_url, len(load.rows)), timeout=60, message="every row finished"
     )
+    assert lost > 0, "no queued row when Redis restarted: the queue lost nothing"
     assert_running(relay, worker)
     await assert_settled(env.service_url, load)
 

@@ -132,7 +132,8 @@ async def test_resubscription_brings_over_only_the_missing_rows_and_never_stalls
         await unsubscribe(settings)
         for i in range(4, 8):
             await produce(primary, f"r-{i}", "failure")
-        await subscribe(settings)
+        # A stalled copy (a duplicate refused by the replica) never reaches 'ready': fail in time.
+        await subscribe(settings, sync_timeout=60)
         await wait_until(
             lambda: _equals(count_status(service, "finished"), 8), timeout=30, message="missing rows finished"
         )

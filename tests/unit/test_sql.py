@@ -40,7 +40,8 @@ def used_query_names() -> dict[str, list[str]]:
     found: dict[str, list[str]] = {}
     for path in sorted(PACKAGE_DIR.glob("*.py")):
         tree = ast.parse(path.read_text(), filename=str(path))
-        for function in [tree, *(n for n in ast.walk(tree) if isinstance(n, ast.AsyncFunctionDef | ast.FunctionDef))]:
+        functions = [n for n in ast.walk(tree) if isinstance(n, ast.AsyncFunctionDef | ast.FunctionDef)]
+        for function in [tree, *functions]:
             assigned: dict[str, set[str]] = {}
             for node in ast.walk(function):
                 if isinstance(node, ast.Assign):
@@ -69,7 +70,8 @@ def test_every_query_name_used_in_the_package_exists_in_queries_sql() -> None:
     """No query()/_ddl() call in outbox_relay/ names a query that queries.sql lacks."""
     used = used_query_names()
     assert len(used) >= 30, "the scan found too few query names: it no longer sees the calls"
-    assert {"burn_reservation", "reclaim_reservation", "create_subscription", "drop_subscription"} <= set(used)
+    expected = {"burn_reservation", "reclaim_reservation", "create_subscription", "drop_subscription"}
+    assert expected <= set(used), "the scan misses conditional or DDL query names"
     missing = {name: where for name, where in used.items() if name not in sql.queries()}
     assert not missing, f"queries used but not in queries.sql: {missing}"
 
@@ -108,7 +110,7 @@ def test_ddl_queries_use_only_the_known_placeholders() -> None:
 
 
 def test_parameterised_queries_hold_no_format_placeholders() -> None:
-    """A query run with $n parameters never carries a {placeholder} that would reach the server unformatted."""
+    """A query run with $n parameters carries no {placeholder}: it would reach the server unformatted."""
     for name, text in sql.queries().items():
         if DDL_RE.search(text):
             continue
@@ -145,7 +147,7 @@ def test_migrations_reject_badly_named_files(tmp_path: Path, monkeypatch: pytest
     (tmp_path / "primary").mkdir()
     (tmp_path / "primary" / "1_init.sql").write_text("SELECT 1;")
     monkeypatch.setattr(sql, "migrations_dir", lambda: tmp_path)
-    with pytest.raises(sql.MigrationError, match="1_init.sql"):
+    with pytest.raises(sql.MigrationError, match=r"1_init\.sql"):
         sql.migrations("primary")
 
 
@@ -194,7 +196,8 @@ def outbox_columns(target: str) -> dict[str, str]:
         else:
             columns[head[0]] = head[1].upper()
     for added in re.finditer(
-        rf"ALTER TABLE (?:ONLY )?{re.escape(OUTBOX_TABLE)}\s+ADD (?:COLUMN )?(?:IF NOT EXISTS )?(\w+)\s+([^;]+);",
+        rf"ALTER TABLE (?:ONLY )?{re.escape(OUTBOX_TABLE)}\s+"
+        r"ADD (?:COLUMN )?(?:IF NOT EXISTS )?(\w+)\s+([^;]+);",
         text,
         re.I,
     ):
@@ -245,7 +248,7 @@ def test_subscriber_only_columns_accept_a_replicated_row() -> None:
     """Each tracking column is nullable or has a default: a replicated row (producer columns only) fits."""
     primary = outbox_columns("primary")
     service = outbox_columns("service")
-    extra = {name: service[name] for name in service if name not in primary and not name.startswith("constraint:")}
+    extra = {k: v for k, v in service.items() if k not in primary and not k.startswith("constraint:")}
     assert {"status", "attempts", "last_error", "queued_at", "finished_at"} <= set(extra)
     for name, definition in extra.items():
         info = _constraints(definition)

@@ -1,0 +1,809 @@
+"""`bench`: how fast outbox_relay is, measured against arq's own ceiling in the same run.
+
+Everything runs in the replicated shape on one machine: a primary and a service
+database (in one embedded PostgreSQL cluster by default), Redis, the relay and
+worker processes (the real CLI). Absolute numbers drift on shared machines;
+the ratios within one run are what to compare.
+
+1. ceiling: raw arq no-op jobs, same Redis, same worker count and settings;
+2. throughput: rows committed on the primary as fast as producers can, until
+   all are finished on the service database (end to end), and the ratio to 1;
+3. latency at fixed offered loads (open loop): commit -> finished percentiles;
+4. backlog drain: rows committed while relay and workers are stopped, then
+   drained; relay peak RSS meanwhile;
+5. table scale: sweep and hot-path query cost with 0 and with many finished
+   rows (and that no hot-path plan scans the table), and the cost of pruning;
+6. scaling: throughput with 1, 2 and 4 worker processes;
+7. CPU seconds per 1,000 events for relay, workers, PostgreSQL and Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from datetime import UTC, datetime
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from outbox_relay.db import Connection, connect, quote_ident
+from outbox_relay.embedded import EmbeddedPostgres, EmbeddedRedis
+from outbox_relay.jobs import JobQueue, PendingRow, redis_client
+from outbox_relay.migrate import migrate
+from outbox_relay.replication import subscribe, unsubscribe
+from outbox_relay.settings import Settings
+from outbox_relay.sql import query
+from outbox_relay.sweeper import Sweeper
+
+NOOP_FUNCTION = "outbox_relay.process_row"  # the no-op worker registers the same name
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    """Sizes of each measurement."""
+
+    events: int = 10_000
+    workers: int = 2
+    scaling: tuple[int, ...] = (1, 2, 4)
+    producers: int = 4
+    latency_rates: tuple[float, ...] = (100.0, 500.0)
+    latency_seconds: float = 6.0
+    backlog: int = 50_000
+    table_rows: int = 1_000_000
+    json_path: Path | None = None
+    use_settings: bool = False
+
+    @classmethod
+    def quick(cls, json_path: Path | None = None, use_settings: bool = False) -> BenchOptions:
+        """A smoke run of a few seconds (what CI runs)."""
+        return cls(
+            events=300,
+            workers=1,
+            scaling=(1,),
+            producers=2,
+            latency_rates=(100.0,),
+            latency_seconds=1.0,
+            backlog=1_000,
+            table_rows=10_000,
+            json_path=json_path,
+            use_settings=use_settings,
+        )
+
+
+@dataclass
+class Results:
+    """Everything measured, as printed and as JSON."""
+
+    machine: dict[str, Any] = field(default_factory=dict)
+    ceiling: dict[int, float] = field(default_factory=dict)
+    throughput: dict[int, float] = field(default_factory=dict)
+    latency: dict[float, dict[str, float]] = field(default_factory=dict)
+    backlog: dict[str, float] = field(default_factory=dict)
+    table: dict[str, Any] = field(default_factory=dict)
+    cpu_per_1000: dict[str, float | None] = field(default_factory=dict)
+    workers: int = 2
+
+    def as_json(self) -> dict[str, Any]:
+        w = self.workers
+        ratio = self.throughput.get(w, 0.0) / self.ceiling[w] if self.ceiling.get(w) else None
+        return {
+            "machine": self.machine,
+            "workers": w,
+            "arq_noop_ceiling_jobs_per_s": self.ceiling.get(w),
+            "throughput_events_per_s": self.throughput.get(w),
+            "ratio_to_arq_ceiling": ratio,
+            "latency_ms": {str(int(rate)): v for rate, v in self.latency.items()},
+            "backlog": self.backlog,
+            "table_scale": self.table,
+            "scaling": {
+                str(n): {
+                    "ceiling_jobs_per_s": self.ceiling.get(n),
+                    "events_per_s": self.throughput.get(n),
+                    "ratio": (self.throughput[n] / self.ceiling[n])
+                    if self.ceiling.get(n) and n in self.throughput else None,
+                }
+                for n in sorted(set(self.ceiling) | set(self.throughput))
+            },
+            "cpu_seconds_per_1000_events": self.cpu_per_1000,
+        }
+
+
+def say(text: str = "") -> None:
+    """Progress lines go to stderr, the results table to stdout."""
+    print(text, file=sys.stderr, flush=True)
+
+
+# -- processes and CPU accounting --------------------------------------------------
+
+
+class Servers:
+    """The servers the bench runs on: embedded (default) or given by the settings."""
+
+    def __init__(self, settings: Settings | None, workdir: Path) -> None:
+        self.pg: EmbeddedPostgres | None = None
+        self.redis: EmbeddedRedis | None = None
+        if settings is None:
+            self.pg = EmbeddedPostgres(workdir / "pg", settings={"max_wal_size": "4GB"})
+            (workdir / "pg").mkdir()
+            self.pg.start()
+            self.redis = EmbeddedRedis(workdir / "redis")
+            (workdir / "redis").mkdir()
+            self.redis.start()
+            self.admin_url = self.pg.url("postgres")
+            self.redis_url = self.redis.url()
+        else:
+            url = settings.require_database_url()
+            from urllib.parse import urlsplit, urlunsplit
+
+            self.admin_url = urlunsplit(urlsplit(url)._replace(path="/postgres"))
+            self.redis_url = settings.redis_url.get_secret_value()
+
+    def url(self, database: str) -> str:
+        from urllib.parse import urlsplit, urlunsplit
+
+        return urlunsplit(urlsplit(self.admin_url)._replace(path=f"/{database}"))
+
+    def cpu_seconds(self) -> dict[str, float | None]:
+        """Total CPU so far of PostgreSQL (postmaster, its live and reaped children) and Redis."""
+        out: dict[str, float | None] = {"postgresql": None, "redis": None}
+        if self.pg is not None and (pid := self.pg.pid()) is not None:
+            out["postgresql"] = _tree_cpu(pid, include_reaped=True)
+        if self.redis is not None and (rpid := self.redis.pid()) is not None:
+            out["redis"] = _tree_cpu(rpid, include_reaped=False)
+        return out
+
+    def cleanup(self) -> None:
+        if self.redis is not None:
+            self.redis.cleanup()
+        if self.pg is not None:
+            self.pg.cleanup()
+
+
+def _tree_cpu(pid: int, *, include_reaped: bool) -> float:
+    try:
+        root = psutil.Process(pid)
+        times = root.cpu_times()
+        total = times.user + times.system
+        if include_reaped:
+            total += times.children_user + times.children_system
+        for child in root.children(recursive=True):
+            try:
+                t = child.cpu_times()
+                total += t.user + t.system
+            except psutil.NoSuchProcess:
+                pass
+        return total
+    except psutil.NoSuchProcess:
+        return 0.0
+
+
+class Fleet:
+    """Relay and worker processes (the real CLI), started and stopped by the bench."""
+
+    def __init__(self, env: dict[str, str], workdir: Path) -> None:
+        self.env = env
+        self.workdir = workdir
+        self.relay: subprocess.Popen[bytes] | None = None
+        self.workers: list[subprocess.Popen[bytes]] = []
+        self._cpu_done: dict[str, float] = {"relay": 0.0, "workers": 0.0}
+
+    def start(self, workers: int, *, relay: bool = True, noop: bool = False) -> None:
+        if relay:
+            self.relay = self._spawn(["-m", "outbox_relay", "run"], "relay")
+        for index in range(workers):
+            args = ["-m", "outbox_relay.bench", "noop-worker"] if noop else ["-m", "outbox_relay", "worker"]
+            self.workers.append(self._spawn(args, f"worker-{index}"))
+
+    def _spawn(self, args: list[str], name: str) -> subprocess.Popen[bytes]:
+        with (self.workdir / f"{name}.log").open("ab") as log:
+            return subprocess.Popen([sys.executable, *args], env=self.env, stdout=log, stderr=subprocess.STDOUT)
+
+    def cpu_seconds(self) -> dict[str, float]:
+        out = dict(self._cpu_done)
+        if self.relay is not None:
+            out["relay"] += _tree_cpu(self.relay.pid, include_reaped=False)
+        out["workers"] += sum(_tree_cpu(p.pid, include_reaped=False) for p in self.workers)
+        return out
+
+    def relay_rss(self) -> int:
+        if self.relay is None:
+            return 0
+        try:
+            return int(psutil.Process(self.relay.pid).memory_info().rss)
+        except psutil.NoSuchProcess:
+            return 0
+
+    def check_alive(self) -> None:
+        for proc in [p for p in [self.relay, *self.workers] if p is not None]:
+            if proc.poll() is not None:
+                logs = "\n".join(
+                    f"--- {p.name}\n" + "\n".join(p.read_text(errors="replace").splitlines()[-10:])
+                    for p in sorted(self.workdir.glob("*.log"))
+                )
+                raise RuntimeError(f"a bench process exited (code {proc.returncode})\n{logs}")
+
+    def stop(self) -> None:
+        cpu = self.cpu_seconds()
+        procs = [p for p in [self.relay, *self.workers] if p is not None]
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+        self._cpu_done = {"relay": cpu["relay"], "workers": cpu["workers"]}
+        self.relay = None
+        self.workers = []
+
+
+# -- the bench ---------------------------------------------------------------------
+
+
+def run_bench(options: BenchOptions, settings: Settings | None) -> int:
+    """Run every measurement, print the table, write JSON if asked; 0 on success."""
+    from outbox_relay.cli import run_async
+
+    workdir = Path(tempfile.mkdtemp(prefix="outbox-relay-bench-"))
+    say("starting servers" + (" (embedded)" if not options.use_settings else " (from settings)"))
+    servers = Servers(settings if options.use_settings else None, workdir)
+    try:
+        results = run_async(_bench(options, servers, workdir))
+    finally:
+        servers.cleanup()
+        import shutil
+
+        shutil.rmtree(workdir, ignore_errors=True)
+    print(render(results))
+    if options.json_path is not None:
+        options.json_path.write_text(json.dumps(results.as_json(), indent=2) + "\n")
+        say(f"results written to {options.json_path}")
+    return 0
+
+
+async def _bench(options: BenchOptions, servers: Servers, workdir: Path) -> Results:
+    results = Results(workers=options.workers, machine=_machine())
+    tag = uuid.uuid4().hex[:8]
+    service_db, primary_db = f"bench_service_{tag}", f"bench_primary_{tag}"
+    admin = await connect(servers.admin_url)
+    try:
+        for name in (service_db, primary_db):
+            await admin.execute(f"CREATE DATABASE {quote_ident(name)}")
+    finally:
+        await admin.close()
+    settings = Settings(
+        database_url=servers.url(service_db),
+        primary_url=servers.url(primary_db),
+        redis_url=servers.redis_url,
+        queue_name=f"bench_{tag}",
+        subscription_name=f"bench_{tag}",
+    )
+    try:
+        await _setup(settings)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("OUTBOX_RELAY_")}
+        env.update({
+            "OUTBOX_RELAY_DATABASE_URL": settings.require_database_url(),
+            "OUTBOX_RELAY_REDIS_URL": servers.redis_url,
+            "OUTBOX_RELAY_QUEUE_NAME": settings.queue_name,
+            "OUTBOX_RELAY_LOG_LEVEL": "WARNING",
+        })
+        fleet = Fleet(env, workdir)
+        ledger = Ledger(settings)
+        await ledger.open()
+        try:
+            for count in sorted(set(options.scaling) | {options.workers}):
+                say(f"[1] arq no-op ceiling, {count} worker process(es)")
+                results.ceiling[count] = await _ceiling(settings, fleet, count, options.events)
+                say(f"    {results.ceiling[count]:,.0f} jobs/s")
+                say(f"[2] end-to-end throughput, {count} worker process(es)")
+                cpu_before = _cpu(fleet, servers)
+                fleet.start(count)
+                await ledger.warm_up(fleet)
+                cpu_start = _cpu(fleet, servers)
+                rate = await _throughput(ledger, fleet, options.events, options.producers)
+                cpu_end = _cpu(fleet, servers)
+                results.throughput[count] = rate
+                say(f"    {rate:,.0f} events/s  (ratio {rate / results.ceiling[count]:.2f})")
+                if count == options.workers:
+                    results.cpu_per_1000 = {
+                        k: (None if cpu_end[k] is None or cpu_start[k] is None
+                            else (cpu_end[k] - cpu_start[k]) * 1000 / options.events)  # type: ignore[operator]
+                        for k in cpu_end
+                    }
+                    for rate_offered in options.latency_rates:
+                        say(f"[3] latency at {rate_offered:.0f} events/s offered, open loop")
+                        results.latency[rate_offered] = await _latency(
+                            ledger, fleet, rate_offered, options.latency_seconds, options.producers
+                        )
+                        lat = results.latency[rate_offered]
+                        say(f"    p50 {lat['p50']:.1f} ms  p99 {lat['p99']:.1f} ms")
+                fleet.stop()
+                del cpu_before
+            say(f"[4] backlog of {options.backlog:,} rows, drained by the relay and "
+                f"{options.workers} worker process(es)")
+            results.backlog = await _backlog(ledger, fleet, options.backlog, options.workers)
+            say(f"    {results.backlog['drain_events_per_s']:,.0f} events/s, relay peak RSS "
+                f"{results.backlog['relay_peak_rss_mb']:.0f} MB")
+        finally:
+            fleet.stop()
+            await ledger.close()
+        say(f"[5] table scale: sweep cost with 0 and {options.table_rows:,} finished rows")
+        results.table = await _table_scale(servers, options.table_rows, tag)
+    finally:
+        try:
+            await unsubscribe(settings)
+        finally:
+            admin = await connect(servers.admin_url)
+            try:
+                for name in (service_db, primary_db):
+                    await admin.execute(f"DROP DATABASE IF EXISTS {quote_ident(name)} WITH (FORCE)")
+            finally:
+                await admin.close()
+    return results
+
+
+def _cpu(fleet: Fleet, servers: Servers) -> dict[str, float | None]:
+    return {**fleet.cpu_seconds(), **servers.cpu_seconds()}
+
+
+async def _setup(settings: Settings) -> None:
+    for url, target in ((settings.require_database_url(), "service"), (settings.require_primary_url(), "primary")):
+        conn = await connect(url)
+        try:
+            await migrate(conn, target)  # type: ignore[arg-type]
+        finally:
+            await conn.close()
+    await subscribe(settings)
+
+
+class Ledger:
+    """Reservations to settle, and producers that commit their outcomes on the primary."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.service: Connection | None = None
+        self.primary_url = settings.require_primary_url()
+        self._next = 0
+
+    async def open(self) -> None:
+        self.service = await connect(self.settings.require_database_url())
+        await self.service.execute("INSERT INTO ledger.accounts (id, balance) VALUES ('bench', 9000000000000)")
+
+    async def close(self) -> None:
+        if self.service is not None:
+            await self.service.close()
+
+    async def reserve(self, count: int) -> list[str]:
+        """``count`` fresh reservations (made in bulk, balance adjusted to match)."""
+        assert self.service is not None
+        first = self._next
+        self._next += count
+        ids = [f"bench-{i:08d}" for i in range(first, first + count)]
+        async with self.service.transaction():
+            await self.service.execute(
+                "INSERT INTO ledger.reservations (correlation_id, account_id, amount) "
+                "SELECT unnest($1::text[]), 'bench', 10",
+                ids,
+            )
+            await self.service.execute(
+                "UPDATE ledger.accounts SET balance = balance - $1 WHERE id = 'bench'", 10 * count
+            )
+        return ids
+
+    async def warm_up(self, fleet: Fleet) -> None:
+        """Push events through until relay and every worker answer (start-up is not measured)."""
+        ids = await self.reserve(20)
+        await self.produce(ids, producers=1)
+        await self.wait_finished(ids, fleet, timeout=60)
+
+    async def produce(self, ids: list[str], *, producers: int, rate: float = 0.0) -> None:
+        """Commit one outbox row per id on the primary, each its own transaction."""
+        queue = list(reversed(ids))
+        start = time.monotonic()
+        interval = 1.0 / rate if rate else 0.0
+        sent = 0
+
+        async def producer() -> None:
+            nonlocal sent
+            conn = await connect(self.primary_url)
+            try:
+                insert = await conn.prepare(
+                    "INSERT INTO outbox_relay.outbox (correlation_id, outcome) VALUES ($1, $2)"
+                )
+                while queue:
+                    cid = queue.pop()
+                    if interval:
+                        due = start + sent * interval
+                        sent += 1
+                        if (delay := due - time.monotonic()) > 0:
+                            await asyncio.sleep(delay)
+                    await insert.fetch(cid, "success" if hash(cid) % 5 else "failure")
+            finally:
+                await conn.close()
+
+        await asyncio.gather(*(producer() for _ in range(producers)))
+
+    async def wait_finished(self, ids: list[str], fleet: Fleet | None, timeout: float = 600) -> None:
+        assert self.service is not None
+        deadline = time.monotonic() + timeout
+        while True:
+            done = await self.service.fetchval(
+                "SELECT count(*) FROM outbox_relay.outbox WHERE correlation_id = ANY($1::text[])"
+                " AND status IN ('finished', 'failed')",
+                ids,
+            )
+            if done >= len(ids):
+                return
+            if fleet is not None:
+                fleet.check_alive()
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"only {done} of {len(ids)} events finished in time")
+            await asyncio.sleep(0.02)
+
+    async def stats(self, ids: list[str]) -> Any:
+        assert self.service is not None
+        return await self.service.fetchrow(
+            """
+            SELECT count(*) AS n,
+                   extract(epoch FROM max(finished_at) - min(created_at))::float8 AS span,
+                   1000 * extract(epoch FROM percentile_cont(0.50) WITHIN GROUP (ORDER BY finished_at - created_at))::float8 AS p50,
+                   1000 * extract(epoch FROM percentile_cont(0.95) WITHIN GROUP (ORDER BY finished_at - created_at))::float8 AS p95,
+                   1000 * extract(epoch FROM percentile_cont(0.99) WITHIN GROUP (ORDER BY finished_at - created_at))::float8 AS p99,
+                   1000 * extract(epoch FROM max(finished_at - created_at))::float8 AS max,
+                   count(*) FILTER (WHERE status <> 'finished') AS not_finished
+              FROM outbox_relay.outbox
+             WHERE correlation_id = ANY($1::text[])
+            """,
+            ids,
+        )
+
+
+async def _ceiling(settings: Settings, fleet: Fleet, workers: int, jobs: int) -> float:
+    """Raw arq: no-op jobs through the same Redis, same worker count and arq settings."""
+    noop_queue = f"{settings.queue_name}_noop"
+    saved = dict(fleet.env)
+    fleet.env["OUTBOX_RELAY_QUEUE_NAME"] = noop_queue
+    redis = redis_client(settings.redis_url.get_secret_value(), queue_name=noop_queue)
+    queue = JobQueue(redis, queue_name=noop_queue, namespace=f"noop:{uuid.uuid4().hex[:6]}")
+    try:
+        fleet.start(workers, relay=False, noop=True)
+        await _wait_drained(queue, fleet, await _enqueue_noops(queue, 20, "warm"))
+        start = time.monotonic()
+        await _enqueue_noops(queue, jobs, "run")
+        await _wait_drained(queue, fleet, jobs)
+        return jobs / (time.monotonic() - start)
+    finally:
+        fleet.stop()
+        fleet.env.clear()
+        fleet.env.update(saved)
+        await redis.aclose(close_connection_pool=True)
+
+
+async def _enqueue_noops(queue: JobQueue, count: int, label: str) -> int:
+    batch = 100
+    for first in range(0, count, batch):
+        rows = [PendingRow(i, f"{label}-{i}") for i in range(first, min(count, first + batch))]
+        await queue.enqueue(rows)
+    return count
+
+
+async def _wait_drained(queue: JobQueue, fleet: Fleet, _jobs: int, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while await queue.depth() > 0:
+        fleet.check_alive()
+        if time.monotonic() > deadline:
+            raise RuntimeError("the no-op queue did not drain in time")
+        await asyncio.sleep(0.005)
+
+
+async def _throughput(ledger: Ledger, fleet: Fleet, events: int, producers: int) -> float:
+    ids = await ledger.reserve(events)
+    await ledger.produce(ids, producers=producers)
+    await ledger.wait_finished(ids, fleet)
+    stats = await ledger.stats(ids)
+    return float(stats["n"] / stats["span"])
+
+
+async def _latency(
+    ledger: Ledger, fleet: Fleet, rate: float, seconds: float, producers: int
+) -> dict[str, float]:
+    ids = await ledger.reserve(max(1, int(rate * seconds)))
+    await ledger.produce(ids, producers=producers, rate=rate)
+    await ledger.wait_finished(ids, fleet)
+    stats = await ledger.stats(ids)
+    return {key: float(stats[key]) for key in ("p50", "p95", "p99", "max")}
+
+
+async def _backlog(ledger: Ledger, fleet: Fleet, rows: int, workers: int) -> dict[str, float]:
+    assert ledger.service is not None
+    ids = await ledger.reserve(rows)
+    primary = await connect(ledger.primary_url)
+    try:
+        for first in range(0, rows, 1000):
+            chunk = ids[first : first + 1000]
+            await primary.execute(
+                "INSERT INTO outbox_relay.outbox (correlation_id, outcome) "
+                "SELECT unnest($1::text[]), 'success'",
+                chunk,
+            )
+    finally:
+        await primary.close()
+    deadline = time.monotonic() + 300
+    while await ledger.service.fetchval(
+        "SELECT count(*) FROM outbox_relay.outbox WHERE correlation_id = ANY($1::text[])", ids
+    ) < rows:
+        if time.monotonic() > deadline:
+            raise RuntimeError("the backlog did not replicate in time")
+        await asyncio.sleep(0.1)
+    start = time.monotonic()
+    fleet.start(workers)
+    peak = 0
+    waiting = asyncio.create_task(ledger.wait_finished(ids, fleet))
+    while not waiting.done():
+        peak = max(peak, fleet.relay_rss())
+        await asyncio.sleep(0.05)
+    await waiting
+    elapsed = time.monotonic() - start
+    fleet.stop()
+    return {
+        "rows": float(rows),
+        "drain_seconds": elapsed,
+        "drain_events_per_s": rows / elapsed,
+        "relay_peak_rss_mb": peak / 2**20,
+    }
+
+
+async def _table_scale(servers: Servers, rows: int, tag: str) -> dict[str, Any]:
+    """Sweep and hot-path query cost on a scratch service database, empty then with ``rows``."""
+    name = f"bench_scale_{tag}"
+    admin = await connect(servers.admin_url)
+    try:
+        await admin.execute(f"CREATE DATABASE {quote_ident(name)}")
+    finally:
+        await admin.close()
+    conn = await connect(servers.url(name))
+    try:
+        await migrate(conn, "service")
+        empty = await _query_costs(conn)
+        start = time.monotonic()
+        await conn.execute(
+            "INSERT INTO outbox_relay.outbox (correlation_id, outcome, status, attempts, finished_at, created_at)"
+            " SELECT 'old-' || g, 'success', 'finished', 1, now() - interval '1 day',"
+            "        now() - interval '1 day' FROM generate_series(1, $1) AS g",
+            rows,
+        )
+        await conn.execute("VACUUM ANALYZE outbox_relay.outbox")
+        fill_seconds = time.monotonic() - start
+        full = await _query_costs(conn)
+        plans = await _plans(conn)
+        prune = await _prune_cost(conn)
+    finally:
+        await conn.close()
+        admin = await connect(servers.admin_url)
+        try:
+            await admin.execute(f"DROP DATABASE IF EXISTS {quote_ident(name)} WITH (FORCE)")
+        finally:
+            await admin.close()
+    return {
+        "finished_rows": rows,
+        "fill_seconds": fill_seconds,
+        "empty_ms": empty,
+        "full_ms": full,
+        "hot_path_plans_scan_table": plans,
+        "prune": prune,
+    }
+
+
+async def _query_costs(conn: Connection) -> dict[str, float]:
+    """Median milliseconds of a full sweep pass and of the hot-path queries (repeated)."""
+
+    class _One:
+        """A one-connection stand-in for a pool (same fetch/fetchval/execute)."""
+
+        def __init__(self, c: Connection) -> None:
+            self.fetch, self.fetchval, self.execute = c.fetch, c.fetchval, c.execute
+
+    sweeper = Sweeper(_One(conn), batch_size=500, requeue_after=60)  # type: ignore[arg-type]
+    await conn.execute(
+        "INSERT INTO outbox_relay.outbox (correlation_id, outcome) SELECT 'probe-' || g, 'success'"
+        " FROM generate_series(1, 100) AS g"
+    )
+    probe_ids = [r["id"] for r in await conn.fetch(
+        "SELECT id FROM outbox_relay.outbox WHERE correlation_id LIKE 'probe-%'")]
+
+    async def sweep_pass() -> None:
+        async for _ in sweeper.new_rows():
+            pass
+        async for _ in sweeper.stale_queued_rows():
+            pass
+
+    async def lookup() -> None:
+        await sweeper.new_by_ids(probe_ids)
+
+    async def claim_finish() -> None:
+        async with conn.transaction():
+            await conn.fetchrow(query("claim_row"), probe_ids[0])
+            await conn.execute(query("finish_row"), probe_ids[0])
+            raise _Rollback
+
+    async def timed(op: Any, repeat: int = 200) -> float:
+        samples = []
+        for _ in range(repeat):
+            t = time.perf_counter()
+            try:
+                await op()
+            except _Rollback:
+                pass
+            samples.append((time.perf_counter() - t) * 1000)
+        return statistics.median(samples)
+
+    costs = {
+        "sweep_pass_100_new": await timed(sweep_pass, 50),
+        "lookup_100_ids": await timed(lookup),
+        "claim_and_finish": await timed(claim_finish),
+    }
+    await conn.execute("DELETE FROM outbox_relay.outbox WHERE correlation_id LIKE 'probe-%'")
+    async def empty_sweep() -> None:
+        await sweep_pass()
+
+    costs["sweep_pass_idle"] = await timed(empty_sweep)
+    return costs
+
+
+class _Rollback(Exception):
+    pass
+
+
+async def _plans(conn: Connection) -> dict[str, bool]:
+    """For each hot-path query: does its plan scan the outbox table sequentially?"""
+    checks = {
+        "select_new": (query("select_new"), (0, 500)),
+        "select_new_by_ids": (query("select_new_by_ids"), ([1, 2, 3],)),
+        "select_stale_queued": (query("select_stale_queued"), (datetime(2000, 1, 1, tzinfo=UTC), 500)),
+        "mark_queued": (query("mark_queued"), ([1, 2, 3],)),
+        "claim_row": (query("claim_row"), (1,)),
+        "finish_row": (query("finish_row"), (1,)),
+        "oldest_pending_age": (query("oldest_pending_age"), ()),
+        "failed_rows": (query("failed_rows"), (100,)),
+    }
+    out = {}
+    async with conn.transaction():
+        for name, (sql, args) in checks.items():
+            plan = await conn.fetchval(f"EXPLAIN (FORMAT JSON) {sql}", *args)
+            out[name] = '"Seq Scan"' in plan and "outbox" in plan
+    return out
+
+
+async def _prune_cost(conn: Connection) -> dict[str, float] | None:
+    try:
+        from outbox_relay.prune import prune_service  # written with the retention feature
+    except ImportError:
+        return None
+    start = time.monotonic()
+    deleted = await prune_service(conn, older_than=3600, batch_size=5000)
+    elapsed = time.monotonic() - start
+    return {"rows": float(deleted), "seconds": elapsed, "rows_per_s": deleted / elapsed if elapsed else 0.0}
+
+
+def _machine() -> dict[str, Any]:
+    return {
+        "cpus": os.cpu_count(),
+        "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+    }
+
+
+def render(results: Results) -> str:
+    """The results as a plain-text table."""
+    data = results.as_json()
+    lines = [f"outbox_relay bench  ({data['machine']['cpus']} CPUs, {data['machine']['memory_gb']} GB, "
+             f"Python {data['machine']['python']})", ""]
+    lines.append("workers  arq no-op ceiling  end-to-end  ratio")
+    for n, row in data["scaling"].items():
+        ceiling = row["ceiling_jobs_per_s"]
+        events = row["events_per_s"]
+        ratio = row["ratio"]
+        lines.append(f"{n:>7}  {ceiling or 0:>13,.0f}/s  {events or 0:>8,.0f}/s  "
+                     f"{ratio if ratio is not None else float('nan'):>5.2f}")
+    lines.append("")
+    lines.append("latency commit -> finished (ms)   p50     p95     p99     max")
+    for rate, lat in data["latency_ms"].items():
+        lines.append(f"  at {rate:>4} events/s offered   {lat['p50']:>6.1f}  {lat['p95']:>6.1f}  "
+                     f"{lat['p99']:>6.1f}  {lat['max']:>6.1f}")
+    b = data["backlog"]
+    if b:
+        lines.append("")
+        lines.append(f"backlog: {int(b['rows']):,} rows drained in {b['drain_seconds']:.1f} s "
+                     f"({b['drain_events_per_s']:,.0f}/s); relay peak RSS {b['relay_peak_rss_mb']:.0f} MB")
+    t = data["table_scale"]
+    if t:
+        lines.append("")
+        lines.append(f"table scale (ms, median)          0 rows   {t['finished_rows']:,} finished rows")
+        for key in t["empty_ms"]:
+            lines.append(f"  {key:<28} {t['empty_ms'][key]:>7.2f}   {t['full_ms'][key]:>7.2f}")
+        scans = [k for k, v in t["hot_path_plans_scan_table"].items() if v]
+        lines.append("  hot-path plans that scan the table: " + (", ".join(scans) if scans else "none"))
+        if t.get("prune"):
+            p = t["prune"]
+            lines.append(f"  prune: {int(p['rows']):,} rows in {p['seconds']:.1f} s ({p['rows_per_s']:,.0f}/s)")
+    cpu = data["cpu_seconds_per_1000_events"]
+    if cpu:
+        parts = [f"{k} {v:.2f}" if v is not None else f"{k} n/a" for k, v in cpu.items()]
+        lines.append("")
+        lines.append("CPU seconds per 1,000 events: " + ", ".join(parts))
+    return "\n".join(lines)
+
+
+# -- the no-op worker used for the ceiling ----------------------------------------------
+
+
+def _noop_worker_main() -> None:
+    """An arq worker with outbox_relay's arq settings whose job does nothing."""
+    from arq.worker import Worker, func
+
+    from outbox_relay.cli import run_async, stop_on_signals
+    from outbox_relay.settings import load_settings
+    from outbox_relay.worker import ARQ_MAX_TRIES, ARQ_TIMEOUT_MARGIN
+
+    settings = load_settings()
+
+    async def noop(ctx: dict[str, Any], row_id: int) -> None:
+        return None
+
+    async def main() -> None:
+        stop = stop_on_signals()
+        redis = redis_client(settings.redis_url.get_secret_value(), queue_name=settings.queue_name,
+                             max_connections=settings.worker_concurrency + 10)
+        worker = Worker(
+            functions=[func(noop, name=NOOP_FUNCTION, timeout=settings.job_timeout + ARQ_TIMEOUT_MARGIN,
+                            keep_result=0, max_tries=ARQ_MAX_TRIES)],
+            queue_name=settings.queue_name,
+            redis_pool=redis,
+            max_jobs=settings.worker_concurrency,
+            job_timeout=settings.job_timeout + ARQ_TIMEOUT_MARGIN,
+            keep_result=0,
+            poll_delay=settings.worker_poll_delay,
+            max_tries=ARQ_MAX_TRIES,
+            handle_signals=False,
+            health_check_interval=60,
+            log_results=False,
+        )
+        task = asyncio.create_task(worker.main())
+        await stop.wait()
+        task.cancel()
+        with suppress_all():
+            await task
+
+    run_async(main())
+
+
+@contextmanager
+def suppress_all() -> Iterator[None]:
+    try:
+        yield
+    except (Exception, asyncio.CancelledError):
+        pass
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["noop-worker"]:
+        _noop_worker_main()
+    else:
+        sys.exit("usage: python -m outbox_relay.bench noop-worker (use `outbox-relay bench`)")
