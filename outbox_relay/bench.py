@@ -20,6 +20,7 @@ the ratios within one run are what to compare.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -30,14 +31,13 @@ import sys
 import tempfile
 import time
 import uuid
-from datetime import UTC, datetime
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import psutil
+from pydantic import SecretStr
 
 from outbox_relay.db import Connection, connect, quote_ident
 from outbox_relay.embedded import EmbeddedPostgres, EmbeddedRedis
@@ -113,7 +113,8 @@ class Results:
                     "ceiling_jobs_per_s": self.ceiling.get(n),
                     "events_per_s": self.throughput.get(n),
                     "ratio": (self.throughput[n] / self.ceiling[n])
-                    if self.ceiling.get(n) and n in self.throughput else None,
+                    if self.ceiling.get(n) and n in self.throughput
+                    else None,
                 }
                 for n in sorted(set(self.ceiling) | set(self.throughput))
             },
@@ -209,7 +210,9 @@ class Fleet:
 
     def _spawn(self, args: list[str], name: str) -> subprocess.Popen[bytes]:
         with (self.workdir / f"{name}.log").open("ab") as log:
-            return subprocess.Popen([sys.executable, *args], env=self.env, stdout=log, stderr=subprocess.STDOUT)
+            return subprocess.Popen(
+                [sys.executable, *args], env=self.env, stdout=log, stderr=subprocess.STDOUT
+            )
 
     def cpu_seconds(self) -> dict[str, float]:
         out = dict(self._cpu_done)
@@ -287,21 +290,23 @@ async def _bench(options: BenchOptions, servers: Servers, workdir: Path) -> Resu
     finally:
         await admin.close()
     settings = Settings(
-        database_url=servers.url(service_db),
-        primary_url=servers.url(primary_db),
-        redis_url=servers.redis_url,
+        database_url=SecretStr(servers.url(service_db)),
+        primary_url=SecretStr(servers.url(primary_db)),
+        redis_url=SecretStr(servers.redis_url),
         queue_name=f"bench_{tag}",
         subscription_name=f"bench_{tag}",
     )
     try:
         await _setup(settings)
         env = {k: v for k, v in os.environ.items() if not k.startswith("OUTBOX_RELAY_")}
-        env.update({
-            "OUTBOX_RELAY_DATABASE_URL": settings.require_database_url(),
-            "OUTBOX_RELAY_REDIS_URL": servers.redis_url,
-            "OUTBOX_RELAY_QUEUE_NAME": settings.queue_name,
-            "OUTBOX_RELAY_LOG_LEVEL": "WARNING",
-        })
+        env.update(
+            {
+                "OUTBOX_RELAY_DATABASE_URL": settings.require_database_url(),
+                "OUTBOX_RELAY_REDIS_URL": servers.redis_url,
+                "OUTBOX_RELAY_QUEUE_NAME": settings.queue_name,
+                "OUTBOX_RELAY_LOG_LEVEL": "WARNING",
+            }
+        )
         fleet = Fleet(env, workdir)
         ledger = Ledger(settings)
         await ledger.open()
@@ -321,8 +326,11 @@ async def _bench(options: BenchOptions, servers: Servers, workdir: Path) -> Resu
                 say(f"    {rate:,.0f} events/s  (ratio {rate / results.ceiling[count]:.2f})")
                 if count == options.workers:
                     results.cpu_per_1000 = {
-                        k: (None if cpu_end[k] is None or cpu_start[k] is None
-                            else (cpu_end[k] - cpu_start[k]) * 1000 / options.events)  # type: ignore[operator]
+                        k: (
+                            None
+                            if cpu_end[k] is None or cpu_start[k] is None
+                            else (cpu_end[k] - cpu_start[k]) * 1000 / options.events
+                        )  # type: ignore[operator]
                         for k in cpu_end
                     }
                     for rate_offered in options.latency_rates:
@@ -334,11 +342,15 @@ async def _bench(options: BenchOptions, servers: Servers, workdir: Path) -> Resu
                         say(f"    p50 {lat['p50']:.1f} ms  p99 {lat['p99']:.1f} ms")
                 fleet.stop()
                 del cpu_before
-            say(f"[4] backlog of {options.backlog:,} rows, drained by the relay and "
-                f"{options.workers} worker process(es)")
+            say(
+                f"[4] backlog of {options.backlog:,} rows, drained by the relay and "
+                f"{options.workers} worker process(es)"
+            )
             results.backlog = await _backlog(ledger, fleet, options.backlog, options.workers)
-            say(f"    {results.backlog['drain_events_per_s']:,.0f} events/s, relay peak RSS "
-                f"{results.backlog['relay_peak_rss_mb']:.0f} MB")
+            say(
+                f"    {results.backlog['drain_events_per_s']:,.0f} events/s, relay peak RSS "
+                f"{results.backlog['relay_peak_rss_mb']:.0f} MB"
+            )
         finally:
             fleet.stop()
             await ledger.close()
@@ -362,7 +374,10 @@ def _cpu(fleet: Fleet, servers: Servers) -> dict[str, float | None]:
 
 
 async def _setup(settings: Settings) -> None:
-    for url, target in ((settings.require_database_url(), "service"), (settings.require_primary_url(), "primary")):
+    for url, target in (
+        (settings.require_database_url(), "service"),
+        (settings.require_primary_url(), "primary"),
+    ):
         conn = await connect(url)
         try:
             await migrate(conn, target)  # type: ignore[arg-type]
@@ -382,7 +397,9 @@ class Ledger:
 
     async def open(self) -> None:
         self.service = await connect(self.settings.require_database_url())
-        await self.service.execute("INSERT INTO ledger.accounts (id, balance) VALUES ('bench', 9000000000000)")
+        await self.service.execute(
+            "INSERT INTO ledger.accounts (id, balance) VALUES ('bench', 9000000000000)"
+        )
 
     async def close(self) -> None:
         if self.service is not None:
@@ -461,9 +478,12 @@ class Ledger:
             """
             SELECT count(*) AS n,
                    extract(epoch FROM max(finished_at) - min(created_at))::float8 AS span,
-                   1000 * extract(epoch FROM percentile_cont(0.50) WITHIN GROUP (ORDER BY finished_at - created_at))::float8 AS p50,
-                   1000 * extract(epoch FROM percentile_cont(0.95) WITHIN GROUP (ORDER BY finished_at - created_at))::float8 AS p95,
-                   1000 * extract(epoch FROM percentile_cont(0.99) WITHIN GROUP (ORDER BY finished_at - created_at))::float8 AS p99,
+                   1000 * extract(epoch FROM percentile_cont(0.50)
+                                  WITHIN GROUP (ORDER BY finished_at - created_at))::float8 AS p50,
+                   1000 * extract(epoch FROM percentile_cont(0.95)
+                                  WITHIN GROUP (ORDER BY finished_at - created_at))::float8 AS p95,
+                   1000 * extract(epoch FROM percentile_cont(0.99)
+                                  WITHIN GROUP (ORDER BY finished_at - created_at))::float8 AS p99,
                    1000 * extract(epoch FROM max(finished_at - created_at))::float8 AS max,
                    count(*) FILTER (WHERE status <> 'finished') AS not_finished
               FROM outbox_relay.outbox
@@ -544,9 +564,12 @@ async def _backlog(ledger: Ledger, fleet: Fleet, rows: int, workers: int) -> dic
     finally:
         await primary.close()
     deadline = time.monotonic() + 300
-    while await ledger.service.fetchval(
-        "SELECT count(*) FROM outbox_relay.outbox WHERE correlation_id = ANY($1::text[])", ids
-    ) < rows:
+    while (
+        await ledger.service.fetchval(
+            "SELECT count(*) FROM outbox_relay.outbox WHERE correlation_id = ANY($1::text[])", ids
+        )
+        < rows
+    ):
         if time.monotonic() > deadline:
             raise RuntimeError("the backlog did not replicate in time")
         await asyncio.sleep(0.1)
@@ -582,7 +605,8 @@ async def _table_scale(servers: Servers, rows: int, tag: str) -> dict[str, Any]:
         empty = await _query_costs(conn)
         start = time.monotonic()
         await conn.execute(
-            "INSERT INTO outbox_relay.outbox (correlation_id, outcome, status, attempts, finished_at, created_at)"
+            "INSERT INTO outbox_relay.outbox"
+            " (correlation_id, outcome, status, attempts, finished_at, created_at)"
             " SELECT 'old-' || g, 'success', 'finished', 1, now() - interval '1 day',"
             "        now() - interval '1 day' FROM generate_series(1, $1) AS g",
             rows,
@@ -623,8 +647,10 @@ async def _query_costs(conn: Connection) -> dict[str, float]:
         "INSERT INTO outbox_relay.outbox (correlation_id, outcome) SELECT 'probe-' || g, 'success'"
         " FROM generate_series(1, 100) AS g"
     )
-    probe_ids = [r["id"] for r in await conn.fetch(
-        "SELECT id FROM outbox_relay.outbox WHERE correlation_id LIKE 'probe-%'")]
+    probe_ids = [
+        r["id"]
+        for r in await conn.fetch("SELECT id FROM outbox_relay.outbox WHERE correlation_id LIKE 'probe-%'")
+    ]
 
     async def sweep_pass() -> None:
         async for _ in sweeper.new_rows():
@@ -645,10 +671,8 @@ async def _query_costs(conn: Connection) -> dict[str, float]:
         samples = []
         for _ in range(repeat):
             t = time.perf_counter()
-            try:
+            with contextlib.suppress(_Rollback):
                 await op()
-            except _Rollback:
-                pass
             samples.append((time.perf_counter() - t) * 1000)
         return statistics.median(samples)
 
@@ -658,6 +682,7 @@ async def _query_costs(conn: Connection) -> dict[str, float]:
         "claim_and_finish": await timed(claim_finish),
     }
     await conn.execute("DELETE FROM outbox_relay.outbox WHERE correlation_id LIKE 'probe-%'")
+
     async def empty_sweep() -> None:
         await sweep_pass()
 
@@ -713,25 +738,34 @@ def _machine() -> dict[str, Any]:
 def render(results: Results) -> str:
     """The results as a plain-text table."""
     data = results.as_json()
-    lines = [f"outbox_relay bench  ({data['machine']['cpus']} CPUs, {data['machine']['memory_gb']} GB, "
-             f"Python {data['machine']['python']})", ""]
+    lines = [
+        f"outbox_relay bench  ({data['machine']['cpus']} CPUs, {data['machine']['memory_gb']} GB, "
+        f"Python {data['machine']['python']})",
+        "",
+    ]
     lines.append("workers  arq no-op ceiling  end-to-end  ratio")
     for n, row in data["scaling"].items():
         ceiling = row["ceiling_jobs_per_s"]
         events = row["events_per_s"]
         ratio = row["ratio"]
-        lines.append(f"{n:>7}  {ceiling or 0:>13,.0f}/s  {events or 0:>8,.0f}/s  "
-                     f"{ratio if ratio is not None else float('nan'):>5.2f}")
+        lines.append(
+            f"{n:>7}  {ceiling or 0:>13,.0f}/s  {events or 0:>8,.0f}/s  "
+            f"{ratio if ratio is not None else float('nan'):>5.2f}"
+        )
     lines.append("")
     lines.append("latency commit -> finished (ms)   p50     p95     p99     max")
     for rate, lat in data["latency_ms"].items():
-        lines.append(f"  at {rate:>4} events/s offered   {lat['p50']:>6.1f}  {lat['p95']:>6.1f}  "
-                     f"{lat['p99']:>6.1f}  {lat['max']:>6.1f}")
+        lines.append(
+            f"  at {rate:>4} events/s offered   {lat['p50']:>6.1f}  {lat['p95']:>6.1f}  "
+            f"{lat['p99']:>6.1f}  {lat['max']:>6.1f}"
+        )
     b = data["backlog"]
     if b:
         lines.append("")
-        lines.append(f"backlog: {int(b['rows']):,} rows drained in {b['drain_seconds']:.1f} s "
-                     f"({b['drain_events_per_s']:,.0f}/s); relay peak RSS {b['relay_peak_rss_mb']:.0f} MB")
+        lines.append(
+            f"backlog: {int(b['rows']):,} rows drained in {b['drain_seconds']:.1f} s "
+            f"({b['drain_events_per_s']:,.0f}/s); relay peak RSS {b['relay_peak_rss_mb']:.0f} MB"
+        )
     t = data["table_scale"]
     if t:
         lines.append("")
@@ -742,7 +776,9 @@ def render(results: Results) -> str:
         lines.append("  hot-path plans that scan the table: " + (", ".join(scans) if scans else "none"))
         if t.get("prune"):
             p = t["prune"]
-            lines.append(f"  prune: {int(p['rows']):,} rows in {p['seconds']:.1f} s ({p['rows_per_s']:,.0f}/s)")
+            lines.append(
+                f"  prune: {int(p['rows']):,} rows in {p['seconds']:.1f} s ({p['rows_per_s']:,.0f}/s)"
+            )
     cpu = data["cpu_seconds_per_1000_events"]
     if cpu:
         parts = [f"{k} {v:.2f}" if v is not None else f"{k} n/a" for k, v in cpu.items()]
@@ -769,11 +805,21 @@ def _noop_worker_main() -> None:
 
     async def main() -> None:
         stop = stop_on_signals()
-        redis = redis_client(settings.redis_url.get_secret_value(), queue_name=settings.queue_name,
-                             max_connections=settings.worker_concurrency + 10)
+        redis = redis_client(
+            settings.redis_url.get_secret_value(),
+            queue_name=settings.queue_name,
+            max_connections=settings.worker_concurrency + 10,
+        )
         worker = Worker(
-            functions=[func(noop, name=NOOP_FUNCTION, timeout=settings.job_timeout + ARQ_TIMEOUT_MARGIN,
-                            keep_result=0, max_tries=ARQ_MAX_TRIES)],
+            functions=[
+                func(
+                    noop,
+                    name=NOOP_FUNCTION,
+                    timeout=settings.job_timeout + ARQ_TIMEOUT_MARGIN,
+                    keep_result=0,
+                    max_tries=ARQ_MAX_TRIES,
+                )
+            ],
             queue_name=settings.queue_name,
             redis_pool=redis,
             max_jobs=settings.worker_concurrency,
@@ -788,18 +834,10 @@ def _noop_worker_main() -> None:
         task = asyncio.create_task(worker.main())
         await stop.wait()
         task.cancel()
-        with suppress_all():
+        with contextlib.suppress(Exception, asyncio.CancelledError):
             await task
 
     run_async(main())
-
-
-@contextmanager
-def suppress_all() -> Iterator[None]:
-    try:
-        yield
-    except (Exception, asyncio.CancelledError):
-        pass
 
 
 if __name__ == "__main__":

@@ -182,8 +182,12 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
         options = BenchOptions.quick(json_path=args.json, use_settings=args.use_settings)
     else:
         options = BenchOptions(
-            events=args.events, workers=args.workers, backlog=args.backlog, table_rows=args.table_rows,
-            json_path=args.json, use_settings=args.use_settings,
+            events=args.events,
+            workers=args.workers,
+            backlog=args.backlog,
+            table_rows=args.table_rows,
+            json_path=args.json,
+            use_settings=args.use_settings,
         )
     logging.getLogger().setLevel(max(logging.WARNING, logging.getLogger().level))
     return run_bench(options, settings)
@@ -363,11 +367,18 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--events", type=_positive_int, default=10_000, help="events per throughput run")
     bench.add_argument("--workers", type=_positive_int, default=2, help="worker processes (2)")
     bench.add_argument("--backlog", type=_positive_int, default=50_000, help="backlog rows (50000)")
-    bench.add_argument("--table-rows", type=_positive_int, default=1_000_000,
-                       help="finished rows for the table-scale check (1000000)")
-    bench.add_argument("--use-settings", action="store_true",
-                       help="run on the servers of OUTBOX_RELAY_DATABASE_URL and _REDIS_URL (it creates and "
-                       "drops its own databases there) instead of embedded ones")
+    bench.add_argument(
+        "--table-rows",
+        type=_positive_int,
+        default=1_000_000,
+        help="finished rows for the table-scale check (1000000)",
+    )
+    bench.add_argument(
+        "--use-settings",
+        action="store_true",
+        help="run on the servers of OUTBOX_RELAY_DATABASE_URL and _REDIS_URL (it creates and "
+        "drops its own databases there) instead of embedded ones",
+    )
     return parser
 
 

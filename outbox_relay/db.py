@@ -74,6 +74,7 @@ async def create_pool(
     """A lazily connecting pool: it can be made while the database is down."""
     pool = asyncpg.create_pool(
         url,
+        reset=_rollback_if_needed,
         min_size=0,
         max_size=max_size,
         max_inactive_connection_lifetime=60.0,
@@ -83,6 +84,13 @@ async def create_pool(
     )
     await pool  # with min_size=0 this opens no connection
     return pool
+
+
+async def _rollback_if_needed(conn: Connection) -> None:
+    """Reset on release, cheaply: our pooled connections never LISTEN, lock or change
+    session settings, so asyncpg's full reset (a round trip per release) buys nothing."""
+    if conn.is_in_transaction():
+        await conn.execute("ROLLBACK")
 
 
 def quote_ident(name: str) -> str:

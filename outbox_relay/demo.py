@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydantic import SecretStr
+
 from outbox_relay.db import Connection, connect
 from outbox_relay.embedded import EmbeddedPostgres, EmbeddedRedis
 from outbox_relay.migrate import migrate
@@ -84,12 +86,14 @@ def run_demo(options: DemoOptions) -> int:
     try:
         pg.start()
         redis.start()
-        say(f"  servers up in {time.monotonic() - started:.1f} s "
-            f"(PostgreSQL on 127.0.0.1:{pg.port}, Redis on 127.0.0.1:{redis.port})")
+        say(
+            f"  servers up in {time.monotonic() - started:.1f} s "
+            f"(PostgreSQL on 127.0.0.1:{pg.port}, Redis on 127.0.0.1:{redis.port})"
+        )
         settings = Settings(
-            database_url=pg.create_database("service"),
-            primary_url=pg.create_database("primary"),
-            redis_url=redis.url(),
+            database_url=SecretStr(pg.create_database("service")),
+            primary_url=SecretStr(pg.create_database("primary")),
+            redis_url=SecretStr(redis.url()),
             queue_name="demo",
         )
         report = run_async(_demo(options, settings, workdir, processes))
@@ -110,8 +114,11 @@ def run_demo(options: DemoOptions) -> int:
     say()
     say("\n".join(report.lines))
     say()
-    say("demo passed: nothing lost, every effect applied once, money conserved" if report.ok
-        else "demo FAILED: see the checks above")
+    say(
+        "demo passed: nothing lost, every effect applied once, money conserved"
+        if report.ok
+        else "demo FAILED: see the checks above"
+    )
     say("cleaned up: servers stopped, files removed")
     return 0 if report.ok else 1
 
@@ -135,33 +142,42 @@ async def _demo(
     try:
         amounts = await _prepare_ledger(service, options.events)
         initial_total = await _money_total(service)
-        say(f"  ledger: {ACCOUNTS} accounts, {options.events} reservations made "
-            f"(total money {initial_total:,})")
+        say(
+            f"  ledger: {ACCOUNTS} accounts, {options.events} reservations made "
+            f"(total money {initial_total:,})"
+        )
 
         env = {k: v for k, v in os.environ.items() if not k.startswith("OUTBOX_RELAY_")}
-        env.update({
-            "OUTBOX_RELAY_DATABASE_URL": service_url,
-            "OUTBOX_RELAY_REDIS_URL": settings.redis_url.get_secret_value(),
-            "OUTBOX_RELAY_QUEUE_NAME": settings.queue_name,
-            "OUTBOX_RELAY_LOG_LEVEL": "WARNING",
-        })
+        env.update(
+            {
+                "OUTBOX_RELAY_DATABASE_URL": service_url,
+                "OUTBOX_RELAY_REDIS_URL": settings.redis_url.get_secret_value(),
+                "OUTBOX_RELAY_QUEUE_NAME": settings.queue_name,
+                "OUTBOX_RELAY_LOG_LEVEL": "WARNING",
+            }
+        )
         processes.append(_spawn("run", env, workdir / "relay.log"))
         for index in range(options.workers):
             processes.append(_spawn("worker", env, workdir / f"worker-{index}.log"))
         await _warm_up(service, primary_url, processes, workdir)
         say(f"  relay and {options.workers} worker processes started and warmed up")
 
-        outcomes = {cid: ("success" if random.random() < 0.8 else "failure")  # noqa: S311
-                    for cid in amounts}
+        outcomes = {
+            cid: ("success" if random.random() < 0.8 else "failure")  # noqa: S311
+            for cid in amounts
+        }
         steady = dict(list(outcomes.items())[: options.events // 2])
         burst = dict(list(outcomes.items())[options.events // 2 :])
-        say(f"  phase 1, steady: {len(steady)} events (+{len(POISON)} poison rows) offered at "
-            f"{options.rate:.0f}/s by {options.producers} producers (latency)")
-        producing = asyncio.create_task(_produce(primary_url, steady, options.producers, options.rate, POISON))
+        say(
+            f"  phase 1, steady: {len(steady)} events (+{len(POISON)} poison rows) offered at "
+            f"{options.rate:.0f}/s by {options.producers} producers (latency)"
+        )
+        producing = asyncio.create_task(
+            _produce(primary_url, steady, options.producers, options.rate, POISON)
+        )
         await _show_progress(service, 1 + len(steady) + len(POISON), producing, processes, workdir)
         await producing
-        say(f"  phase 2, burst: {len(burst)} events as fast as {options.producers} producers go "
-            "(throughput)")
+        say(f"  phase 2, burst: {len(burst)} events as fast as {options.producers} producers go (throughput)")
         producing = asyncio.create_task(_produce(primary_url, burst, options.producers, 0.0, []))
         await _show_progress(service, 1 + options.events + len(POISON), producing, processes, workdir)
         await producing
@@ -184,11 +200,15 @@ async def _warm_up(
     finally:
         await primary.close()
     deadline = time.monotonic() + 60
-    while await service.fetchval(
-        "SELECT count(*) FROM outbox_relay.outbox WHERE correlation_id = 'demo-warm-up' AND status = 'finished'"
-    ) == 0:
+    while (
+        await service.fetchval(
+            "SELECT count(*) FROM outbox_relay.outbox"
+            " WHERE correlation_id = 'demo-warm-up' AND status = 'finished'"
+        )
+        == 0
+    ):
         if time.monotonic() > deadline or any(p.poll() is not None for p in processes):
-            logs = "\n".join(_tail(path) for path in sorted(workdir.glob("*.log")))
+            logs = await asyncio.to_thread(_logs, workdir)
             raise RuntimeError(f"the relay and workers did not come up\n{logs}")
         await asyncio.sleep(0.05)
 
@@ -261,11 +281,17 @@ async def _show_progress(
     last_print = 0.0
     deadline = time.monotonic() + max(120.0, total / 50)
     while True:
-        counts = dict(await service.fetch(
-            "SELECT status, count(*) FROM outbox_relay.outbox GROUP BY status"))
+        counts: dict[str, int] = {
+            r["status"]: r["n"]
+            for r in await service.fetch(
+                "SELECT status, count(*) AS n FROM outbox_relay.outbox GROUP BY status"
+            )
+        }
         done = counts.get("finished", 0) + counts.get("failed", 0)
-        line = (f"  replicated {sum(counts.values()):>6}/{total}  queued {counts.get('queued', 0):>5}  "
-                f"finished {counts.get('finished', 0):>6}  failed {counts.get('failed', 0):>3}")
+        line = (
+            f"  replicated {sum(counts.values()):>6}/{total}  queued {counts.get('queued', 0):>5}  "
+            f"finished {counts.get('finished', 0):>6}  failed {counts.get('failed', 0):>3}"
+        )
         now = time.monotonic()
         if interactive:
             print("\r" + line, end="", flush=True)
@@ -280,7 +306,7 @@ async def _show_progress(
             raise producing.exception()  # type: ignore[misc]
         dead = [p for p in processes if p.poll() is not None]
         if dead or now > deadline:
-            logs = "\n".join(_tail(path) for path in sorted(workdir.glob("*.log")))
+            logs = await asyncio.to_thread(_logs, workdir)
             raise RuntimeError(f"the demo stalled (a process exited or time ran out)\n{logs}")
         await asyncio.sleep(0.25)
 
@@ -318,37 +344,51 @@ async def _report(
         return f"{value.total_seconds() * 1000:.1f} ms" if value is not None else "n/a"
 
     report.lines.append("summary")
-    report.lines.append(f"  events       {options.events} (+{len(POISON)} poison rows), "
-                        f"{options.workers} worker processes")
-    report.lines.append(f"  latency      commit -> finished at {options.rate:.0f} events/s offered: "
-                        f"p50 {ms(latency['p50'])}  p95 {ms(latency['p95'])}  "
-                        f"p99 {ms(latency['p99'])}  max {ms(latency['worst'])}")
+    report.lines.append(
+        f"  events       {options.events} (+{len(POISON)} poison rows), {options.workers} worker processes"
+    )
+    report.lines.append(
+        f"  latency      commit -> finished at {options.rate:.0f} events/s offered: "
+        f"p50 {ms(latency['p50'])}  p95 {ms(latency['p95'])}  "
+        f"p99 {ms(latency['p99'])}  max {ms(latency['worst'])}"
+    )
     span = float(throughput["span"] or 0.0)
     if span > 0:
-        report.lines.append(f"  throughput   {throughput['n'] / span:,.0f} events/s end to end in the burst "
-                            f"({throughput['n']} events, first commit to last finish {span:.2f} s)")
+        report.lines.append(
+            f"  throughput   {throughput['n'] / span:,.0f} events/s end to end in the burst "
+            f"({throughput['n']} events, first commit to last finish {span:.2f} s)"
+        )
     report.lines.append("checks")
 
-    rows = {r["correlation_id"]: r for r in await service.fetch(
-        "SELECT correlation_id, status, last_error FROM outbox_relay.outbox")}
+    rows = {
+        r["correlation_id"]: r
+        for r in await service.fetch("SELECT correlation_id, status, last_error FROM outbox_relay.outbox")
+    }
     missing = [cid for cid in outcomes if cid not in rows]
     unfinished = [cid for cid in outcomes if cid in rows and rows[cid]["status"] != "finished"]
-    report.check(not missing and not unfinished,
-                 f"nothing lost: all {len(outcomes)} events replicated and finished"
-                 + (f" (missing {len(missing)}, unfinished {len(unfinished)})"
-                    if missing or unfinished else ""))
+    report.check(
+        not missing and not unfinished,
+        f"nothing lost: all {len(outcomes)} events replicated and finished"
+        + (f" (missing {len(missing)}, unfinished {len(unfinished)})" if missing or unfinished else ""),
+    )
     poison_ok = all(rows.get(cid) is not None and rows[cid]["status"] == "failed" for cid, *_ in POISON)
     report.check(poison_ok, f"{len(POISON)} poison rows quarantined as failed, the rest kept flowing:")
     for cid, *_ in POISON:
         error = rows[cid]["last_error"] if cid in rows else "missing"
         report.lines.append(f"         {cid}: {error}")
 
-    states = dict(await service.fetch("SELECT correlation_id, state FROM ledger.reservations"))
+    states: dict[str, str] = {
+        r["correlation_id"]: r["state"]
+        for r in await service.fetch("SELECT correlation_id, state FROM ledger.reservations")
+    }
     expected = {cid: ("burned" if outcome == "success" else "reclaimed") for cid, outcome in outcomes.items()}
     wrong = [cid for cid, state in expected.items() if states.get(cid) != state]
     burned = sum(1 for s in expected.values() if s == "burned")
-    report.check(not wrong, f"every effect applied once: {burned} burned, {len(expected) - burned} reclaimed"
-                 + (f" ({len(wrong)} wrong)" if wrong else ""))
+    report.check(
+        not wrong,
+        f"every effect applied once: {burned} burned, {len(expected) - burned} reclaimed"
+        + (f" ({len(wrong)} wrong)" if wrong else ""),
+    )
     final_total = await _money_total(service)
     reclaimed = sum(amounts[cid] for cid, s in expected.items() if s == "reclaimed")
     balances = int(await service.fetchval("SELECT sum(balance) FROM ledger.accounts"))
@@ -361,10 +401,13 @@ async def _report(
 
 
 async def _money_total(conn: Connection) -> int:
-    return int(await conn.fetchval(
-        "SELECT (SELECT coalesce(sum(balance), 0) FROM ledger.accounts)"
-        " + (SELECT coalesce(sum(amount), 0) FROM ledger.reservations WHERE state IN ('reserved', 'burned'))"
-    ))
+    return int(
+        await conn.fetchval(
+            "SELECT (SELECT coalesce(sum(balance), 0) FROM ledger.accounts)"
+            " + (SELECT coalesce(sum(amount), 0) FROM ledger.reservations"
+            "    WHERE state IN ('reserved', 'burned'))"
+        )
+    )
 
 
 def _spawn(command: str, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
@@ -377,7 +420,10 @@ def _spawn(command: str, env: dict[str, str], log: Path) -> subprocess.Popen[byt
         )
 
 
+def _logs(workdir: Path) -> str:
+    return "\n".join(_tail(path) for path in sorted(workdir.glob("*.log")))
+
+
 def _tail(path: Path, lines: int = 15) -> str:
     text = path.read_text(errors="replace").splitlines()[-lines:]
     return f"--- {path.name}\n" + "\n".join(text)
-

@@ -21,12 +21,16 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from outbox_relay.db import Connection
+from outbox_relay.db import Connection, Pool
 from outbox_relay.events import OutboxEvent, parse_payload
 from outbox_relay.exceptions import PermanentError, UnknownKindError
 from outbox_relay.sql import query
 
 Handler = Callable[[Connection, OutboxEvent], Awaitable[None]]
+#: Optional: a kind's common path done in one statement, claiming, applying and
+#: finishing row ``row_id`` together. Returns False when the row needs the
+#: general path (it is done already, is poison, or the usual case does not fit).
+FastPath = Callable[[Pool, int], Awaitable[bool]]
 
 
 class HandlerRegistry:
@@ -34,17 +38,24 @@ class HandlerRegistry:
 
     def __init__(self) -> None:
         self._handlers: dict[str, Handler] = {}
+        self._fast_paths: dict[str, FastPath] = {}
 
-    def register(self, kind: str) -> Callable[[Handler], Handler]:
-        """Decorator: make ``handler`` the one for ``kind``."""
+    def register(self, kind: str, *, fast_path: FastPath | None = None) -> Callable[[Handler], Handler]:
+        """Decorator: make ``handler`` the one for ``kind`` (``fast_path``: see :data:`FastPath`)."""
 
         def decorate(handler: Handler) -> Handler:
             if kind in self._handlers and self._handlers[kind] is not handler:
                 raise ValueError(f"a handler for kind {kind!r} is already registered")
             self._handlers[kind] = handler
+            if fast_path is not None:
+                self._fast_paths[kind] = fast_path
             return handler
 
         return decorate
+
+    def fast_path(self, kind: str | None) -> FastPath | None:
+        """The one-statement fast path of ``kind``, if it has one."""
+        return self._fast_paths.get(kind) if kind is not None else None
 
     def get(self, kind: str) -> Handler:
         """The handler of ``kind``; :class:`UnknownKindError` (permanent) when none."""
@@ -72,7 +83,14 @@ class ReservationPayload(BaseModel):
 _OUTCOMES: dict[str, Literal["burned", "reclaimed"]] = {"success": "burned", "failure": "reclaimed"}
 
 
-@registry.register("reservation")
+async def settle_reservation_in_one_statement(pool: Pool, row_id: int) -> bool:
+    """The common case (a pending, well-formed row whose reservation exists) in one
+    round trip; anything else is left to :func:`settle_reservation`, which says why."""
+    row = await pool.fetchrow(query("settle_reservation_row"), row_id)
+    return row is not None and row["finished"] == 1
+
+
+@registry.register("reservation", fast_path=settle_reservation_in_one_statement)
 async def settle_reservation(conn: Connection, event: OutboxEvent) -> None:
     """``success`` burns the reservation (balance unchanged); ``failure`` reclaims it
     (its amount goes back to the account). A reservation already settled stays as it is."""

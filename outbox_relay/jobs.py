@@ -30,6 +30,8 @@ class PendingRow:
     id: int
     correlation_id: str
     generation: int = 0
+    #: Carried in the job so that the worker can take the kind's one-statement fast path.
+    kind: str | None = None
 
 
 def job_id(namespace: str, correlation_id: str, generation: int = 0) -> str:
@@ -81,7 +83,9 @@ class JobQueue:
         for jid in ids:
             keys.append(job_key_prefix + jid)
             keys.append(result_key_prefix + jid)
-        payloads: list[Any] = [serialize_job(FUNCTION_NAME, (row.id,), {}, None, now_ms) for row in rows]
+        payloads: list[Any] = [
+            serialize_job(FUNCTION_NAME, (row.id, row.kind), {}, None, now_ms) for row in rows
+        ]
         result = await self._script(keys=keys, args=[now_ms, JOB_TTL_MS, *payloads, *ids])
         flags, depth = result[:-1], int(result[-1])
         return sum(int(flag) for flag in flags), depth

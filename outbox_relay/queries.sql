@@ -7,12 +7,12 @@
 SELECT pg_try_advisory_lock(hashtext('outbox_relay'), 1);
 
 -- name: select_new_by_ids
-SELECT id, correlation_id, generation
+SELECT id, correlation_id, generation, kind
   FROM outbox_relay.outbox
  WHERE id = ANY($1::bigint[]) AND status = 'new';
 
 -- name: select_new
-SELECT id, correlation_id, generation
+SELECT id, correlation_id, generation, kind
   FROM outbox_relay.outbox
  WHERE status = 'new' AND id > $1
  ORDER BY id
@@ -24,7 +24,7 @@ SELECT now() - make_interval(secs => $1::float8);
 -- name: select_stale_queued
 -- Rows handed to the queue before $1 and still not done: the queue may have
 -- lost them (Redis restarted empty, a job expired, a worker gave up).
-SELECT id, correlation_id, generation
+SELECT id, correlation_id, generation, kind
   FROM outbox_relay.outbox
  WHERE status = 'queued' AND queued_at < $1
  ORDER BY queued_at
@@ -88,9 +88,11 @@ SELECT state FROM ledger.reservations WHERE correlation_id = $1;
 SELECT status, count(*) AS n FROM outbox_relay.outbox GROUP BY status;
 
 -- name: oldest_pending_age
-SELECT extract(epoch FROM now() - min(created_at))::float8
-  FROM outbox_relay.outbox
- WHERE status IN ('new', 'queued');
+-- One minimum per partial index: the planner cannot match `status IN (...)`
+-- against two partial indexes, and would scan the whole table.
+SELECT extract(epoch FROM now() - least(
+           (SELECT min(created_at) FROM outbox_relay.outbox WHERE status = 'new'),
+           (SELECT min(created_at) FROM outbox_relay.outbox WHERE status = 'queued')))::float8;
 
 -- name: failed_rows
 SELECT correlation_id, kind, attempts, last_error
@@ -249,3 +251,47 @@ SELECT slot_name, active, confirmed_flush_lsn::text AS confirmed_flush_lsn,
 
 -- name: prune_primary_ids
 DELETE FROM outbox_relay.outbox WHERE id = ANY($1::bigint[]);
+
+-- name: settle_reservation_row
+-- The reservation handler's common path in ONE statement (one round trip):
+-- claim a pending, well-formed reservation row, settle its reservation if it
+-- is still reserved (burn, or reclaim with the refund), finish the row.
+-- Returns finished = 0 when anything is unusual (the row is done already, is
+-- poison, or has no reservation): the general path then decides, and says why.
+WITH claimed AS (
+    SELECT o.id, o.correlation_id,
+           CASE o.outcome WHEN 'success' THEN 'burned' ELSE 'reclaimed' END AS new_state
+      FROM outbox_relay.outbox AS o
+     WHERE o.id = $1
+       AND o.status IN ('new', 'queued')
+       AND o.kind = 'reservation'
+       AND o.outcome IN ('success', 'failure')
+       AND jsonb_typeof(o.payload) = 'object'
+       FOR UPDATE
+), reservation AS (
+    SELECT r.correlation_id, r.state
+      FROM ledger.reservations AS r
+      JOIN claimed AS c ON c.correlation_id = r.correlation_id
+       FOR UPDATE OF r
+), settled AS (
+    UPDATE ledger.reservations AS r
+       SET state = c.new_state, settled_at = now()
+      FROM claimed AS c, reservation AS x
+     WHERE r.correlation_id = c.correlation_id AND x.state = 'reserved'
+    RETURNING r.account_id, r.amount, r.state
+), refunded AS (
+    UPDATE ledger.accounts AS a
+       SET balance = a.balance + s.amount
+      FROM settled AS s
+     WHERE a.id = s.account_id AND s.state = 'reclaimed'
+    RETURNING a.id
+), finished AS (
+    UPDATE outbox_relay.outbox AS o
+       SET status = 'finished', attempts = o.attempts + 1, last_error = NULL, finished_at = now()
+      FROM claimed AS c, reservation AS x
+     WHERE o.id = c.id
+    RETURNING o.id
+)
+SELECT (SELECT count(*) FROM finished) AS finished,
+       (SELECT count(*) FROM settled) AS settled,
+       (SELECT count(*) FROM refunded) AS refunded;

@@ -12,8 +12,8 @@ from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
-from pydantic_settings import SettingsError as SettingsSourceError
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import SettingsError as SettingsSourceError
 
 from outbox_relay.exceptions import SettingsError
 

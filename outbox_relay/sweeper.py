@@ -29,7 +29,7 @@ class Sweeper:
             records = await self.pool.fetch(query("select_new"), after, self.batch_size)
             if not records:
                 return
-            yield [PendingRow(r["id"], r["correlation_id"], r["generation"]) for r in records]
+            yield [PendingRow(r["id"], r["correlation_id"], r["generation"], r["kind"]) for r in records]
             if len(records) < self.batch_size:
                 return
             after = records[-1]["id"]
@@ -45,14 +45,14 @@ class Sweeper:
             records = await self.pool.fetch(query("select_stale_queued"), cutoff, self.batch_size)
             if not records:
                 return
-            yield [PendingRow(r["id"], r["correlation_id"], r["generation"]) for r in records]
+            yield [PendingRow(r["id"], r["correlation_id"], r["generation"], r["kind"]) for r in records]
             if len(records) < self.batch_size:
                 return
 
     async def new_by_ids(self, ids: list[int]) -> list[PendingRow]:
         """The rows among ``ids`` that are still ``new`` (the fast path's look-up by primary key)."""
         records = await self.pool.fetch(query("select_new_by_ids"), ids)
-        return [PendingRow(r["id"], r["correlation_id"], r["generation"]) for r in records]
+        return [PendingRow(r["id"], r["correlation_id"], r["generation"], r["kind"]) for r in records]
 
     async def mark_queued(self, ids: list[int]) -> None:
         """Move rows to ``queued`` (compare-and-set: finished rows stay finished)."""

@@ -37,12 +37,19 @@ class RowProcessor:
         self.pool = pool
         self.registry = registry
 
-    async def process(self, row_id: int, job_try: int = 1) -> str:
+    async def process(self, row_id: int, job_try: int = 1, kind: str | None = None) -> str:
         """Apply row ``row_id``; returns what happened (``finished``, ``failed``, ``duplicate``,
-        ``missing``) or raises :class:`arq.Retry` for a transient failure."""
+        ``missing``) or raises :class:`arq.Retry` for a transient failure.
+
+        ``kind`` (carried in the job) selects the kind's one-statement fast path,
+        if it has one; the general path below handles everything else.
+        """
         timeout = self.settings.job_timeout
         try:
             async with asyncio.timeout(timeout):
+                fast_path = self.registry.fast_path(kind)
+                if fast_path is not None and await fast_path(self.pool, row_id):
+                    return "finished"
                 return await self._apply(row_id)
         except PermanentError as exc:
             error, permanent = str(exc), True
@@ -109,7 +116,7 @@ class RowProcessor:
         return float(min(self.settings.retry_backoff_max, base * 2 ** max(0, attempts - 1)))
 
 
-async def process_row(ctx: dict[str, Any], row_id: int) -> str:
+async def process_row(ctx: dict[str, Any], row_id: int, kind: str | None = None) -> str:
     """The arq function (registered as ``outbox_relay.process_row``)."""
     processor: RowProcessor = ctx[CONTEXT_KEY]
-    return await processor.process(row_id, int(ctx.get("job_try", 1)))
+    return await processor.process(row_id, int(ctx.get("job_try", 1)), kind)

@@ -205,10 +205,22 @@ async def _run_until_stopped(
     # is run again elsewhere once its in-progress key expires).
     worker.allow_pick_jobs = False
     await _drain(worker, drain_timeout)
-    main.cancel()
-    with contextlib.suppress(asyncio.CancelledError, Exception):
-        await main
+    await _cancel(main)
     return None
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    """Cancel ``task`` and wait for its end, cancelling again while it goes on.
+
+    On Python 3.11 ``asyncio.wait_for``, which redis-py runs around every command
+    it sends, swallows a cancellation that arrives as the command completes: arq's
+    loop then carries on as if never cancelled, and one ``cancel()`` may never end it.
+    """
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=0.5)
+    if not task.cancelled():
+        task.exception()  # retrieve it: on stop, nothing is left to report
 
 
 async def _drain(worker: Worker, timeout: float) -> None:

@@ -294,7 +294,7 @@ async def test_migrate_twice_then_up_to_date(blank_databases: tuple[str, str]) -
     conn = await asyncpg.connect(service_url)
     try:
         trigger = await conn.fetchval(
-            "SELECT tgenabled FROM pg_trigger WHERE tgname = 'outbox_notify'"
+            "SELECT tgenabled::text FROM pg_trigger WHERE tgname = 'outbox_notify'"
             " AND tgrelid = 'outbox_relay.outbox'::regclass"
         )
         assert trigger == "A", "the notify trigger must fire for replicated rows (ENABLE ALWAYS)"

@@ -70,8 +70,9 @@ async def test_success_burns_and_failure_reclaims_with_money_conserved(
     assert all(r["attempts"] == 1 and r["last_error"] is None and r["finished_at"] for r in rows)
 
 
+@pytest.mark.parametrize("kind", [None, "reservation"], ids=["general-path", "fast-path"])
 async def test_same_job_delivered_twice_in_a_row_settles_once(
-    service: Any, processor: RowProcessor
+    service: Any, processor: RowProcessor, kind: str | None
 ) -> None:
     """A second delivery of an already applied job changes nothing."""
     await open_account(service, "acc", BALANCE)
@@ -79,8 +80,8 @@ async def test_same_job_delivered_twice_in_a_row_settles_once(
     total = await money_total(service)
     row_id = await _insert(service, "dup-seq", "failure")
 
-    assert await processor.process(row_id) == "finished"
-    assert await processor.process(row_id) == "duplicate"
+    assert await processor.process(row_id, kind=kind) == "finished"
+    assert await processor.process(row_id, kind=kind) == "duplicate"
 
     assert await _state(service, "dup-seq") == "reclaimed"
     assert await _balance(service, "acc") == BALANCE, "the amount was given back more than once"
@@ -89,8 +90,9 @@ async def test_same_job_delivered_twice_in_a_row_settles_once(
     assert (row["status"], row["attempts"]) == ("finished", 1)
 
 
+@pytest.mark.parametrize("kind", [None, "reservation"], ids=["general-path", "fast-path"])
 async def test_same_job_delivered_twice_concurrently_settles_once(
-    service: Any, processor: RowProcessor
+    service: Any, processor: RowProcessor, kind: str | None
 ) -> None:
     """Two concurrent deliveries of the same job: one applies it, the other changes nothing."""
     await open_account(service, "acc", BALANCE)
@@ -100,7 +102,7 @@ async def test_same_job_delivered_twice_concurrently_settles_once(
     total = await money_total(service)
     ids = [await _insert(service, cid, "failure") for cid in cids]
 
-    results = await asyncio.gather(*(processor.process(row_id) for row_id in ids for _ in range(2)))
+    results = await asyncio.gather(*(processor.process(row_id, kind=kind) for row_id in ids for _ in range(2)))
 
     for i in range(len(ids)):
         assert sorted(results[2 * i : 2 * i + 2]) == ["duplicate", "finished"]
@@ -110,8 +112,9 @@ async def test_same_job_delivered_twice_concurrently_settles_once(
     assert await service.fetchval("SELECT sum(attempts) FROM outbox_relay.outbox") == len(cids)
 
 
+@pytest.mark.parametrize("kind", [None, "reservation"], ids=["general-path", "fast-path"])
 async def test_reservation_already_settled_finishes_the_row_and_changes_nothing(
-    service: Any, processor: RowProcessor
+    service: Any, processor: RowProcessor, kind: str | None
 ) -> None:
     """A row whose reservation is already settled ends finished and settles nothing a second time."""
     await open_account(service, "acc", BALANCE)
@@ -133,8 +136,8 @@ async def test_reservation_already_settled_finishes_the_row_and_changes_nothing(
     burned_id = await _insert(service, "settled-burned", "failure")
     reclaimed_id = await _insert(service, "settled-reclaimed", "success")
 
-    assert await processor.process(burned_id) == "finished"
-    assert await processor.process(reclaimed_id) == "finished"
+    assert await processor.process(burned_id, kind=kind) == "finished"
+    assert await processor.process(reclaimed_id, kind=kind) == "finished"
 
     assert await _state(service, "settled-burned") == "burned"
     assert await _state(service, "settled-reclaimed") == "reclaimed"
@@ -156,8 +159,8 @@ async def test_poison_rows_fail_at_once_while_good_rows_in_the_same_batch_finish
     poison: dict[str, tuple[str, str | None, str, str]] = {
         "p-kind": ("no_such_kind", "success", "{}", "unknown kind 'no_such_kind'"),
         "p-nores": ("reservation", "success", "{}", "no reservation 'p-nores'"),
-        "p-outcome": ("reservation", "maybe", "{}", "'maybe'"),
-        "p-null": ("reservation", None, "{}", "got None"),
+        "p-outcome": ("reservation", "maybe", "{}", "outcome must be 'success' or 'failure'"),
+        "p-null": ("reservation", None, "{}", "outcome must be 'success' or 'failure'"),
         "p-list": ("reservation", "success", "[1, 2]", "malformed payload"),
         "p-string": ("reservation", "failure", '"x"', "malformed payload"),
         "p-jsonnull": ("reservation", "success", "null", "malformed payload"),

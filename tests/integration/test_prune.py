@@ -3,13 +3,14 @@ the primary (only rows every logical replication slot has confirmed)."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 
-from outbox_relay.db import quote_ident
+from outbox_relay.db import create_pool, quote_ident
 from outbox_relay.prune import (
     NoSubscriberError,
     SubscriberLagError,
@@ -21,7 +22,18 @@ from outbox_relay.prune import (
 from outbox_relay.replication import subscribe
 from outbox_relay.sql import query
 from tests.conftest import OutboxEnv
-from tests.helpers import cli_env, run_cli, wait_until
+from tests.helpers import (
+    cli_env,
+    count_status,
+    money_total,
+    open_account,
+    produce,
+    reserve,
+    run_cli,
+    running_relay,
+    running_worker,
+    wait_until,
+)
 
 HOUR = 3600.0
 
@@ -38,7 +50,7 @@ SELECT id, $2 || id, 'success', $3, 1,
 async def _rows(
     conn: Any, ids: list[int] | range, *, prefix: str, status: str = "finished", created: int, finished: int
 ) -> None:
-    """Insert service-database rows with explicit ids, created ``created`` and finished ``finished`` hours ago."""
+    """Insert service rows with explicit ids, created ``created`` and finished ``finished`` hours ago."""
     await conn.execute(_INSERT_SERVICE_ROWS, list(ids), prefix, status, created, finished)
 
 
@@ -123,7 +135,7 @@ async def test_prune_service_crosses_gaps_in_ids_without_walking_them(service: A
 
 
 async def test_prune_service_stops_at_the_first_range_created_after_the_cutoff(service: Any) -> None:
-    """A long tail of recent rows costs one range: the walk stops where every row is newer than the cut-off."""
+    """A long tail of recent rows costs one range: the walk stops where all rows are newer than the cutoff."""
     await _rows(service, range(1, 21), prefix="old-", created=5, finished=4)
     # A long producer transaction: created before the cut-off, finished after it; it keeps the walk going.
     await _rows(service, [21], prefix="long-txn-", created=5, finished=0)
@@ -167,6 +179,56 @@ async def test_prune_service_range_delete_uses_the_primary_key_on_a_large_table(
     assert stats.deleted == 0
     assert stats.ranges == 1
     assert time.monotonic() - started < 1.0
+
+
+async def test_prune_service_accepts_a_pool(outbox_env: OutboxEnv, service: Any) -> None:
+    """prune_service runs on a pool as well as on a connection (the relay's periodic prune uses its pool)."""
+    await _rows(service, range(1, 31), prefix="old-", created=5, finished=4)
+    pool = await create_pool(outbox_env.service_url, max_size=2)
+    try:
+        assert await prune_service(pool, older_than=HOUR, batch_size=4) == 30
+    finally:
+        await pool.close()
+    assert await _cids(service) == set()
+
+
+async def test_pruning_while_rows_flow_loses_nothing_and_settles_each_reservation_once(
+    outbox_env: OutboxEnv, service: Any
+) -> None:
+    """Pruning every finished row over and over while the relay and a worker run loses no pending row."""
+    settings = outbox_env.settings(sweep_interval=0.5)
+    await open_account(service, "acc", 100_000)
+    cids = [f"flow-{i}" for i in range(120)]
+    for cid in cids:
+        await reserve(service, "acc", 10, cid)
+    total = await money_total(service)
+    stop = asyncio.Event()
+    pruned = 0
+    pool = await create_pool(outbox_env.service_url, max_size=1)
+
+    async def prune_loop() -> None:
+        nonlocal pruned
+        while not stop.is_set():
+            pruned += await prune_service(pool, older_than=0.001, batch_size=7, include_failed=True)
+            await asyncio.sleep(0)
+
+    async with running_worker(settings), running_relay(settings):
+        pruner = asyncio.create_task(prune_loop())
+        try:
+            for n, cid in enumerate(cids):
+                await produce(service, cid, "success" if n % 3 else "failure")
+            await wait_until(
+                lambda: _all_settled(service, len(cids)), timeout=30, message="every reservation settled"
+            )
+        finally:
+            stop.set()
+            await pruner
+            await pool.close()
+    assert pruned > 0, "nothing was pruned while rows flowed"
+    pruned += await prune_service(service, older_than=0.001, batch_size=7)
+    assert pruned == len(cids), "rows were pruned before they finished, or not at all"
+    assert await count_status(service, "new", "queued", "failed", "finished") == 0
+    assert await money_total(service) == total
 
 
 # -- primary ---------------------------------------------------------------------------
@@ -312,5 +374,11 @@ async def _count(conn: Any, pattern: str, at_least: int | None = None) -> Any:
     return n >= at_least if at_least is not None else n
 
 
+async def _all_settled(conn: Any, n: int) -> bool:
+    settled = await conn.fetchval("SELECT count(*) FROM ledger.reservations WHERE state <> 'reserved'")
+    return int(settled) == n
+
+
 async def _slot_inactive(primary: Any, name: str) -> bool:
-    return await primary.fetchval("SELECT NOT active FROM pg_replication_slots WHERE slot_name = $1", name) is True
+    active = await primary.fetchval("SELECT active FROM pg_replication_slots WHERE slot_name = $1", name)
+    return active is False

@@ -1,0 +1,40 @@
+"""The newcomer's first command (`demo`) and the benchmark's smoke run, as an operator runs them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tests.helpers import cli_env, run_cli
+
+
+def test_demo_completes_on_embedded_servers_with_every_check_passing() -> None:
+    """`demo` with no settings starts embedded servers, drives a load and reports all checks ok."""
+    result = run_cli("demo", "--events", "400", "--rate", "200", env=cli_env({}), timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert "[ok] nothing lost: all 400 events replicated and finished" in out
+    assert "[ok] 4 poison rows quarantined as failed" in out
+    assert "[ok] every effect applied once" in out
+    assert "[ok] money conserved" in out
+    assert "p50" in out and "p99" in out and "events/s" in out
+    assert "FAILED" not in out
+    assert "cleaned up" in out
+
+
+def test_bench_quick_writes_the_results_with_the_ratio_to_the_arq_ceiling(tmp_path: Path) -> None:
+    """`bench --quick --json PATH` runs every measurement and writes the ratio under ratio_to_arq_ceiling."""
+    path = tmp_path / "bench.json"
+    result = run_cli("bench", "--quick", "--json", str(path), env=cli_env({}), timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    data = json.loads(path.read_text())
+    assert data["ratio_to_arq_ceiling"] > 0
+    assert data["arq_noop_ceiling_jobs_per_s"] > 0
+    assert data["throughput_events_per_s"] > 0
+    latency = data["latency_ms"]["100"]
+    assert 0 < latency["p50"] <= latency["p95"] <= latency["p99"] <= latency["max"]
+    assert data["backlog"]["rows"] == 1000 and data["backlog"]["relay_peak_rss_mb"] > 0
+    scale = data["table_scale"]
+    assert not any(scale["hot_path_plans_scan_table"].values()), scale["hot_path_plans_scan_table"]
+    assert set(data["cpu_seconds_per_1000_events"]) >= {"relay", "workers", "postgresql", "redis"}
+    assert "arq no-op ceiling" in result.stdout and "latency commit -> finished" in result.stdout

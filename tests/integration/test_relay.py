@@ -1,0 +1,262 @@
+"""The relay: reconnecting listener, one active relay per database, shared Redis, requeue, deduplication."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+import pytest
+from arq.constants import job_key_prefix, result_key_prefix
+from arq.jobs import Job
+
+from outbox_relay.admin import requeue
+from outbox_relay.jobs import FUNCTION_NAME, JobQueue, PendingRow, job_id, redis_client
+from outbox_relay.relay import Relay
+from tests.conftest import OutboxEnv, create_outbox_env, drop_outbox_env
+from tests.helpers import (
+    count_status,
+    open_account,
+    produce,
+    reserve,
+    running_relay,
+    running_worker,
+    wait_until,
+)
+from tests.servers import PgServer, RedisServer
+
+
+async def test_listener_reconnects_after_its_backend_is_terminated_and_the_fast_path_works_again(
+    outbox_env: OutboxEnv, service: Any
+) -> None:
+    """After its listener backend is terminated the relay starts a new session and NOTIFY works again."""
+    settings = outbox_env.settings(sweep_interval=3600)
+    await open_account(service, "acc", 1_000)
+    await reserve(service, "acc", 10, "before")
+    await reserve(service, "acc", 10, "after")
+    async with running_worker(settings), running_relay(settings) as relay:
+        await wait_until(lambda: _true(relay.active.is_set() and relay.stats.sweeps == 1), message="swept")
+        await produce(service, "before", "success")
+        await wait_until(lambda: _equals(count_status(service, "finished"), 1), message="first row finished")
+        assert relay.stats.sessions == 1
+
+        terminated = await service.fetchval(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+            " WHERE application_name = 'outbox_relay.listener' AND datname = current_database()"
+        )
+        assert terminated == 1
+        # The new session sweeps once at its start; after that only NOTIFY can hand a row over.
+        await wait_until(
+            lambda: _true(relay.stats.sessions == 2 and relay.active.is_set() and relay.stats.sweeps == 2),
+            timeout=20,
+            message="second session active and swept",
+        )
+        started = time.monotonic()
+        await produce(service, "after", "success")
+        await wait_until(
+            lambda: _equals(count_status(service, "finished"), 2), timeout=10, message="second row finished"
+        )
+        assert time.monotonic() - started < 5
+        assert relay.stats.sweeps == 2, "the sweep handed the row over: the fast path did not come back"
+
+
+@pytest.mark.parametrize("other_queue", [False, True], ids=["same-queue", "different-queues"])
+async def test_only_one_relay_is_active_per_database_and_a_standby_takes_over(
+    outbox_env: OutboxEnv, service: Any, other_queue: bool
+) -> None:
+    """Of two relays on one database only one is active; stopping it lets the other take over in seconds."""
+    first_settings = outbox_env.settings(sweep_interval=3600)
+    second_settings = (
+        outbox_env.settings(sweep_interval=3600, queue_name=f"{outbox_env.queue_name}_b")
+        if other_queue
+        else first_settings
+    )
+    await open_account(service, "acc", 1_000)
+    await reserve(service, "acc", 10, "while-first")
+    await reserve(service, "acc", 10, "after-takeover")
+    overlaps: list[float] = []
+    async with contextlib.AsyncExitStack() as stack:
+        await stack.enter_async_context(running_worker(first_settings))
+        if other_queue:
+            await stack.enter_async_context(running_worker(second_settings))
+        first_stack = contextlib.AsyncExitStack()
+        stack.push_async_callback(first_stack.aclose)
+        first = await first_stack.enter_async_context(running_relay(first_settings))
+        await wait_until(lambda: _true(first.active.is_set()), message="first relay active")
+        second = await stack.enter_async_context(running_relay(second_settings))
+        monitor = asyncio.create_task(_record_overlaps([first, second], overlaps))
+        stack.callback(monitor.cancel)
+
+        # The standby is up: its listener connection is open next to the active one's.
+        await wait_until(
+            lambda: _standby_tried(service, outbox_env.service_db), timeout=10, message="standby waiting"
+        )
+        await produce(service, "while-first", "success")
+        await wait_until(lambda: _equals(count_status(service, "finished"), 1), message="row via first")
+        assert first.active.is_set()
+        assert not second.active.is_set(), "the standby became active while the first relay runs"
+        assert second.stats.sessions == 0 and second.stats.handed_over == 0
+
+        stopped = time.monotonic()
+        await first_stack.aclose()
+        await wait_until(lambda: _true(second.active.is_set()), timeout=10, message="standby took over")
+        assert time.monotonic() - stopped < 5, "the standby took more than a few seconds to take over"
+        await produce(service, "after-takeover", "success")
+        await wait_until(lambda: _equals(count_status(service, "finished"), 2), message="row via second")
+        assert second.stats.handed_over >= 1
+    assert overlaps == [], "two relays were active at the same time"
+
+
+async def test_two_services_sharing_one_redis_with_the_same_correlation_ids_do_not_interfere(
+    outbox_env: OutboxEnv, service: Any, pg_server: PgServer, redis_server: RedisServer
+) -> None:
+    """Two services on one Redis, same correlation ids, each its own queue: neither dedupes the other's jobs."""
+    other = await create_outbox_env(pg_server, redis_server.url())
+    try:
+        other_service = await asyncpg.connect(other.service_url)
+        try:
+            cids = [f"shared-{i}" for i in range(20)]
+            first_settings = outbox_env.settings(sweep_interval=3600)
+            second_settings = other.settings(sweep_interval=3600)
+            for conn in (service, other_service):
+                await open_account(conn, "acc", 1_000)
+                for cid in cids:
+                    await reserve(conn, "acc", 10, cid)
+
+            # The first service's jobs wait in Redis (no worker yet) while the second runs.
+            async with running_relay(first_settings) as first:
+                for cid in cids:
+                    await produce(service, cid, "success")
+                await wait_until(
+                    lambda: _equals(count_status(service, "queued"), len(cids)), message="first rows queued"
+                )
+                assert first.stats.enqueued == len(cids)
+                async with running_worker(second_settings), running_relay(second_settings):
+                    for cid in cids:
+                        await produce(other_service, cid, "failure")
+                    await wait_until(
+                        lambda: _equals(count_status(other_service, "finished"), len(cids)),
+                        timeout=20,
+                        message="second service finished while the first one's jobs wait",
+                    )
+                assert await count_status(service, "queued") == len(cids)
+                async with running_worker(first_settings):
+                    await wait_until(
+                        lambda: _equals(count_status(service, "finished"), len(cids)),
+                        timeout=20,
+                        message="first service finished",
+                    )
+            first_states = {r["state"] for r in await service.fetch("SELECT state FROM ledger.reservations")}
+            second_states = {
+                r["state"] for r in await other_service.fetch("SELECT state FROM ledger.reservations")
+            }
+            assert first_states == {"burned"}
+            assert second_states == {"reclaimed"}
+        finally:
+            await other_service.close()
+    finally:
+        await drop_outbox_env(other)
+
+
+async def test_requeue_works_at_once_whatever_redis_kept_of_earlier_attempts(
+    outbox_env: OutboxEnv, service: Any
+) -> None:
+    """A requeued failed row is processed again at once by the NOTIFY wake-up, despite junk keys for its old job id."""
+    settings = outbox_env.settings(sweep_interval=3600)
+    await open_account(service, "acc", 1_000)
+    redis = redis_client(settings.redis_url.get_secret_value(), queue_name=settings.queue_name)
+    try:
+        async with running_worker(settings), running_relay(settings) as relay:
+            await wait_until(lambda: _true(relay.active.is_set() and relay.stats.sweeps == 1), message="swept")
+            await produce(service, "late", "success")  # its reservation is not there yet: fails
+            await wait_until(lambda: _equals(count_status(service, "failed"), 1), message="row failed")
+            row = await service.fetchrow("SELECT * FROM outbox_relay.outbox WHERE correlation_id = 'late'")
+            assert "no reservation" in row["last_error"]
+            old_id = job_id(settings.job_namespace, "late", row["generation"])
+            await redis.set(job_key_prefix + old_id, b"junk")
+            await redis.set(result_key_prefix + old_id, b"junk")
+
+            await reserve(service, "acc", 100, "late")
+            started = time.monotonic()
+            result = await requeue(service, correlation_ids=["late"])
+            assert (result.requeued, result.not_failed) == (1, [])
+            await wait_until(
+                lambda: _equals(count_status(service, "finished"), 1), timeout=10, message="requeued row done"
+            )
+            assert time.monotonic() - started < 5
+            assert relay.stats.sweeps >= 2, "the relay was not woken by requeue"
+        row = await service.fetchrow("SELECT * FROM outbox_relay.outbox WHERE correlation_id = 'late'")
+        assert (row["attempts"], row["last_error"]) == (1, None)
+        assert await service.fetchval("SELECT state FROM ledger.reservations WHERE correlation_id = 'late'") == (
+            "burned"
+        )
+    finally:
+        await redis.delete(job_key_prefix + old_id, result_key_prefix + old_id)
+        await redis.aclose(close_connection_pool=True)
+
+
+async def test_job_queue_adds_each_job_once(outbox_env: OutboxEnv) -> None:
+    """JobQueue.enqueue adds a job id only once, honours arq's result keys, and gives requeued rows new ids."""
+    settings = outbox_env.settings()
+    async with _job_queue(settings.redis_url.get_secret_value(), settings.queue_name, settings.job_namespace) as (
+        queue,
+        redis,
+    ):
+        rows = [PendingRow(i, f"cid-{i}") for i in range(1, 6)]
+        assert await queue.enqueue(rows) == (5, 5)
+        assert await queue.enqueue(rows) == (0, 5), "the same rows were enqueued twice"
+        assert await queue.enqueue([*rows[:2], PendingRow(6, "cid-6")]) == (1, 6)
+        # arq's own enqueue follows the same rule for the same id.
+        assert await redis.enqueue_job(
+            FUNCTION_NAME, 1, _job_id=job_id(settings.job_namespace, "cid-1"), _queue_name=settings.queue_name
+        ) is None
+        # A kept result blocks the id, as in arq.
+        await redis.set(result_key_prefix + job_id(settings.job_namespace, "cid-7"), b"kept")
+        assert await queue.enqueue([PendingRow(7, "cid-7")]) == (0, 6)
+        # A requeued row (next generation) gets a new id.
+        assert await queue.enqueue([PendingRow(1, "cid-1", 1)]) == (1, 7)
+        assert await queue.depth() == 7
+
+        info = await Job(job_id(settings.job_namespace, "cid-3"), redis, _queue_name=settings.queue_name).info()
+        assert info is not None
+        assert (info.function, info.args[0]) == (FUNCTION_NAME, 3)
+
+
+@contextlib.asynccontextmanager
+async def _job_queue(url: str, queue_name: str, namespace: str) -> AsyncIterator[tuple[JobQueue, Any]]:
+    redis = redis_client(url, queue_name=queue_name)
+    try:
+        yield JobQueue(redis, queue_name=queue_name, namespace=namespace), redis
+    finally:
+        keys = [key async for key in redis.scan_iter(match=f"arq:*{namespace}:*")]
+        await redis.delete(queue_name, *keys)
+        await redis.aclose(close_connection_pool=True)
+
+
+async def _record_overlaps(relays: list[Relay], overlaps: list[float]) -> None:
+    """Sample the relays' active flags (every 10 ms) and note each moment two were active."""
+    while True:
+        if sum(relay.active.is_set() for relay in relays) > 1:
+            overlaps.append(time.monotonic())
+        await asyncio.sleep(0.01)
+
+
+async def _standby_tried(conn: Any, database: str) -> bool:
+    """True once two listener connections are open on ``database`` (the active one and a standby)."""
+    count = await conn.fetchval(
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'outbox_relay.listener'"
+        " AND datname = $1",
+        database,
+    )
+    return bool(count == 2)
+
+
+async def _equals(value: Any, expected: Any) -> bool:
+    return bool(await value == expected)
+
+
+async def _true(value: bool) -> bool:
+    return value
