@@ -316,7 +316,6 @@ async def _bench(options: BenchOptions, servers: Servers, workdir: Path) -> Resu
                 results.ceiling[count] = await _ceiling(settings, fleet, count, options.events)
                 say(f"    {results.ceiling[count]:,.0f} jobs/s")
                 say(f"[2] end-to-end throughput, {count} worker process(es)")
-                cpu_before = _cpu(fleet, servers)
                 fleet.start(count)
                 await ledger.warm_up(fleet)
                 cpu_start = _cpu(fleet, servers)
@@ -326,12 +325,7 @@ async def _bench(options: BenchOptions, servers: Servers, workdir: Path) -> Resu
                 say(f"    {rate:,.0f} events/s  (ratio {rate / results.ceiling[count]:.2f})")
                 if count == options.workers:
                     results.cpu_per_1000 = {
-                        k: (
-                            None
-                            if cpu_end[k] is None or cpu_start[k] is None
-                            else (cpu_end[k] - cpu_start[k]) * 1000 / options.events
-                        )  # type: ignore[operator]
-                        for k in cpu_end
+                        k: _per_1000(cpu_start[k], cpu_end[k], options.events) for k in cpu_end
                     }
                     for rate_offered in options.latency_rates:
                         say(f"[3] latency at {rate_offered:.0f} events/s offered, open loop")
@@ -341,7 +335,6 @@ async def _bench(options: BenchOptions, servers: Servers, workdir: Path) -> Resu
                         lat = results.latency[rate_offered]
                         say(f"    p50 {lat['p50']:.1f} ms  p99 {lat['p99']:.1f} ms")
                 fleet.stop()
-                del cpu_before
             say(
                 f"[4] backlog of {options.backlog:,} rows, drained by the relay and "
                 f"{options.workers} worker process(es)"
@@ -367,6 +360,10 @@ async def _bench(options: BenchOptions, servers: Servers, workdir: Path) -> Resu
             finally:
                 await admin.close()
     return results
+
+
+def _per_1000(before: float | None, after: float | None, events: int) -> float | None:
+    return None if before is None or after is None else (after - before) * 1000 / events
 
 
 def _cpu(fleet: Fleet, servers: Servers) -> dict[str, float | None]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -156,20 +155,16 @@ async def test_prune_service_range_delete_uses_the_primary_key_on_a_large_table(
         " SELECT 'bulk-' || g, 'success', 'finished', 1, now(), now() FROM generate_series(1, 200000) AS g"
     )
     await service.execute("ANALYZE outbox_relay.outbox")
-    async with service.transaction():
-        plan = "\n".join(
-            r[0]
-            for r in await service.fetch(
-                "EXPLAIN " + query("prune_service_range"), 1000, 1999, datetime.now(UTC), ["finished"]
-            )
-        )
-        await service.execute("SET LOCAL plan_cache_mode = force_generic_plan")
-        generic = "\n".join(
-            r[0]
-            for r in await service.fetch(
-                "EXPLAIN " + query("prune_service_range"), 1000, 1999, datetime.now(UTC), ["finished"]
-            )
-        )
+    step = query("prune_service_range").rstrip(";")
+    await service.execute(f"PREPARE prune_step (bigint, bigint, timestamptz, text[]) AS {step}")
+    plans = []
+    for mode in ("force_custom_plan", "force_generic_plan"):
+        await service.execute(f"SET plan_cache_mode = {mode}")
+        rows = await service.fetch("EXPLAIN EXECUTE prune_step (1000, 1999, now(), '{finished}')")
+        plans.append("\n".join(r[0] for r in rows))
+    await service.execute("RESET plan_cache_mode")
+    plan, generic = plans
+    assert "$1" in generic, generic
     for text in (plan, generic):
         assert "Seq Scan" not in text, text
         assert "outbox_pkey" in text, text
