@@ -35,6 +35,7 @@ from outbox_relay.db import Pool, connect_retrying, create_pool
 from outbox_relay.jobs import JobQueue, PendingRow
 from outbox_relay.listener import Listener
 from outbox_relay.migrate import check_schema
+from outbox_relay.prune import prune_service
 from outbox_relay.settings import Settings
 from outbox_relay.sweeper import Sweeper
 
@@ -65,6 +66,7 @@ class RelayStats:
     sweeps: int = 0
     swept: int = 0
     notifications: int = 0
+    pruned: int = 0
 
 
 class Relay:
@@ -160,8 +162,25 @@ class Relay:
                 group.create_task(listener.watch(KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT), name="relay.watch")
                 group.create_task(self._dispatch_loop(sweeper), name="relay.dispatch")
                 group.create_task(self._until_stopped(), name="relay.stop")
+                if self.settings.retention is not None:
+                    group.create_task(self._prune_loop(pool), name="relay.prune")
         except* _Stopped:
             raise _Stopped from None
+
+    async def _prune_loop(self, pool: Pool) -> None:
+        """With RETENTION set, the active relay prunes finished rows every PRUNE_INTERVAL."""
+        assert self.settings.retention is not None
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop.wait(), self.settings.prune_interval)
+            if self.stop.is_set():
+                return
+            deleted = await prune_service(
+                pool, older_than=self.settings.retention, batch_size=self.settings.prune_batch_size
+            )
+            self.stats.pruned += deleted
+            if deleted:
+                logger.info("pruned finished rows", extra={"rows": deleted})
 
     async def _until_stopped(self) -> None:
         await self.stop.wait()

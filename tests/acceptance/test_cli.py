@@ -376,16 +376,19 @@ async def test_run_and_worker_stop_cleanly_on_sigterm(outbox_env: OutboxEnv, ser
     relay = services.start("relay", "run", env=env)
     await services.wait_logged(relay, "relay active")
     standby = services.start("standby", "run", env=env)
+    # Several workers: a stop that races arq's Redis polling must end each of them.
+    workers = [services.start(f"worker-{i}", "worker", env=env) for i in range(4)]
     await services.wait_logged(standby, "standing by")
-    worker = services.start("worker", "worker", env=env)
-    await services.wait_logged(worker, "worker started")
-    for service in (relay, standby, worker):
+    for worker in workers:
+        await services.wait_logged(worker, "worker started")
+    for service in (relay, standby, *workers):
         service.proc.send_signal(signal.SIGTERM)
-    for service in (relay, standby, worker):
+    for service in (relay, standby, *workers):
         assert await services.wait_exit(service, timeout=20) == 0, services.tails()
         assert "Traceback" not in service.text(), services.tails()
     assert relay.count("relay stopped") == 1, services.tails()
-    assert worker.count("worker stopped") == 1, services.tails()
+    for worker in workers:
+        assert worker.count("worker stopped") == 1, services.tails()
 
 
 async def test_worker_burst_exits_0_once_the_queue_is_empty(

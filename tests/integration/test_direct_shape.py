@@ -46,14 +46,15 @@ async def test_rows_inserted_into_the_service_database_finish_through_notify(
         assert relay.stats.notifications >= len(outcomes)
 
     ids = [r["id"] for r in await service.fetch("SELECT id FROM outbox_relay.outbox ORDER BY id")]
-    assert len(set(ids)) == len(outcomes) and all(i > 0 for i in ids)
+    assert len(set(ids)) == len(outcomes)
+    assert all(i > 0 for i in ids)
     states = dict(await service.fetch("SELECT correlation_id, state FROM ledger.reservations"))
     assert states == {cid: ("burned" if o == "success" else "reclaimed") for cid, o in outcomes.items()}
     assert await service.fetchval("SELECT balance FROM ledger.accounts WHERE id = 'acc'") == 1_000 - 300
     assert await money_total(service) == total
 
 
-async def test_direct_insert_with_a_duplicate_correlation_id_is_refused(outbox_env: OutboxEnv, service: Any) -> None:
+async def test_direct_insert_with_a_duplicate_correlation_id_is_refused(service: Any) -> None:
     """A producer inserting a correlation id the outbox already holds gets a unique violation."""
     await produce(service, "twice", "success")
     with pytest.raises(asyncpg.UniqueViolationError):

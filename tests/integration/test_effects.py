@@ -102,7 +102,8 @@ async def test_same_job_delivered_twice_concurrently_settles_once(
     total = await money_total(service)
     ids = [await _insert(service, cid, "failure") for cid in cids]
 
-    results = await asyncio.gather(*(processor.process(row_id, kind=kind) for row_id in ids for _ in range(2)))
+    deliveries = [processor.process(row_id, kind=kind) for row_id in ids for _ in range(2)]
+    results = await asyncio.gather(*deliveries)
 
     for i in range(len(ids)):
         assert sorted(results[2 * i : 2 * i + 2]) == ["duplicate", "finished"]
@@ -174,8 +175,8 @@ async def test_poison_rows_fail_at_once_while_good_rows_in_the_same_batch_finish
         async with service.transaction():  # one commit: the rows reach the relay together
             for cid, outcome in good.items():
                 await _insert(service, cid, outcome)
-            for cid, (kind, outcome, payload, _) in poison.items():
-                await _insert(service, cid, outcome, kind=kind, payload=payload)
+            for cid, (kind, poison_outcome, payload, _) in poison.items():
+                await _insert(service, cid, poison_outcome, kind=kind, payload=payload)
         await wait_until(
             lambda: _equals(count_status(service, "finished", "failed"), len(good) + len(poison)),
             timeout=30,
@@ -186,7 +187,7 @@ async def test_poison_rows_fail_at_once_while_good_rows_in_the_same_batch_finish
         row = await _row(service, cid)
         assert row["status"] == "failed", cid
         assert row["attempts"] == 1, f"{cid} was retried: {row['attempts']} attempts"
-        assert row["last_error"] and fragment in row["last_error"], (cid, row["last_error"])
+        assert fragment in (row["last_error"] or ""), (cid, row["last_error"])
         assert row["finished_at"] is not None
     for cid, outcome in good.items():
         assert (await _row(service, cid))["status"] == "finished", cid
@@ -228,7 +229,7 @@ async def test_transient_failure_is_retried_until_max_attempts_then_fails(
 async def test_transient_failure_that_recovers_finishes_with_the_attempts_counted(
     outbox_env: OutboxEnv, service: Any
 ) -> None:
-    """A handler that fails twice and then succeeds ends finished with attempts = 3 and only its last write."""
+    """A handler failing twice, then succeeding, ends finished with attempts = 3 and only its last write."""
     settings = outbox_env.settings(sweep_interval=3600, max_attempts=3)
     await open_account(service, "acc", BALANCE)
     calls: Counter[str] = Counter()
@@ -299,7 +300,8 @@ async def _row(conn: Any, cid: str) -> Any:
 
 
 async def _state(conn: Any, cid: str) -> str | None:
-    return await conn.fetchval("SELECT state FROM ledger.reservations WHERE correlation_id = $1", cid)
+    state = await conn.fetchval("SELECT state FROM ledger.reservations WHERE correlation_id = $1", cid)
+    return None if state is None else str(state)
 
 
 async def _balance(conn: Any, account: str) -> int:

@@ -98,7 +98,8 @@ async def test_only_one_relay_is_active_per_database_and_a_standby_takes_over(
         await wait_until(lambda: _equals(count_status(service, "finished"), 1), message="row via first")
         assert first.active.is_set()
         assert not second.active.is_set(), "the standby became active while the first relay runs"
-        assert second.stats.sessions == 0 and second.stats.handed_over == 0
+        assert second.stats.sessions == 0
+        assert second.stats.handed_over == 0
 
         stopped = time.monotonic()
         await first_stack.aclose()
@@ -113,7 +114,7 @@ async def test_only_one_relay_is_active_per_database_and_a_standby_takes_over(
 async def test_two_services_sharing_one_redis_with_the_same_correlation_ids_do_not_interfere(
     outbox_env: OutboxEnv, service: Any, pg_server: PgServer, redis_server: RedisServer
 ) -> None:
-    """Two services on one Redis, same correlation ids, each its own queue: neither dedupes the other's jobs."""
+    """Two services on one Redis with the same correlation ids never dedupe or block each other's jobs."""
     other = await create_outbox_env(pg_server, redis_server.url())
     try:
         other_service = await asyncpg.connect(other.service_url)
@@ -164,18 +165,21 @@ async def test_two_services_sharing_one_redis_with_the_same_correlation_ids_do_n
 async def test_requeue_works_at_once_whatever_redis_kept_of_earlier_attempts(
     outbox_env: OutboxEnv, service: Any
 ) -> None:
-    """A requeued failed row is processed again at once by the NOTIFY wake-up, despite junk keys for its old job id."""
+    """A requeued failed row is processed again at once (NOTIFY wake-up), despite junk keys of its old job."""
     settings = outbox_env.settings(sweep_interval=3600)
     await open_account(service, "acc", 1_000)
     redis = redis_client(settings.redis_url.get_secret_value(), queue_name=settings.queue_name)
+    old_id = job_id(settings.job_namespace, "late")  # generation 0: the id of its earlier attempts
     try:
         async with running_worker(settings), running_relay(settings) as relay:
-            await wait_until(lambda: _true(relay.active.is_set() and relay.stats.sweeps == 1), message="swept")
+            await wait_until(
+                lambda: _true(relay.active.is_set() and relay.stats.sweeps == 1), message="swept"
+            )
             await produce(service, "late", "success")  # its reservation is not there yet: fails
             await wait_until(lambda: _equals(count_status(service, "failed"), 1), message="row failed")
             row = await service.fetchrow("SELECT * FROM outbox_relay.outbox WHERE correlation_id = 'late'")
             assert "no reservation" in row["last_error"]
-            old_id = job_id(settings.job_namespace, "late", row["generation"])
+            assert row["generation"] == 0
             await redis.set(job_key_prefix + old_id, b"junk")
             await redis.set(result_key_prefix + old_id, b"junk")
 
@@ -190,37 +194,35 @@ async def test_requeue_works_at_once_whatever_redis_kept_of_earlier_attempts(
             assert relay.stats.sweeps >= 2, "the relay was not woken by requeue"
         row = await service.fetchrow("SELECT * FROM outbox_relay.outbox WHERE correlation_id = 'late'")
         assert (row["attempts"], row["last_error"]) == (1, None)
-        assert await service.fetchval("SELECT state FROM ledger.reservations WHERE correlation_id = 'late'") == (
-            "burned"
-        )
+        state = await service.fetchval("SELECT state FROM ledger.reservations WHERE correlation_id = 'late'")
+        assert state == "burned"
     finally:
         await redis.delete(job_key_prefix + old_id, result_key_prefix + old_id)
         await redis.aclose(close_connection_pool=True)
 
 
 async def test_job_queue_adds_each_job_once(outbox_env: OutboxEnv) -> None:
-    """JobQueue.enqueue adds a job id only once, honours arq's result keys, and gives requeued rows new ids."""
+    """JobQueue.enqueue adds a job id once, honours arq's result keys and gives requeued rows new ids."""
     settings = outbox_env.settings()
-    async with _job_queue(settings.redis_url.get_secret_value(), settings.queue_name, settings.job_namespace) as (
-        queue,
-        redis,
-    ):
+    namespace, queue_name = settings.job_namespace, settings.queue_name
+    async with _job_queue(settings.redis_url.get_secret_value(), queue_name, namespace) as (queue, redis):
         rows = [PendingRow(i, f"cid-{i}") for i in range(1, 6)]
         assert await queue.enqueue(rows) == (5, 5)
         assert await queue.enqueue(rows) == (0, 5), "the same rows were enqueued twice"
         assert await queue.enqueue([*rows[:2], PendingRow(6, "cid-6")]) == (1, 6)
         # arq's own enqueue follows the same rule for the same id.
-        assert await redis.enqueue_job(
-            FUNCTION_NAME, 1, _job_id=job_id(settings.job_namespace, "cid-1"), _queue_name=settings.queue_name
-        ) is None
+        arq_job = await redis.enqueue_job(
+            FUNCTION_NAME, 1, _job_id=job_id(namespace, "cid-1"), _queue_name=queue_name
+        )
+        assert arq_job is None
         # A kept result blocks the id, as in arq.
-        await redis.set(result_key_prefix + job_id(settings.job_namespace, "cid-7"), b"kept")
+        await redis.set(result_key_prefix + job_id(namespace, "cid-7"), b"kept")
         assert await queue.enqueue([PendingRow(7, "cid-7")]) == (0, 6)
         # A requeued row (next generation) gets a new id.
         assert await queue.enqueue([PendingRow(1, "cid-1", 1)]) == (1, 7)
         assert await queue.depth() == 7
 
-        info = await Job(job_id(settings.job_namespace, "cid-3"), redis, _queue_name=settings.queue_name).info()
+        info = await Job(job_id(namespace, "cid-3"), redis, _queue_name=queue_name).info()
         assert info is not None
         assert (info.function, info.args[0]) == (FUNCTION_NAME, 3)
 

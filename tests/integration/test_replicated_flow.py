@@ -21,7 +21,7 @@ from tests.helpers import (
 async def test_row_committed_on_primary_finishes_through_notify_without_the_sweep(
     outbox_env: OutboxEnv, service: Any, primary: Any
 ) -> None:
-    """A row committed on the primary is finished on the replica by the NOTIFY path, with the sweep an hour away."""
+    """A row committed on the primary is finished on the replica through NOTIFY, the sweep an hour away."""
     settings = outbox_env.settings(sweep_interval=3600)
     await subscribe(settings)
     await open_account(service, "acc", 1_000)
@@ -109,7 +109,7 @@ async def test_subscribe_copies_existing_rows_leaves_a_slot_and_is_safe_to_run_a
 async def test_resubscription_brings_over_only_the_missing_rows_and_never_stalls(
     outbox_env: OutboxEnv, service: Any, primary: Any
 ) -> None:
-    """After unsubscribe and subscribe again, the service gets exactly the missing rows; replication keeps going."""
+    """Re-subscribing brings over exactly the missing rows, and replication keeps going afterwards."""
     settings = outbox_env.settings(sweep_interval=3600)
     await open_account(service, "acc", 10_000)
     for i in range(10):
@@ -144,7 +144,7 @@ async def test_resubscription_brings_over_only_the_missing_rows_and_never_stalls
             message="a row inserted after the re-subscription finished",
         )
 
-    cids = [r["correlation_id"] for r in await service.fetch("SELECT correlation_id FROM outbox_relay.outbox")]
+    cids = [r["correlation_id"] for r in await service.fetch("SELECT * FROM outbox_relay.outbox")]
     assert sorted(cids) == sorted(f"r-{i}" for i in range(9)), "rows duplicated or lost"
     after = {
         r["correlation_id"]: (r["id"], r["attempts"], r["finished_at"])
@@ -192,7 +192,8 @@ async def _equals(value: Any, expected: Any) -> bool:
 
 
 async def _slot_exists(primary: Any, name: str) -> bool:
-    return bool(await primary.fetchval("SELECT count(*) > 0 FROM pg_replication_slots WHERE slot_name = $1", name))
+    query = "SELECT count(*) > 0 FROM pg_replication_slots WHERE slot_name = $1"
+    return bool(await primary.fetchval(query, name))
 
 
 async def _row_count(conn: Any) -> int:
