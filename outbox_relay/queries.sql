@@ -149,6 +149,13 @@ SELECT coalesce(max(version), 0)
 -- name: migrations_table_exists
 SELECT to_regclass('outbox_relay.schema_migrations') IS NOT NULL;
 
+-- name: subscription_lock
+-- Serialises `subscribe` and `unsubscribe` runs on one service database (two
+-- relay instances starting at once): a session lock, held until the
+-- command's connection closes. It takes no transaction id, so it never delays
+-- the slot creation, which waits for open write transactions.
+SELECT pg_advisory_lock(hashtext('outbox_relay'), 2);
+
 -- name: slot_exists
 SELECT count(*) > 0 FROM pg_replication_slots WHERE slot_name = $1;
 

@@ -45,6 +45,7 @@ async def subscribe(settings: Settings, *, wait: bool = True, sync_timeout: floa
     try:
         service = await connect_retrying(settings.require_database_url(), what="the service database")
         try:
+            await service.execute(query("subscription_lock"))  # released when `service` closes
             if not await primary.fetchval(query("publication_exists")):
                 raise ReplicationError(
                     "the primary has no publication outbox_relay: run `migrate --primary` first"
@@ -110,6 +111,7 @@ async def unsubscribe(settings: Settings, *, slot_timeout: float = 30.0) -> Unsu
     primary_url = settings.require_primary_url()
     service = await connect_retrying(settings.require_database_url(), what="the service database")
     try:
+        await service.execute(query("subscription_lock"))  # released when `service` closes
         info = await service.fetchrow(query("subscription_info"), name)
         if info is not None:
             await service.execute(_ddl("disable_subscription", name))

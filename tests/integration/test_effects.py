@@ -254,6 +254,34 @@ async def test_transient_failure_that_recovers_finishes_with_the_attempts_counte
     assert await _balance(service, "acc") == BALANCE + 1, "writes of the failed attempts were kept"
 
 
+async def test_handler_attempt_that_times_out_is_retried_as_transient(
+    outbox_env: OutboxEnv, service: Any
+) -> None:
+    """An attempt cut off by JOB_TIMEOUT is a transient failure: its writes are undone, the next try wins."""
+    settings = outbox_env.settings(sweep_interval=3600, max_attempts=3, job_timeout=0.5)
+    await open_account(service, "acc", BALANCE)
+    calls: Counter[str] = Counter()
+    handlers = HandlerRegistry()
+
+    @handlers.register("hangs_once")
+    async def hangs_once(conn: Connection, event: OutboxEvent) -> None:
+        calls[event.correlation_id] += 1
+        await conn.execute("UPDATE ledger.accounts SET balance = balance + 1 WHERE id = 'acc'")
+        if calls[event.correlation_id] == 1:
+            await conn.execute("SELECT pg_sleep(30)")  # a stuck statement, cut off by the job timeout
+
+    async with running_worker(settings, handlers), running_relay(settings):
+        await _insert(service, "hang-1", "success", kind="hangs_once")
+        await wait_until(
+            lambda: _equals(count_status(service, "finished", "failed"), 1), timeout=30, message="row done"
+        )
+
+    row = await _row(service, "hang-1")
+    assert (row["status"], row["attempts"], row["last_error"]) == ("finished", 2, None)
+    assert calls["hang-1"] == 2
+    assert await _balance(service, "acc") == BALANCE + 1, "the timed-out attempt's write was kept"
+
+
 async def test_writes_of_a_handler_that_fails_permanently_are_rolled_back(
     outbox_env: OutboxEnv, service: Any
 ) -> None:

@@ -54,6 +54,7 @@ async def test_listener_reconnects_after_its_backend_is_terminated_and_the_fast_
             timeout=20,
             message="second session active and swept",
         )
+        notifications = relay.stats.notifications
         started = time.monotonic()
         await produce(service, "after", "success")
         await wait_until(
@@ -61,6 +62,7 @@ async def test_listener_reconnects_after_its_backend_is_terminated_and_the_fast_
         )
         assert time.monotonic() - started < 5
         assert relay.stats.sweeps == 2, "the sweep handed the row over: the fast path did not come back"
+        assert relay.stats.notifications > notifications, "no notification after the reconnect"
 
 
 @pytest.mark.parametrize("other_queue", [False, True], ids=["same-queue", "different-queues"])
@@ -107,7 +109,48 @@ async def test_only_one_relay_is_active_per_database_and_a_standby_takes_over(
         assert time.monotonic() - stopped < 5, "the standby took more than a few seconds to take over"
         await produce(service, "after-takeover", "success")
         await wait_until(lambda: _equals(count_status(service, "finished"), 2), message="row via second")
-        assert second.stats.handed_over >= 1
+        # The counter moves after the hand-over, which a fast worker can overtake: poll it.
+        await wait_until(lambda: _true(second.stats.handed_over >= 1), message="second relay handed over")
+    assert overlaps == [], "two relays were active at the same time"
+
+
+async def test_when_the_active_relay_loses_its_session_exactly_one_relay_is_active_again(
+    outbox_env: OutboxEnv, service: Any
+) -> None:
+    """Terminating the lock holder's session hands the work to exactly one relay, never two at once."""
+    settings = outbox_env.settings(sweep_interval=3600)
+    await open_account(service, "acc", 1_000)
+    await reserve(service, "acc", 10, "after-loss")
+    overlaps: list[float] = []
+    async with contextlib.AsyncExitStack() as stack:
+        await stack.enter_async_context(running_worker(settings))
+        first = await stack.enter_async_context(running_relay(settings))
+        await wait_until(lambda: _true(first.active.is_set()), message="first relay active")
+        second = await stack.enter_async_context(running_relay(settings))
+        relays = [first, second]
+        monitor = asyncio.create_task(_record_overlaps(relays, overlaps))
+        stack.callback(monitor.cancel)
+        await wait_until(
+            lambda: _standby_tried(service, outbox_env.service_db), timeout=10, message="standby waiting"
+        )
+
+        terminated = await service.fetchval(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_locks"
+            " WHERE locktype = 'advisory' AND granted"
+            " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+            " AND classid = hashtext('outbox_relay')::oid AND objid = 1 AND objsubid = 2"
+        )
+        assert terminated == 1, "no session held the relay lock"
+        await wait_until(
+            lambda: _true(
+                sum(r.stats.sessions for r in relays) == 2 and any(r.active.is_set() for r in relays)
+            ),
+            timeout=15,
+            message="a relay active again in a new session",
+        )
+        await produce(service, "after-loss", "success")
+        await wait_until(lambda: _equals(count_status(service, "finished"), 1), message="row finished")
+        assert sum(r.active.is_set() for r in relays) == 1
     assert overlaps == [], "two relays were active at the same time"
 
 
@@ -134,7 +177,9 @@ async def test_two_services_sharing_one_redis_with_the_same_correlation_ids_do_n
                 await wait_until(
                     lambda: _equals(count_status(service, "queued"), len(cids)), message="first rows queued"
                 )
-                assert first.stats.enqueued == len(cids)
+                await wait_until(
+                    lambda: _true(first.stats.enqueued == len(cids)), message="first service's jobs in Redis"
+                )
                 async with running_worker(second_settings), running_relay(second_settings):
                     for cid in cids:
                         await produce(other_service, cid, "failure")

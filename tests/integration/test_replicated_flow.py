@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from outbox_relay.replication import subscribe, unsubscribe
@@ -63,7 +64,8 @@ async def test_sweep_alone_finishes_replicated_rows_when_the_notify_trigger_is_d
             lambda: _equals(count_status(service, "finished"), 2), timeout=20, message="both finished"
         )
         assert relay.stats.notifications == 0, "a notification arrived although the trigger is disabled"
-        assert relay.stats.swept >= 2
+        # The counter moves after the hand-over, which a fast worker can overtake: poll it.
+        await wait_until(lambda: _true(relay.stats.swept >= 2), message="rows counted as swept")
     states = dict(await service.fetch("SELECT correlation_id, state FROM ledger.reservations"))
     assert states == {"sw-1": "burned", "sw-2": "reclaimed"}
     assert await money_total(service) == total
@@ -104,6 +106,25 @@ async def test_subscribe_copies_existing_rows_leaves_a_slot_and_is_safe_to_run_a
     assert await _row_count(service) == len(cids)
     assert await service.fetchval("SELECT balance FROM ledger.accounts WHERE id = 'acc'") == 1_000
     assert await money_total(service) == total
+
+
+async def test_concurrent_subscribes_both_succeed_with_one_subscription_and_one_slot(
+    outbox_env: OutboxEnv, service: Any, primary: Any
+) -> None:
+    """Two subscribe runs started at once (two relay instances) both succeed and make one subscription."""
+    settings = outbox_env.settings()
+    name = settings.effective_subscription_name()
+    await produce(primary, "conc-1", "success")
+
+    results = await asyncio.gather(subscribe(settings), subscribe(settings))
+
+    assert sorted(r.created for r in results) == [False, True]
+    assert all(r.synced for r in results)
+    assert await primary.fetchval("SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1", name) == 1
+    assert await service.fetchval("SELECT count(*) FROM pg_subscription WHERE subname = $1", name) == 1
+    await wait_until(lambda: _equals(_row_count(service), 1), timeout=30, message="row copied once")
+    await produce(primary, "conc-2", "success")
+    await wait_until(lambda: _equals(_row_count(service), 2), timeout=30, message="replication running")
 
 
 async def test_resubscription_brings_over_only_the_missing_rows_and_never_stalls(
@@ -198,3 +219,7 @@ async def _slot_exists(primary: Any, name: str) -> bool:
 
 async def _row_count(conn: Any) -> int:
     return int(await conn.fetchval("SELECT count(*) FROM outbox_relay.outbox"))
+
+
+async def _true(value: bool) -> bool:
+    return value
