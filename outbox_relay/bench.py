@@ -31,6 +31,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -589,102 +590,143 @@ async def _backlog(ledger: Ledger, fleet: Fleet, rows: int, workers: int) -> dic
 
 
 async def _table_scale(servers: Servers, rows: int, tag: str) -> dict[str, Any]:
-    """Sweep and hot-path query cost on a scratch service database, empty then with ``rows``."""
-    name = f"bench_scale_{tag}"
+    """Sweep and hot-path query cost on two scratch service databases, one empty and one
+    holding ``rows`` finished rows, measured alternately so that machine noise hits both
+    alike; plus the buffers each query touches (a noise-free cost), plans, and pruning."""
+    names = {"empty": f"bench_scale_empty_{tag}", "full": f"bench_scale_full_{tag}"}
     admin = await connect(servers.admin_url)
     try:
-        await admin.execute(f"CREATE DATABASE {quote_ident(name)}")
+        for name in names.values():
+            await admin.execute(f"CREATE DATABASE {quote_ident(name)}")
     finally:
         await admin.close()
-    conn = await connect(servers.url(name))
+    conns = {key: await connect(servers.url(name)) for key, name in names.items()}
     try:
-        await migrate(conn, "service")
-        empty = await _query_costs(conn)
+        for conn in conns.values():
+            await migrate(conn, "service")
         start = time.monotonic()
-        await conn.execute(
+        await conns["full"].execute(
             "INSERT INTO outbox_relay.outbox"
             " (correlation_id, outcome, status, attempts, finished_at, created_at)"
             " SELECT 'old-' || g, 'success', 'finished', 1, now() - interval '1 day',"
             "        now() - interval '1 day' FROM generate_series(1, $1) AS g",
             rows,
         )
-        await conn.execute("VACUUM ANALYZE outbox_relay.outbox")
         fill_seconds = time.monotonic() - start
-        full = await _query_costs(conn)
-        plans = await _plans(conn)
-        prune = await _prune_cost(conn)
+        probes = {}
+        for key, conn in conns.items():
+            await conn.execute(
+                "INSERT INTO outbox_relay.outbox (correlation_id, outcome)"
+                " SELECT 'probe-' || g, 'success' FROM generate_series(1, 100) AS g"
+            )
+            await conn.execute("VACUUM ANALYZE outbox_relay.outbox")
+            probes[key] = [
+                r["id"]
+                for r in await conn.fetch(
+                    "SELECT id FROM outbox_relay.outbox WHERE correlation_id LIKE 'probe-%'"
+                )
+            ]
+        timings = await _interleaved_costs(conns, probes)
+        buffers = {key: await _buffers(conn, probes[key]) for key, conn in conns.items()}
+        plans = await _plans(conns["full"])
+        prune = await _prune_cost(conns["full"])
     finally:
-        await conn.close()
+        for conn in conns.values():
+            await conn.close()
         admin = await connect(servers.admin_url)
         try:
-            await admin.execute(f"DROP DATABASE IF EXISTS {quote_ident(name)} WITH (FORCE)")
+            for name in names.values():
+                await admin.execute(f"DROP DATABASE IF EXISTS {quote_ident(name)} WITH (FORCE)")
         finally:
             await admin.close()
     return {
         "finished_rows": rows,
         "fill_seconds": fill_seconds,
-        "empty_ms": empty,
-        "full_ms": full,
+        "empty_ms": timings["empty"],
+        "full_ms": timings["full"],
+        "empty_buffers": buffers["empty"],
+        "full_buffers": buffers["full"],
         "hot_path_plans_scan_table": plans,
         "prune": prune,
     }
 
 
-async def _query_costs(conn: Connection) -> dict[str, float]:
-    """Median milliseconds of a full sweep pass and of the hot-path queries (repeated)."""
+class _OneConnection:
+    """A one-connection stand-in for a pool (the Sweeper uses fetch, fetchval and execute)."""
 
-    class _One:
-        """A one-connection stand-in for a pool (same fetch/fetchval/execute)."""
+    def __init__(self, conn: Connection) -> None:
+        self.fetch, self.fetchval, self.execute = conn.fetch, conn.fetchval, conn.execute
 
-        def __init__(self, c: Connection) -> None:
-            self.fetch, self.fetchval, self.execute = c.fetch, c.fetchval, c.execute
 
-    sweeper = Sweeper(_One(conn), batch_size=500, requeue_after=60)  # type: ignore[arg-type]
-    await conn.execute(
-        "INSERT INTO outbox_relay.outbox (correlation_id, outcome) SELECT 'probe-' || g, 'success'"
-        " FROM generate_series(1, 100) AS g"
-    )
-    probe_ids = [
-        r["id"]
-        for r in await conn.fetch("SELECT id FROM outbox_relay.outbox WHERE correlation_id LIKE 'probe-%'")
-    ]
+async def _interleaved_costs(
+    conns: Mapping[str, Connection], probes: dict[str, list[int]], rounds: int = 200
+) -> dict[str, dict[str, float]]:
+    """Median milliseconds per operation and database, the databases taking turns."""
 
-    async def sweep_pass() -> None:
-        async for _ in sweeper.new_rows():
-            pass
-        async for _ in sweeper.stale_queued_rows():
-            pass
+    def operations(conn: Connection, ids: list[int]) -> dict[str, Any]:
+        sweeper = Sweeper(_OneConnection(conn), batch_size=500, requeue_after=60)  # type: ignore[arg-type]
 
-    async def lookup() -> None:
-        await sweeper.new_by_ids(probe_ids)
+        async def sweep_new() -> None:  # finds the 100 probe rows
+            async for _ in sweeper.new_rows():
+                pass
 
-    async def claim_finish() -> None:
-        async with conn.transaction():
-            await conn.fetchrow(query("claim_row"), probe_ids[0])
-            await conn.execute(query("finish_row"), probe_ids[0])
-            raise _Rollback
+        async def sweep_queued() -> None:  # nothing stale: the idle part of every sweep
+            async for _ in sweeper.stale_queued_rows():
+                pass
 
-    async def timed(op: Any, repeat: int = 200) -> float:
-        samples = []
-        for _ in range(repeat):
-            t = time.perf_counter()
-            with contextlib.suppress(_Rollback):
-                await op()
-            samples.append((time.perf_counter() - t) * 1000)
-        return statistics.median(samples)
+        async def lookup() -> None:
+            await sweeper.new_by_ids(ids)
 
-    costs = {
-        "sweep_pass_100_new": await timed(sweep_pass, 50),
-        "lookup_100_ids": await timed(lookup),
-        "claim_and_finish": await timed(claim_finish),
+        async def claim_finish() -> None:
+            async with conn.transaction():
+                await conn.fetchrow(query("claim_row"), ids[0])
+                await conn.execute(query("finish_row"), ids[0])
+                raise _Rollback
+
+        async def oldest() -> None:
+            await conn.fetchval(query("oldest_pending_age"))
+
+        return {
+            "sweep_new_100_rows": sweep_new,
+            "sweep_queued_idle": sweep_queued,
+            "lookup_100_ids": lookup,
+            "claim_and_finish": claim_finish,
+            "oldest_pending_age": oldest,
+        }
+
+    ops = {key: operations(conn, probes[key]) for key, conn in conns.items()}
+    samples: dict[str, dict[str, list[float]]] = {key: {op: [] for op in ops[key]} for key in ops}
+    for _ in range(rounds):
+        for key in ops:
+            for op, run in ops[key].items():
+                t = time.perf_counter()
+                with contextlib.suppress(_Rollback):
+                    await run()
+                samples[key][op].append((time.perf_counter() - t) * 1000)
+    return {key: {op: statistics.median(v) for op, v in per.items()} for key, per in samples.items()}
+
+
+async def _buffers(conn: Connection, ids: list[int]) -> dict[str, int]:
+    """Shared buffers each hot-path query touches (EXPLAIN ANALYZE, BUFFERS): no timing noise."""
+    checks = {
+        "select_new": (query("select_new"), (0, 500)),
+        "select_new_by_ids": (query("select_new_by_ids"), (ids,)),
+        "select_stale_queued": (query("select_stale_queued"), (datetime.now(UTC), 500)),
+        "claim_row": (query("claim_row"), (ids[0],)),
+        "finish_row": (query("finish_row"), (ids[0],)),
+        "oldest_pending_age": (query("oldest_pending_age"), ()),
     }
-    await conn.execute("DELETE FROM outbox_relay.outbox WHERE correlation_id LIKE 'probe-%'")
-
-    async def empty_sweep() -> None:
-        await sweep_pass()
-
-    costs["sweep_pass_idle"] = await timed(empty_sweep)
-    return costs
+    out: dict[str, int] = {}
+    for name, (sql, args) in checks.items():
+        with contextlib.suppress(_Rollback):
+            async with conn.transaction():
+                plan = json.loads(
+                    await conn.fetchval(f"EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {sql}", *args)
+                )
+                top = plan[0]["Plan"]
+                out[name] = int(top.get("Shared Hit Blocks", 0)) + int(top.get("Shared Read Blocks", 0))
+                raise _Rollback
+    return out
 
 
 class _Rollback(Exception):
@@ -766,9 +808,12 @@ def render(results: Results) -> str:
     t = data["table_scale"]
     if t:
         lines.append("")
-        lines.append(f"table scale (ms, median)          0 rows   {t['finished_rows']:,} finished rows")
+        lines.append(f"table scale (median ms, alternating)   0 rows   {t['finished_rows']:,} finished rows")
         for key in t["empty_ms"]:
-            lines.append(f"  {key:<28} {t['empty_ms'][key]:>7.2f}   {t['full_ms'][key]:>7.2f}")
+            lines.append(f"  {key:<34} {t['empty_ms'][key]:>7.2f}   {t['full_ms'][key]:>7.2f}")
+        lines.append("  buffers touched per query             0 rows   with finished rows")
+        for key in t["empty_buffers"]:
+            lines.append(f"  {key:<34} {t['empty_buffers'][key]:>7}   {t['full_buffers'][key]:>7}")
         scans = [k for k, v in t["hot_path_plans_scan_table"].items() if v]
         lines.append("  hot-path plans that scan the table: " + (", ".join(scans) if scans else "none"))
         if t.get("prune"):
