@@ -19,9 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import psutil
 import pytest
 from redis.asyncio import Redis
 
+from outbox_relay.db import quote_ident
 from outbox_relay.replication import subscribe
 from tests.conftest import OutboxEnv, create_outbox_env, drop_outbox_env
 from tests.helpers import Service, Services, cli_env, count_status, money_total, open_account
@@ -148,6 +150,20 @@ async def produce(url: str, rows: list[tuple[str, str]], *, chunk: int = 10, pau
         await conn.close()
 
 
+async def produce_at_once(url: str, rows: list[tuple[str, str]]) -> None:
+    """Commit many outbox rows in one transaction: a backlog that saturates the workers."""
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute(
+            "INSERT INTO outbox_relay.outbox (correlation_id, outcome)"
+            " SELECT * FROM unnest($1::text[], $2::text[])",
+            [cid for cid, _ in rows],
+            [outcome for _, outcome in rows],
+        )
+    finally:
+        await conn.close()
+
+
 async def assert_settled(service_url: str, load: Load) -> None:
     """Nothing lost, every reservation settled once as its outcome says, money conserved."""
     conn = await asyncpg.connect(service_url)
@@ -196,6 +212,19 @@ def at_least_finished(url: str, n: int) -> Any:
         return await finished_count(url) >= n
 
     return predicate
+
+
+async def backends_waiting_on_locks(conn: Any, service: Service) -> list[int]:
+    """The server pids of the database sessions of ``service`` that wait for a lock."""
+    ports = [c.laddr.port for c in psutil.Process(service.proc.pid).net_connections(kind="tcp")]
+    return [
+        r["pid"]
+        for r in await conn.fetch(
+            "SELECT pid FROM pg_stat_activity"
+            " WHERE wait_event_type = 'Lock' AND client_port = ANY($1::int[])",
+            ports,
+        )
+    ]
 
 
 def assert_running(*started: Service) -> None:
@@ -257,40 +286,68 @@ async def test_standby_relay_takes_over_after_the_active_one_is_sigkilled(
 
 @pytest.mark.slow
 async def test_rows_finish_when_a_worker_is_sigkilled_mid_load(env: OutboxEnv, services: Services) -> None:
-    """A worker SIGKILLed mid-load loses nothing: its jobs run on the other worker, each settled once."""
-    load = await prepare_load(env.service_url, 2500)
-    backlog, later = load.rows[:2000], load.rows[2000:]
+    """A worker SIGKILLed mid-transaction loses nothing: its jobs run on another worker, settled once."""
+    load = await prepare_load(env.service_url, 3500)
+    backlog, later = load.rows[:3000], load.rows[3000:]
+    # A server session notices its client is gone only when it next talks to it, unless
+    # told to check: without this the victim's waiting statement would still commit
+    # once unblocked, and no work of the victim would be lost and run again.
+    conn = await asyncpg.connect(env.service_url)
+    try:
+        await conn.execute(
+            f"ALTER DATABASE {quote_ident(env.service_db)} SET client_connection_check_interval = '100ms'"
+        )
+    finally:
+        await conn.close()
     # JOB_TIMEOUT=1: arq's in-progress key of a killed worker's job expires after 1 + 15 s.
-    cli = cli_env(env.env(job_timeout="1"))
+    # MAX_ATTEMPTS=20: the rows held up by the test's lock below may time out once or twice.
+    cli = cli_env(env.env(job_timeout="1", max_attempts="20"))
     relay = services.start("relay", "run", env=cli)
     victim = services.start("worker-a", "worker", env=cli)
     survivor = services.start("worker-b", "worker", env=cli)
     for service in (relay, victim, survivor):
         await services.wait_logged(service, "relay active" if service is relay else "worker started")
 
-    # A backlog keeps both workers saturated: the victim dies with jobs in flight.
-    await produce(env.service_url, backlog, chunk=50)
-    await services.wait(at_least_finished(env.service_url, 300), message="300 rows finished")
-    victim.proc.kill()
-    assert victim.proc.wait(5) == -9
+    # The test locks every 10th reservation: a job settling one of them waits inside
+    # its transaction, so the victim is certain to die with uncommitted work.
+    locked = [cid for cid, _ in backlog[::10]]
+    blocker = await asyncpg.connect(env.service_url)
     conn = await asyncpg.connect(env.service_url)
     try:
+        lock = blocker.transaction()
+        await lock.start()
+        await blocker.execute(
+            "SELECT 1 FROM ledger.reservations WHERE correlation_id = ANY($1::text[]) FOR UPDATE", locked
+        )
+        await produce_at_once(env.service_url, backlog)
+        waiting = await services.wait(
+            lambda: backends_waiting_on_locks(conn, victim), message="the victim waiting inside a transaction"
+        )
+        victim.proc.kill()
+        assert victim.proc.wait(5) == -9
         killed_at = await conn.fetchval("SELECT clock_timestamp()")
-        unfinished = len(backlog) - await count_status(conn, "finished")
+
+        async def sessions_gone() -> bool:
+            sql = "SELECT count(*) FROM pg_stat_activity WHERE pid = ANY($1::int[])"
+            return not await conn.fetchval(sql, waiting)
+
+        # Release the lock only once the server has aborted the victim's transactions.
+        await services.wait(sessions_gone, message="the victim's sessions ended by the server")
+        await lock.rollback()
         await produce(env.service_url, later, pause=0.02)
         await services.wait(
             at_least_finished(env.service_url, len(load.rows)), timeout=90, message="every row finished"
         )
-        # The victim's own jobs wait for their in-progress keys to expire (16 s).
+        # The victim's jobs wait for their in-progress keys to expire (16 s) before they run again.
         recovered = await conn.fetchval(
             "SELECT count(*) FROM outbox_relay.outbox"
             " WHERE finished_at > $1::timestamptz + interval '10 seconds'",
             killed_at,
         )
     finally:
+        await blocker.close()
         await conn.close()
-    assert unfinished > 0, "the backlog was done before the kill"
-    assert recovered > 0, "no job of the killed worker had to be recovered: the kill hit an idle worker"
+    assert recovered > 0, "no job of the killed worker had to be run again"
     assert_running(relay, survivor)
     await assert_settled(env.service_url, load)
 
@@ -301,8 +358,8 @@ async def test_rows_finish_when_redis_restarts_empty_mid_load(
 ) -> None:
     """Redis restarted empty mid-load loses nothing: the relay sees the new run id and enqueues again."""
     _, redis = servers
-    load = await prepare_load(env.service_url, 3000)
-    backlog, later = load.rows[:2500], load.rows[2500:]
+    load = await prepare_load(env.service_url, 5500)
+    backlog, later = load.rows[:5000], load.rows[5000:]
     cli = cli_env(env.env(requeue_after="2"))
     relay = services.start("relay", "run", env=cli)
     worker = services.start("worker", "worker", env=cli)
@@ -310,7 +367,7 @@ async def test_rows_finish_when_redis_restarts_empty_mid_load(
     await services.wait_logged(worker, "worker started")
 
     # A backlog: when Redis restarts, it holds many jobs, and loses them.
-    await produce(env.service_url, backlog, chunk=50)
+    await produce_at_once(env.service_url, backlog)
     await services.wait(at_least_finished(env.service_url, 200), message="200 rows finished")
     await asyncio.to_thread(redis.restart)
     conn = await asyncpg.connect(env.service_url)
@@ -336,15 +393,17 @@ async def test_services_survive_a_service_database_restart_and_the_fast_path_res
 ) -> None:
     """After the service database restarts or crashes, relay and worker reconnect and the fast path works."""
     pg, _ = servers
-    load = await prepare_load(env.service_url, 3000)
-    backlog, later = load.rows[:2900], load.rows[2900:]
-    cli = cli_env(env.env())  # the default sweep interval: 5 s
+    load = await prepare_load(env.service_url, 5040)
+    backlog, later = load.rows[:5000], load.rows[5000:]
+    # The default sweep interval (5 s) and retry backoff (1 s, doubling): attempts
+    # that fail while the database is away must not use up MAX_ATTEMPTS at once.
+    cli = cli_env(env.env(retry_backoff="1", retry_backoff_max="60"))
     relay = services.start("relay", "run", env=cli)
     worker = services.start("worker", "worker", env=cli)
     await services.wait_logged(relay, "relay active")
     await services.wait_logged(worker, "worker started")
 
-    await produce(env.service_url, backlog, chunk=50)
+    await produce_at_once(env.service_url, backlog)
     await services.wait(at_least_finished(env.service_url, 200), message="200 rows finished")
     if how == "restart":
         await asyncio.to_thread(pg.restart)
