@@ -205,6 +205,7 @@ class Relay:
         next_sweep = loop.time()
         batch = self.settings.batch_size
         while True:
+            _raise_if_cancelling()
             if not self._pending and not self._sweep_requested:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), max(0.0, next_sweep - loop.time()))
@@ -239,6 +240,7 @@ class Relay:
     async def _hand_over(self, sweeper: Sweeper, rows: list[PendingRow]) -> None:
         if not rows:
             return
+        _raise_if_cancelling()
         await self._wait_for_room()
 
         async def enqueue() -> tuple[int, int]:
@@ -285,6 +287,15 @@ async def _close_pool(pool: Pool) -> None:
         await asyncio.wait_for(pool.close(), 2.0)
     except Exception:
         pool.terminate()
+
+
+def _raise_if_cancelling() -> None:
+    """Honour a cancellation that was swallowed on the way (on Python 3.11,
+    ``asyncio.wait_for`` inside redis-py can eat one): a relay that lost its
+    session, and with it the lock, must stop handing rows over at once."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 def _first_leaf(exc: BaseException) -> BaseException:

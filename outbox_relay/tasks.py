@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any
 
 from arq import Retry
@@ -36,6 +37,8 @@ class RowProcessor:
         self.settings = settings
         self.pool = pool
         self.registry = registry
+        self._unrecorded = 0
+        self._unrecorded_logged_at = -1e9
 
     async def process(self, row_id: int, job_try: int = 1, kind: str | None = None) -> str:
         """Apply row ``row_id``; returns what happened (``finished``, ``failed``, ``duplicate``,
@@ -66,17 +69,25 @@ class RowProcessor:
                     query("record_transient_failure"), row_id, error, self.settings.max_attempts
                 )
         except Exception as exc:
-            # Could not even record the attempt (the database is away): retry later.
+            # Could not even record the attempt (the database is away): retry later,
+            # without counting it. Every job hits this during an outage: one line a
+            # second says so, with how many were put off since the last one.
             delay = self._backoff(job_try)
-            logger.warning(
-                "row attempt failed and could not be recorded; retrying",
-                extra={
-                    "row_id": row_id,
-                    "error": error,
-                    "record_error": describe(exc),
-                    "retry_in": round(delay, 2),
-                },
-            )
+            self._unrecorded += 1
+            now = time.monotonic()
+            if now - self._unrecorded_logged_at >= 1.0:
+                logger.warning(
+                    "row attempts failing and not recordable (database away?); retrying",
+                    extra={
+                        "row_id": row_id,
+                        "error": error,
+                        "record_error": describe(exc),
+                        "retry_in": round(delay, 2),
+                        "jobs_put_off": self._unrecorded,
+                    },
+                )
+                self._unrecorded_logged_at = now
+                self._unrecorded = 0
             raise Retry(defer=delay) from None
         if row is None:
             return "duplicate"  # finished or failed meanwhile
