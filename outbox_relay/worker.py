@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import importlib
 import logging
+import random
 from dataclasses import dataclass
 
 from arq.connections import ArqRedis
@@ -62,6 +63,21 @@ def load_handler_modules(settings: Settings) -> None:
             raise SettingsError(env_name("handler_modules"), f"cannot import {name!r}: {exc}") from None
 
 
+class OutboxWorker(Worker):
+    """arq's Worker, claiming each read window of jobs in random order.
+
+    arq workers read the same head of the queue and claim its jobs one by one
+    (WATCH/MULTI per job): with several workers, all but one pay round trips
+    for jobs another has just taken. Shuffling the window makes concurrent
+    workers mostly pick different jobs. Order within a window of
+    ``queue_read_limit`` jobs is not kept (outbox_relay promises no order).
+    """
+
+    async def start_jobs(self, job_ids: list[bytes]) -> None:
+        random.shuffle(job_ids)
+        await super().start_jobs(job_ids)
+
+
 def build_arq_worker(settings: Settings, redis: ArqRedis, processor: RowProcessor, *, burst: bool) -> Worker:
     """An arq Worker with outbox_relay's settings (see the module docstring)."""
     function = func(
@@ -71,7 +87,7 @@ def build_arq_worker(settings: Settings, redis: ArqRedis, processor: RowProcesso
         keep_result=0,
         max_tries=ARQ_MAX_TRIES,
     )
-    return Worker(
+    return OutboxWorker(
         functions=[function],
         queue_name=settings.queue_name,
         redis_pool=redis,
