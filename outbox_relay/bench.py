@@ -49,8 +49,6 @@ from outbox_relay.settings import Settings
 from outbox_relay.sql import query
 from outbox_relay.sweeper import Sweeper
 
-NOOP_FUNCTION = "outbox_relay.process_row"  # the no-op worker registers the same name
-
 
 @dataclass(frozen=True)
 class BenchOptions:
@@ -833,16 +831,16 @@ def render(results: Results) -> str:
 
 
 def _noop_worker_main() -> None:
-    """An arq worker with outbox_relay's arq settings whose job does nothing."""
-    from arq.worker import Worker, func
+    """An arq worker with outbox_relay's arq settings whose job does nothing (raw arq)."""
+    from arq.worker import Worker
 
     from outbox_relay.cli import run_async, stop_on_signals
     from outbox_relay.settings import load_settings
-    from outbox_relay.worker import ARQ_MAX_TRIES, ARQ_TIMEOUT_MARGIN
+    from outbox_relay.worker import build_arq_worker
 
     settings = load_settings()
 
-    async def noop(ctx: dict[str, Any], row_id: int) -> None:
+    async def noop(ctx: dict[str, Any], row_id: int, kind: str | None = None) -> None:
         return None
 
     async def main() -> None:
@@ -852,27 +850,7 @@ def _noop_worker_main() -> None:
             queue_name=settings.queue_name,
             max_connections=settings.worker_concurrency + 10,
         )
-        worker = Worker(
-            functions=[
-                func(
-                    noop,
-                    name=NOOP_FUNCTION,
-                    timeout=settings.job_timeout + ARQ_TIMEOUT_MARGIN,
-                    keep_result=0,
-                    max_tries=ARQ_MAX_TRIES,
-                )
-            ],
-            queue_name=settings.queue_name,
-            redis_pool=redis,
-            max_jobs=settings.worker_concurrency,
-            job_timeout=settings.job_timeout + ARQ_TIMEOUT_MARGIN,
-            keep_result=0,
-            poll_delay=settings.worker_poll_delay,
-            max_tries=ARQ_MAX_TRIES,
-            handle_signals=False,
-            health_check_interval=60,
-            log_results=False,
-        )
+        worker = build_arq_worker(settings, redis, {}, coroutine=noop, worker_class=Worker)
         task = asyncio.create_task(worker.main())
         await stop.wait()
         task.cancel()

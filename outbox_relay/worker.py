@@ -24,8 +24,10 @@ import importlib
 import logging
 import random
 from dataclasses import dataclass
+from typing import Any
 
 from arq.connections import ArqRedis
+from arq.typing import WorkerCoroutine
 from arq.worker import Worker, func
 from redis.exceptions import RedisError
 
@@ -64,7 +66,8 @@ def load_handler_modules(settings: Settings) -> None:
 
 
 class OutboxWorker(Worker):
-    """arq's Worker, claiming each read window of jobs in random order.
+    """arq's Worker, skipping the jobs it runs itself and claiming the rest of each
+    read window in random order.
 
     arq workers read the same head of the queue and claim its jobs one by one
     (WATCH/MULTI per job): with several workers, all but one pay round trips
@@ -74,20 +77,37 @@ class OutboxWorker(Worker):
     """
 
     async def start_jobs(self, job_ids: list[bytes]) -> None:
-        random.shuffle(job_ids)
-        await super().start_jobs(job_ids)
+        # The jobs this worker is running stay in the queue until they finish, so
+        # every poll reads them again; arq would spend a WATCH/MULTI round trip on
+        # each before skipping it. Skip them here, for free.
+        running = self.tasks
+        fresh = [job_id for job_id in job_ids if job_id.decode() not in running]
+        random.shuffle(fresh)
+        await super().start_jobs(fresh)
 
 
-def build_arq_worker(settings: Settings, redis: ArqRedis, processor: RowProcessor, *, burst: bool) -> Worker:
-    """An arq Worker with outbox_relay's settings (see the module docstring)."""
+def build_arq_worker(
+    settings: Settings,
+    redis: ArqRedis,
+    ctx: dict[str, Any],
+    *,
+    burst: bool = False,
+    coroutine: WorkerCoroutine = process_row,
+    worker_class: type[Worker] = OutboxWorker,
+) -> Worker:
+    """An arq Worker with outbox_relay's settings (see the module docstring).
+
+    The bench builds its no-op ceiling with the same function, passing a no-op
+    ``coroutine`` and arq's plain ``Worker``, so that both run identical settings.
+    """
     function = func(
-        process_row,
+        coroutine,
         name=FUNCTION_NAME,
         timeout=settings.job_timeout + ARQ_TIMEOUT_MARGIN,
         keep_result=0,
         max_tries=ARQ_MAX_TRIES,
     )
-    return OutboxWorker(
+    return worker_class(
         functions=[function],
         queue_name=settings.queue_name,
         redis_pool=redis,
@@ -99,7 +119,7 @@ def build_arq_worker(settings: Settings, redis: ArqRedis, processor: RowProcesso
         max_tries=ARQ_MAX_TRIES,
         handle_signals=False,
         health_check_interval=60,
-        ctx={CONTEXT_KEY: processor},
+        ctx=ctx,
         log_results=False,
     )
 
@@ -143,7 +163,7 @@ async def run_worker(
             },
         )
         while not stop.is_set():
-            worker = build_arq_worker(settings, redis, processor, burst=burst)
+            worker = build_arq_worker(settings, redis, {CONTEXT_KEY: processor}, burst=burst)
             finished = await _run_until_stopped(worker, stop, settings.job_timeout + 5)
             stats.complete += worker.jobs_complete
             stats.failed += worker.jobs_failed
