@@ -498,10 +498,11 @@ async def _ceiling(settings: Settings, fleet: Fleet, workers: int, jobs: int) ->
     queue = JobQueue(redis, queue_name=noop_queue, namespace=f"noop:{uuid.uuid4().hex[:6]}")
     try:
         fleet.start(workers, relay=False, noop=True)
-        await _wait_drained(queue, fleet, await _enqueue_noops(queue, 20, "warm"))
+        await _enqueue_noops(queue, 20, "warm")
+        await _wait_drained(queue, fleet)
         start = time.monotonic()
         await _enqueue_noops(queue, jobs, "run")
-        await _wait_drained(queue, fleet, jobs)
+        await _wait_drained(queue, fleet)
         return jobs / (time.monotonic() - start)
     finally:
         fleet.stop()
@@ -518,7 +519,7 @@ async def _enqueue_noops(queue: JobQueue, count: int, label: str) -> int:
     return count
 
 
-async def _wait_drained(queue: JobQueue, fleet: Fleet, _jobs: int, timeout: float = 600) -> None:
+async def _wait_drained(queue: JobQueue, fleet: Fleet, timeout: float = 600) -> None:
     deadline = time.monotonic() + timeout
     while await queue.depth() > 0:
         fleet.check_alive()

@@ -159,8 +159,10 @@ class Settings(BaseSettings):
         """``SUBSCRIPTION_NAME``, or ``outbox_relay_<service database name>``."""
         if self.subscription_name:
             return self.subscription_name
-        path = urlsplit(self.require_database_url()).path.lstrip("/")
-        database = re.sub(r"[^a-z0-9_]", "_", (path or "postgres").lower())
+        parts = urlsplit(self.require_database_url())
+        # libpq's default database is the user's name.
+        name = parts.path.lstrip("/") or parts.username or "postgres"
+        database = re.sub(r"[^a-z0-9_]", "_", name.lower())
         return f"outbox_relay_{database}"[:63]
 
     @property

@@ -219,3 +219,11 @@ def test_log_level_is_case_insensitive(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_job_namespace_contains_the_queue_name() -> None:
     """Two queue names give two job namespaces."""
     assert Settings(queue_name="a").job_namespace != Settings(queue_name="b").job_namespace
+
+
+def test_subscription_name_without_a_database_in_the_url_follows_libpq_and_uses_the_user() -> None:
+    """With no database in DATABASE_URL the derived name uses the user's name, as libpq's default does."""
+    from outbox_relay.settings import Settings
+
+    settings = Settings(database_url="postgresql://billing@db.example:5432")  # type: ignore[arg-type]
+    assert settings.effective_subscription_name() == "outbox_relay_billing"
