@@ -50,6 +50,8 @@ STANDBY_POLL = 1.0
 #: Liveness check of the listener connection: period and timeout (seconds).
 KEEPALIVE_INTERVAL = 2.0
 KEEPALIVE_TIMEOUT = 3.0
+#: Seconds between two "relay progress" log lines.
+REPORT_INTERVAL = 60.0
 
 
 class _Stopped(Exception):
@@ -162,10 +164,35 @@ class Relay:
                 group.create_task(listener.watch(KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT), name="relay.watch")
                 group.create_task(self._dispatch_loop(sweeper), name="relay.dispatch")
                 group.create_task(self._until_stopped(), name="relay.stop")
+                group.create_task(self._report_loop(), name="relay.report")
                 if self.settings.retention is not None:
                     group.create_task(self._prune_loop(pool), name="relay.prune")
         except* _Stopped:
             raise _Stopped from None
+
+    async def _report_loop(self) -> None:
+        """Once a minute, one line with what moved since the last one (nothing when idle)."""
+        last = RelayStats(**vars(self.stats))
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop.wait(), REPORT_INTERVAL)
+            if self.stop.is_set():
+                return
+            now = RelayStats(**vars(self.stats))
+            moved = {key: value - getattr(last, key) for key, value in vars(now).items()}
+            if moved["handed_over"] or moved["pruned"]:
+                logger.info(
+                    "relay progress",
+                    extra={
+                        "handed_over": moved["handed_over"],
+                        "enqueued": moved["enqueued"],
+                        "by_sweep": moved["swept"],
+                        "notifications": moved["notifications"],
+                        "pruned": moved["pruned"],
+                        "queue_depth": self._depth,
+                    },
+                )
+            last = now
 
     async def _prune_loop(self, pool: Pool) -> None:
         """With RETENTION set, the active relay prunes finished rows every PRUNE_INTERVAL."""
