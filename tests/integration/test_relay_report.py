@@ -15,7 +15,7 @@ from tests.helpers import produce, running_relay, wait_until
 async def test_relay_logs_one_progress_line_with_the_rows_handed_over(
     outbox_env: OutboxEnv, service: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """After rows move, a 'relay progress' line carries how many were handed over; idle intervals log nothing."""
+    """After rows move, a 'relay progress' line says how many were handed over; idle, no line."""
     monkeypatch.setattr(relay_module, "REPORT_INTERVAL", 0.2)
     caplog.set_level(logging.INFO, logger="outbox_relay.relay")
     settings = outbox_env.settings(sweep_interval=0.1)
