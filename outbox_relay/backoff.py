@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -32,6 +33,13 @@ class Backoff:
     def reset(self) -> None:
         """Start again from ``initial`` (after a success)."""
         self.attempt = 0
+
+
+async def stopped_within(stop: asyncio.Event, seconds: float) -> bool:
+    """Wait up to ``seconds`` for ``stop``; True when it is set (the caller should end)."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds)
+    return stop.is_set()
 
 
 def describe(exc: BaseException) -> str:
@@ -74,9 +82,5 @@ async def retry(
             )
         if stop is None:
             await asyncio.sleep(delay)
-        else:
-            try:
-                await asyncio.wait_for(stop.wait(), delay)
-            except TimeoutError:
-                continue
+        elif await stopped_within(stop, delay):
             raise asyncio.CancelledError

@@ -24,7 +24,6 @@ import contextlib
 import json
 import os
 import platform
-import signal
 import statistics
 import subprocess
 import sys
@@ -40,6 +39,7 @@ from typing import Any
 import psutil
 from pydantic import SecretStr
 
+from outbox_relay import processes
 from outbox_relay.db import Connection, connect, quote_ident
 from outbox_relay.embedded import EmbeddedPostgres, EmbeddedRedis
 from outbox_relay.jobs import JobQueue, PendingRow, redis_client
@@ -208,10 +208,7 @@ class Fleet:
             self.workers.append(self._spawn(args, f"worker-{index}"))
 
     def _spawn(self, args: list[str], name: str) -> subprocess.Popen[bytes]:
-        with (self.workdir / f"{name}.log").open("ab") as log:
-            return subprocess.Popen(
-                [sys.executable, *args], env=self.env, stdout=log, stderr=subprocess.STDOUT
-            )
+        return processes.spawn(args, self.env, self.workdir / f"{name}.log")
 
     def cpu_seconds(self) -> dict[str, float]:
         out = dict(self._cpu_done)
@@ -231,24 +228,12 @@ class Fleet:
     def check_alive(self) -> None:
         for proc in [p for p in [self.relay, *self.workers] if p is not None]:
             if proc.poll() is not None:
-                logs = "\n".join(
-                    f"--- {p.name}\n" + "\n".join(p.read_text(errors="replace").splitlines()[-10:])
-                    for p in sorted(self.workdir.glob("*.log"))
-                )
+                logs = processes.log_tails(self.workdir, lines=10)
                 raise RuntimeError(f"a bench process exited (code {proc.returncode})\n{logs}")
 
     def stop(self) -> None:
         cpu = self.cpu_seconds()
-        procs = [p for p in [self.relay, *self.workers] if p is not None]
-        for proc in procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+        processes.stop(p for p in [self.relay, *self.workers] if p is not None)
         self._cpu_done = {"relay": cpu["relay"], "workers": cpu["workers"]}
         self.relay = None
         self.workers = []
@@ -297,16 +282,7 @@ async def _bench(options: BenchOptions, servers: Servers, workdir: Path) -> Resu
     )
     try:
         await _setup(settings)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("OUTBOX_RELAY_")}
-        env.update(
-            {
-                "OUTBOX_RELAY_DATABASE_URL": settings.require_database_url(),
-                "OUTBOX_RELAY_REDIS_URL": servers.redis_url,
-                "OUTBOX_RELAY_QUEUE_NAME": settings.queue_name,
-                "OUTBOX_RELAY_LOG_LEVEL": "WARNING",
-            }
-        )
-        fleet = Fleet(env, workdir)
+        fleet = Fleet(processes.service_env(settings), workdir)
         ledger = Ledger(settings)
         await ledger.open()
         try:

@@ -51,6 +51,11 @@ def stop_on_signals() -> asyncio.Event:
     return stop
 
 
+def _quiet_logs() -> None:
+    """`demo` and `bench` narrate themselves: only problems should interrupt them."""
+    logging.getLogger().setLevel(max(logging.WARNING, logging.getLogger().level))
+
+
 async def _one_off_connection(settings: Settings) -> Any:
     from outbox_relay.db import connect_retrying
 
@@ -189,7 +194,7 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
             json_path=args.json,
             use_settings=args.use_settings,
         )
-    logging.getLogger().setLevel(max(logging.WARNING, logging.getLogger().level))
+    _quiet_logs()
     return run_bench(options, settings)
 
 
@@ -243,8 +248,7 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from outbox_relay.demo import DemoOptions, run_demo
 
     options = DemoOptions(events=args.events, workers=args.workers, producers=args.producers, rate=args.rate)
-    # The demo narrates; only problems should interrupt it.
-    logging.getLogger().setLevel(max(logging.WARNING, logging.getLogger().level))
+    _quiet_logs()
     return run_demo(options)
 
 

@@ -13,9 +13,7 @@ conserved. Everything it started is stopped and removed at the end.
 from __future__ import annotations
 
 import asyncio
-import os
 import random
-import signal
 import subprocess
 import sys
 import tempfile
@@ -29,6 +27,8 @@ from pydantic import SecretStr
 from outbox_relay.db import Connection, connect
 from outbox_relay.embedded import EmbeddedPostgres, EmbeddedRedis
 from outbox_relay.migrate import migrate
+from outbox_relay.processes import log_tails, service_env, spawn
+from outbox_relay.processes import stop as stop_processes
 from outbox_relay.replication import subscribe, unsubscribe
 from outbox_relay.settings import Settings
 
@@ -98,14 +98,7 @@ def run_demo(options: DemoOptions) -> int:
         )
         report = run_async(_demo(options, settings, workdir, processes))
     finally:
-        for proc in processes:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in processes:
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_processes(processes, timeout=15)
         redis.cleanup()
         pg.cleanup()
         import shutil
@@ -147,18 +140,11 @@ async def _demo(
             f"(total money {initial_total:,})"
         )
 
-        env = {k: v for k, v in os.environ.items() if not k.startswith("OUTBOX_RELAY_")}
-        env.update(
-            {
-                "OUTBOX_RELAY_DATABASE_URL": service_url,
-                "OUTBOX_RELAY_REDIS_URL": settings.redis_url.get_secret_value(),
-                "OUTBOX_RELAY_QUEUE_NAME": settings.queue_name,
-                "OUTBOX_RELAY_LOG_LEVEL": "WARNING",
-            }
-        )
-        processes.append(_spawn("run", env, workdir / "relay.log"))
+        env = service_env(settings)
+        processes.append(spawn(["-m", "outbox_relay", "run"], env, workdir / "relay.log"))
         for index in range(options.workers):
-            processes.append(_spawn("worker", env, workdir / f"worker-{index}.log"))
+            log = workdir / f"worker-{index}.log"
+            processes.append(spawn(["-m", "outbox_relay", "worker"], env, log))
         await _warm_up(service, primary_url, processes, workdir)
         say(f"  relay and {options.workers} worker processes started and warmed up")
 
@@ -208,7 +194,7 @@ async def _warm_up(
         == 0
     ):
         if time.monotonic() > deadline or any(p.poll() is not None for p in processes):
-            logs = await asyncio.to_thread(_logs, workdir)
+            logs = await asyncio.to_thread(log_tails, workdir)
             raise RuntimeError(f"the relay and workers did not come up\n{logs}")
         await asyncio.sleep(0.05)
 
@@ -306,7 +292,7 @@ async def _show_progress(
             raise producing.exception()  # type: ignore[misc]
         dead = [p for p in processes if p.poll() is not None]
         if dead or now > deadline:
-            logs = await asyncio.to_thread(_logs, workdir)
+            logs = await asyncio.to_thread(log_tails, workdir)
             raise RuntimeError(f"the demo stalled (a process exited or time ran out)\n{logs}")
         await asyncio.sleep(0.25)
 
@@ -408,22 +394,3 @@ async def _money_total(conn: Connection) -> int:
             "    WHERE state IN ('reserved', 'burned'))"
         )
     )
-
-
-def _spawn(command: str, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    with log.open("ab") as handle:
-        return subprocess.Popen(
-            [sys.executable, "-m", "outbox_relay", command],
-            env=env,
-            stdout=handle,
-            stderr=subprocess.STDOUT,
-        )
-
-
-def _logs(workdir: Path) -> str:
-    return "\n".join(_tail(path) for path in sorted(workdir.glob("*.log")))
-
-
-def _tail(path: Path, lines: int = 15) -> str:
-    text = path.read_text(errors="replace").splitlines()[-lines:]
-    return f"--- {path.name}\n" + "\n".join(text)

@@ -119,7 +119,7 @@ async def prune_service_stats(
     statuses = ["finished", "failed"] if include_failed else ["finished"]
     stats = PruneStats()
     started = time.monotonic()
-    cutoff: datetime = await conn_or_pool.fetchval(query("prune_cutoff"), older_than)
+    cutoff: datetime = await conn_or_pool.fetchval(query("cutoff"), older_than)
     last_id: int | None = await conn_or_pool.fetchval(query("prune_last_id"))
     lo: int | None = await conn_or_pool.fetchval(query("prune_first_id"), MIN_ID)
     while last_id is not None and lo is not None and lo <= last_id:
@@ -181,7 +181,7 @@ async def prune_primary_stats(
     stats = PruneStats()
     started = time.monotonic()
     _no_subscriber_unless(await conn.fetch(query("prune_logical_slots"), "0/0"))
-    cutoff: datetime = await conn.fetchval(query("prune_cutoff"), older_than)
+    cutoff: datetime = await conn.fetchval(query("cutoff"), older_than)
     lo: int | None = MIN_ID
     while lo is not None:
         ids, lsn, lo = await _candidates(conn, lo, cutoff, batch_size, round_rows, stats)

@@ -18,7 +18,8 @@ SELECT id, correlation_id, generation, kind
  ORDER BY id
  LIMIT $2;
 
--- name: stale_cutoff
+-- name: cutoff
+-- $1 seconds ago by the database's own clock (the sweep's and prune's cut-offs).
 SELECT now() - make_interval(secs => $1::float8);
 
 -- name: select_stale_queued
@@ -203,10 +204,6 @@ SELECT srsubstate::text AS srsubstate
   FROM pg_subscription_rel r
   JOIN pg_subscription s ON s.oid = r.srsubid
  WHERE s.subname = $1;
-
--- name: prune_cutoff
--- Retention: the cut-off of one prune run, from the database's own clock.
-SELECT now() - make_interval(secs => $1::float8);
 
 -- name: prune_first_id
 -- The first row at or after $1: one probe of the primary key, so a stretch of

@@ -30,7 +30,7 @@ from typing import TypeVar
 
 from redis.exceptions import RedisError
 
-from outbox_relay.backoff import Backoff, describe, retry
+from outbox_relay.backoff import Backoff, describe, retry, stopped_within
 from outbox_relay.db import Pool, connect_retrying, create_pool
 from outbox_relay.jobs import JobQueue, PendingRow
 from outbox_relay.listener import Listener
@@ -108,8 +108,7 @@ class Relay:
                     "relay session ended, reconnecting",
                     extra={"error": describe(_first_leaf(exc)), "retry_in": round(delay, 2)},
                 )
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.stop.wait(), delay)
+                await stopped_within(self.stop, delay)
             else:
                 backoff.reset()
         logger.info("relay stopped", extra={"handed_over": self.stats.handed_over})
@@ -148,9 +147,7 @@ class Relay:
             if not announced:
                 logger.info("another relay is active on this database; standing by")
                 announced = True
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stop.wait(), STANDBY_POLL)
-            if self.stop.is_set():
+            if await stopped_within(self.stop, STANDBY_POLL):
                 raise _Stopped
         if announced:
             logger.info("the active relay is gone; taking over")
@@ -174,9 +171,7 @@ class Relay:
         """Once a minute, one line with what moved since the last one (nothing when idle)."""
         last = RelayStats(**vars(self.stats))
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stop.wait(), REPORT_INTERVAL)
-            if self.stop.is_set():
+            if await stopped_within(self.stop, REPORT_INTERVAL):
                 return
             now = RelayStats(**vars(self.stats))
             moved = {key: value - getattr(last, key) for key, value in vars(now).items()}
@@ -198,9 +193,7 @@ class Relay:
         """With RETENTION set, the active relay prunes finished rows every PRUNE_INTERVAL."""
         assert self.settings.retention is not None
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stop.wait(), self.settings.prune_interval)
-            if self.stop.is_set():
+            if await stopped_within(self.stop, self.settings.prune_interval):
                 return
             deleted = await prune_service(
                 pool, older_than=self.settings.retention, batch_size=self.settings.prune_batch_size
@@ -285,9 +278,7 @@ class Relay:
             return
         logger.debug("queue full, waiting", extra={"depth": self._depth})
         while self._depth >= limit // 2:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stop.wait(), 0.05)
-            if self.stop.is_set():
+            if await stopped_within(self.stop, 0.05):
                 raise _Stopped
             self._depth = await self._redis(self.queue.depth)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-from outbox_relay.db import Pool
+from outbox_relay.db import Pool, Record
 from outbox_relay.jobs import PendingRow
 from outbox_relay.sql import query
 
@@ -29,7 +29,7 @@ class Sweeper:
             records = await self.pool.fetch(query("select_new"), after, self.batch_size)
             if not records:
                 return
-            yield [PendingRow(r["id"], r["correlation_id"], r["generation"], r["kind"]) for r in records]
+            yield _pending(records)
             if len(records) < self.batch_size:
                 return
             after = records[-1]["id"]
@@ -40,20 +40,24 @@ class Sweeper:
         The cut-off is fixed when the sweep starts: a row enqueued again gets a
         new ``queued_at`` after it and is not seen twice.
         """
-        cutoff = await self.pool.fetchval(query("stale_cutoff"), 0.0 if everything else self.requeue_after)
+        cutoff = await self.pool.fetchval(query("cutoff"), 0.0 if everything else self.requeue_after)
         while True:
             records = await self.pool.fetch(query("select_stale_queued"), cutoff, self.batch_size)
             if not records:
                 return
-            yield [PendingRow(r["id"], r["correlation_id"], r["generation"], r["kind"]) for r in records]
+            yield _pending(records)
             if len(records) < self.batch_size:
                 return
 
     async def new_by_ids(self, ids: list[int]) -> list[PendingRow]:
         """The rows among ``ids`` that are still ``new`` (the fast path's look-up by primary key)."""
         records = await self.pool.fetch(query("select_new_by_ids"), ids)
-        return [PendingRow(r["id"], r["correlation_id"], r["generation"], r["kind"]) for r in records]
+        return _pending(records)
 
     async def mark_queued(self, ids: list[int]) -> None:
         """Move rows to ``queued`` (compare-and-set: finished rows stay finished)."""
         await self.pool.execute(query("mark_queued"), ids)
+
+
+def _pending(records: list[Record]) -> list[PendingRow]:
+    return [PendingRow(r["id"], r["correlation_id"], r["generation"], r["kind"]) for r in records]

@@ -31,7 +31,7 @@ from arq.typing import WorkerCoroutine
 from arq.worker import Worker, func
 from redis.exceptions import RedisError
 
-from outbox_relay.backoff import Backoff, describe, retry
+from outbox_relay.backoff import Backoff, describe, retry, stopped_within
 from outbox_relay.db import Pool, create_pool
 from outbox_relay.exceptions import SettingsError
 from outbox_relay.handlers import HandlerRegistry, registry
@@ -175,8 +175,7 @@ async def run_worker(
                 "worker lost its queue, restarting",
                 extra={"error": describe(finished), "retry_in": round(delay, 2)},
             )
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), delay)
+            await stopped_within(stop, delay)
     except asyncio.CancelledError:
         if not stop.is_set():
             raise
