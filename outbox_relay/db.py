@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
-from outbox_relay.backoff import Backoff, retry
+from outbox_relay.retry import Backoff, retry
 
 logger = logging.getLogger(__name__)
 

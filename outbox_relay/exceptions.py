@@ -1,9 +1,10 @@
 """The one exception hierarchy of outbox_relay.
 
-The CLI maps these to exit codes: :class:`SettingsError` and
-:class:`UsageError` exit 2, every other :class:`OutboxRelayError` exits 1.
-Handlers raise :class:`PermanentError` for an event that can never succeed;
-anything else they raise is treated as transient and retried.
+The CLI (``outbox_relay.cli``, the one error boundary) maps these to exit codes:
+:class:`SettingsError` and :class:`UsageError` exit 2, every other
+:class:`OutboxRelayError` exits 1 with its message. Handlers raise
+:class:`PermanentError` for an event that can never succeed; anything else they
+raise is treated as transient and retried.
 """
 
 from __future__ import annotations
@@ -11,6 +12,9 @@ from __future__ import annotations
 
 class OutboxRelayError(Exception):
     """Base class of every error outbox_relay raises on purpose."""
+
+
+# -- bad input: exit 2 ---------------------------------------------------------------
 
 
 class SettingsError(OutboxRelayError):
@@ -26,6 +30,9 @@ class UsageError(OutboxRelayError):
     """The command line asks for something that cannot be done as asked."""
 
 
+# -- the database's schema and replication -----------------------------------------------
+
+
 class MigrationError(OutboxRelayError):
     """A migration could not be applied, or the schema is older than this code."""
 
@@ -34,8 +41,46 @@ class ReplicationError(OutboxRelayError):
     """Setting up or tearing down the subscription failed."""
 
 
+# -- servers -----------------------------------------------------------------------------
+
+
 class UnavailableError(OutboxRelayError):
-    """A server (PostgreSQL or Redis) could not be reached in the time allowed."""
+    """A server (PostgreSQL, Redis, a broker) could not be reached in the time allowed."""
+
+
+class ConnectionLostError(UnavailableError):
+    """The relay's listener connection is gone (or stopped answering); notifications may be lost."""
+
+
+class QueueError(OutboxRelayError):
+    """The queue refused an operation (its server answered with an error)."""
+
+
+class QueueUnavailable(QueueError, UnavailableError):
+    """The queue's server cannot be reached (connection refused, reset or timed out)."""
+
+
+# -- retention ---------------------------------------------------------------------------
+
+
+class PruneError(OutboxRelayError):
+    """`prune` could not be done safely; nothing unsafe was deleted."""
+
+
+class NoSubscriberError(PruneError):
+    """The primary has no logical replication slot: no subscriber is attached."""
+
+
+class SubscriberLagError(PruneError):
+    """A slot did not confirm the candidate rows in time; that round's rows were kept."""
+
+    def __init__(self, message: str, *, lagging: list[str], pruned: int) -> None:
+        super().__init__(message)
+        self.lagging = lagging
+        self.pruned = pruned
+
+
+# -- handlers ------------------------------------------------------------------------------
 
 
 class PermanentError(OutboxRelayError):
@@ -47,3 +92,22 @@ class PermanentError(OutboxRelayError):
 
 class UnknownKindError(PermanentError):
     """No handler is registered for the event's ``kind``."""
+
+
+class PluginError(OutboxRelayError):
+    """A plugin (domain or sink) could not be loaded or is malformed."""
+
+
+# -- developer tools (demo, bench, embedded servers) ----------------------------------------
+
+
+class EmbeddedServerError(OutboxRelayError):
+    """An embedded PostgreSQL or Redis could not be started or driven."""
+
+
+class DemoError(OutboxRelayError):
+    """The demo could not complete (a process exited, the flow stalled)."""
+
+
+class BenchError(OutboxRelayError):
+    """The benchmark could not complete a measurement."""

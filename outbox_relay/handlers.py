@@ -1,61 +1,115 @@
-"""Handlers, keyed by the outbox row's ``kind``, and the shipped ``reservation`` handler.
+"""Handlers by ``kind``, and the plugins that bring them (domains such as reservations, sinks).
 
 A handler is ``async def handler(conn, event) -> None``. The worker calls it
-inside the transaction that then moves the row to ``finished``, so whatever
-the handler writes through ``conn`` commits together with that move, or not
-at all. A handler raises :class:`~outbox_relay.exceptions.PermanentError` for
-an event that can never succeed; any other exception is retried.
+inside the transaction that then moves the row to ``finished``, so whatever the
+handler writes through ``conn`` commits together with that move, or not at all.
+A handler raises :class:`~outbox_relay.exceptions.PermanentError` for an event
+that can never succeed; any other exception is retried.
 
-Register your own kinds in a module named by ``OUTBOX_RELAY_HANDLER_MODULES``::
+Two ways to add handlers, both loaded once at the edge by :func:`load_plugins`:
 
-    from outbox_relay.handlers import registry
+* a **plugin**: a :class:`Plugin` (handlers, an optional one-statement fast
+  path, its own migration set) published under the entry-point group
+  ``outbox_relay.plugins``, or named as ``module:attribute`` in
+  ``OUTBOX_RELAY_HANDLER_MODULES``; the shipped reservation domain is one;
+* a **module** in ``OUTBOX_RELAY_HANDLER_MODULES`` that registers plain handlers::
 
-    @registry.register("email")
-    async def send_email(conn, event): ...
+      from outbox_relay.handlers import registry
+
+      @registry.register("email")
+      async def send_email(conn, event): ...
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from typing import Literal
+import importlib
+import logging
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict
+from outbox_relay.db import Connection
+from outbox_relay.events import OutboxEvent
+from outbox_relay.exceptions import PluginError, UnknownKindError
 
-from outbox_relay.db import Connection, Pool
-from outbox_relay.events import OutboxEvent, parse_payload
-from outbox_relay.exceptions import PermanentError, UnknownKindError
-from outbox_relay.sql import query
+logger = logging.getLogger(__name__)
 
 Handler = Callable[[Connection, OutboxEvent], Awaitable[None]]
-#: Optional: a kind's common path done in one statement, claiming, applying and
-#: finishing row ``row_id`` together. Returns False when the row needs the
-#: general path (it is done already, is poison, or the usual case does not fit).
-FastPath = Callable[[Pool, int], Awaitable[bool]]
+
+#: The entry-point group plugins are published under.
+ENTRY_POINT_GROUP = "outbox_relay.plugins"
+#: Migration-set names the core uses itself.
+RESERVED_TARGETS = frozenset({"service", "primary"})
+
+
+@dataclass(frozen=True)
+class FastPath:
+    """A kind's common case as SQL the core composes into ONE statement with its claim and finish.
+
+    ``ctes`` are common table expressions that read the core's ``claimed`` CTE
+    (``id, correlation_id, kind, outcome, payload`` of the locked pending rows;
+    filter on your ``kind``) and apply the effect; their names must start with
+    the plugin's name. ``applied`` is a SELECT of the ``id`` of every claimed row
+    whose effect is now in place (applied now, or found applied before): the core
+    finishes exactly those. A row the fast path does not finish takes the general
+    path (the handler), which decides what is wrong with it.
+    """
+
+    ctes: str
+    applied: str
+
+
+@dataclass(frozen=True)
+class Plugin:
+    """What a domain or sink brings: handlers by kind, fast paths, its own migration set."""
+
+    name: str
+    handlers: Mapping[str, Handler]
+    fast_paths: Mapping[str, FastPath] = field(default_factory=dict)
+    #: A directory of ``NNNN_name.sql`` files applied by ``migrate`` as the set ``name``.
+    migrations: Path | None = None
+
+    def __post_init__(self) -> None:
+        if not self.name.isidentifier() or self.name in RESERVED_TARGETS:
+            raise PluginError(f"plugin name {self.name!r} must be an identifier other than service/primary")
+        unknown = set(self.fast_paths) - set(self.handlers)
+        if unknown:
+            raise PluginError(f"plugin {self.name!r} has fast paths for kinds without a handler: {unknown}")
 
 
 class HandlerRegistry:
-    """Maps a ``kind`` to its handler."""
+    """Maps a ``kind`` to its handler; remembers the plugins it was given."""
 
     def __init__(self) -> None:
         self._handlers: dict[str, Handler] = {}
         self._fast_paths: dict[str, FastPath] = {}
+        self._plugins: dict[str, Plugin] = {}
 
-    def register(self, kind: str, *, fast_path: FastPath | None = None) -> Callable[[Handler], Handler]:
-        """Decorator: make ``handler`` the one for ``kind`` (``fast_path``: see :data:`FastPath`)."""
+    def register(self, kind: str) -> Callable[[Handler], Handler]:
+        """Decorator: make ``handler`` the one for ``kind``."""
 
         def decorate(handler: Handler) -> Handler:
-            if kind in self._handlers and self._handlers[kind] is not handler:
-                raise ValueError(f"a handler for kind {kind!r} is already registered")
-            self._handlers[kind] = handler
-            if fast_path is not None:
-                self._fast_paths[kind] = fast_path
+            self._add_handler(kind, handler)
             return handler
 
         return decorate
 
-    def fast_path(self, kind: str | None) -> FastPath | None:
-        """The one-statement fast path of ``kind``, if it has one."""
-        return self._fast_paths.get(kind) if kind is not None else None
+    def add_plugin(self, plugin: Plugin) -> None:
+        """Register every handler and fast path of ``plugin`` (adding it twice is a no-op)."""
+        if self._plugins.get(plugin.name) is plugin:
+            return
+        if plugin.name in self._plugins:
+            raise PluginError(f"two different plugins are named {plugin.name!r}")
+        for kind, handler in plugin.handlers.items():
+            self._add_handler(kind, handler)
+        self._fast_paths.update(plugin.fast_paths)
+        self._plugins[plugin.name] = plugin
+
+    def _add_handler(self, kind: str, handler: Handler) -> None:
+        if kind in self._handlers and self._handlers[kind] is not handler:
+            raise PluginError(f"a handler for kind {kind!r} is already registered")
+        self._handlers[kind] = handler
 
     def get(self, kind: str) -> Handler:
         """The handler of ``kind``; :class:`UnknownKindError` (permanent) when none."""
@@ -68,41 +122,53 @@ class HandlerRegistry:
         """Every registered kind."""
         return sorted(self._handlers)
 
+    def fast_paths(self) -> dict[str, FastPath]:
+        """The fast path of every kind that has one."""
+        return dict(self._fast_paths)
 
-#: The registry the worker uses.
+    def plugins(self) -> list[Plugin]:
+        """The plugins registered, in registration order."""
+        return list(self._plugins.values())
+
+
+#: The registry the worker uses; filled at the edge by :func:`load_plugins`.
 registry = HandlerRegistry()
 
 
-class ReservationPayload(BaseModel):
-    """The ``reservation`` kind needs nothing but the correlation id; the payload must
-    still be a JSON object (extra fields are kept for the producer's own use)."""
+def load_plugins(
+    target: HandlerRegistry,
+    modules: Iterable[str] = (),
+    *,
+    discover: bool = True,
+) -> HandlerRegistry:
+    """Fill ``target`` with the installed plugins (entry points) and ``modules``.
 
-    model_config = ConfigDict(extra="allow")
+    Each of ``modules`` is ``package.module`` (imported: its decorators register
+    handlers on :data:`registry`, and a module-level ``plugin`` is added) or
+    ``package.module:attribute`` naming a :class:`Plugin`. A module that cannot be
+    imported raises :class:`PluginError` naming it.
+    """
+    if discover:
+        for entry in entry_points(group=ENTRY_POINT_GROUP):
+            try:
+                loaded = entry.load()
+            except Exception as exc:
+                raise PluginError(f"cannot load plugin {entry.name!r} ({entry.value}): {exc}") from None
+            target.add_plugin(_as_plugin(loaded, entry.value))
+    for spec in modules:
+        module_name, _, attribute = spec.partition(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise PluginError(f"cannot import {module_name!r}: {exc}") from None
+        if attribute:
+            target.add_plugin(_as_plugin(getattr(module, attribute, None), spec))
+        elif isinstance(getattr(module, "plugin", None), Plugin):
+            target.add_plugin(module.plugin)
+    return target
 
 
-_OUTCOMES: dict[str, Literal["burned", "reclaimed"]] = {"success": "burned", "failure": "reclaimed"}
-
-
-async def settle_reservation_in_one_statement(pool: Pool, row_id: int) -> bool:
-    """The common case (a pending, well-formed row whose reservation exists) in one
-    round trip; anything else is left to :func:`settle_reservation`, which says why."""
-    row = await pool.fetchrow(query("settle_reservation_row"), row_id)
-    return row is not None and row["finished"] == 1
-
-
-@registry.register("reservation", fast_path=settle_reservation_in_one_statement)
-async def settle_reservation(conn: Connection, event: OutboxEvent) -> None:
-    """``success`` burns the reservation (balance unchanged); ``failure`` reclaims it
-    (its amount goes back to the account). A reservation already settled stays as it is."""
-    if event.outcome not in _OUTCOMES:
-        raise PermanentError(
-            f"outcome must be 'success' or 'failure' for kind 'reservation', got {event.outcome!r}"
-        )
-    parse_payload(ReservationPayload, event)
-    statement = "burn_reservation" if _OUTCOMES[event.outcome] == "burned" else "reclaim_reservation"
-    status = await conn.execute(query(statement), event.correlation_id)
-    if status.endswith(" 0"):
-        state = await conn.fetchval(query("reservation_state"), event.correlation_id)
-        if state is None:
-            raise PermanentError(f"no reservation {event.correlation_id!r}")
-        # Already burned or reclaimed: nothing changes twice.
+def _as_plugin(value: object, where: str) -> Plugin:
+    if isinstance(value, Plugin):
+        return value
+    raise PluginError(f"{where} is not an outbox_relay.handlers.Plugin")

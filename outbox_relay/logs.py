@@ -25,6 +25,13 @@ def scrub(text: str) -> str:
     return _CREDENTIALS_RE.sub(r"\g<scheme>\g<user>:***@", text)
 
 
+def describe(exc: BaseException) -> str:
+    """A one-line, secret-free description of an error for logs and messages."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    name = type(exc).__name__
+    return scrub(f"{name}: {text}" if text else name)
+
+
 def _fields(record: logging.LogRecord) -> dict[str, Any]:
     return {k: v for k, v in vars(record).items() if k not in _STANDARD_ATTRS}
 

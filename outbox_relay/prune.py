@@ -33,14 +33,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 from outbox_relay.db import Connection, Pool
-from outbox_relay.exceptions import OutboxRelayError
+from outbox_relay.exceptions import NoSubscriberError, SubscriberLagError
+from outbox_relay.lifecycle import stopped_within
+from outbox_relay.settings import RetentionConfig
 from outbox_relay.sql import query
 
 if TYPE_CHECKING:
@@ -59,23 +61,6 @@ DEFAULT_WAIT_TIMEOUT = 30.0
 PRIMARY_ROUND_ROWS = 100_000
 
 
-class PruneError(OutboxRelayError):
-    """`prune` could not be done safely; nothing unsafe was deleted."""
-
-
-class NoSubscriberError(PruneError):
-    """The primary has no logical replication slot: no subscriber is attached."""
-
-
-class SubscriberLagError(PruneError):
-    """A slot did not confirm the candidate rows in time; that round's rows were kept."""
-
-    def __init__(self, message: str, *, lagging: list[str], pruned: int) -> None:
-        super().__init__(message)
-        self.lagging = lagging
-        self.pruned = pruned
-
-
 @dataclass
 class PruneStats:
     """What one prune run did: rows deleted, id ranges visited (its cost), slot waits."""
@@ -83,13 +68,6 @@ class PruneStats:
     deleted: int = 0
     ranges: int = 0
     rounds: int = 0
-
-
-def _check(older_than: float, batch_size: int) -> None:
-    if not (math.isfinite(older_than) and older_than > 0):
-        raise ValueError(f"older_than must be a number of seconds > 0, got {older_than!r}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size!r}")
 
 
 def _range_end(lo: int, batch_size: int) -> int:
@@ -115,7 +93,6 @@ async def prune_service_stats(
     conn_or_pool: Executor, *, older_than: float, batch_size: int, include_failed: bool = False
 ) -> PruneStats:
     """:func:`prune_service`, telling also how many id ranges it visited."""
-    _check(older_than, batch_size)
     statuses = ["finished", "failed"] if include_failed else ["finished"]
     stats = PruneStats()
     started = time.monotonic()
@@ -134,6 +111,17 @@ async def prune_service_stats(
         lo = await conn_or_pool.fetchval(query("prune_first_id"), hi + 1)
     _log("service database", stats, started)
     return stats
+
+
+async def prune_periodically(
+    pool: Pool, config: RetentionConfig, stop: asyncio.Event, *, on_pruned: Callable[[int], None]
+) -> None:
+    """With RETENTION set, the active relay prunes finished rows every PRUNE_INTERVAL, until ``stop``."""
+    while not await stopped_within(stop, config.interval):
+        deleted = await prune_service(pool, older_than=config.retention, batch_size=config.batch_size)
+        on_pruned(deleted)
+        if deleted:
+            logger.info("pruned finished rows", extra={"rows": deleted})
 
 
 # -- primary ---------------------------------------------------------------------------
@@ -177,7 +165,6 @@ async def prune_primary_stats(
     round_rows: int = PRIMARY_ROUND_ROWS,
 ) -> PruneStats:
     """:func:`prune_primary`, telling also the ranges visited and the rounds (slot waits)."""
-    _check(older_than, batch_size)
     stats = PruneStats()
     started = time.monotonic()
     _no_subscriber_unless(await conn.fetch(query("prune_logical_slots"), "0/0"))

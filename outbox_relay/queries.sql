@@ -7,12 +7,12 @@
 SELECT pg_try_advisory_lock(hashtext('outbox_relay'), 1);
 
 -- name: select_new_by_ids
-SELECT id, correlation_id, generation, kind
+SELECT id, correlation_id, generation
   FROM outbox_relay.outbox
  WHERE id = ANY($1::bigint[]) AND status = 'new';
 
 -- name: select_new
-SELECT id, correlation_id, generation, kind
+SELECT id, correlation_id, generation
   FROM outbox_relay.outbox
  WHERE status = 'new' AND id > $1
  ORDER BY id
@@ -25,7 +25,7 @@ SELECT now() - make_interval(secs => $1::float8);
 -- name: select_stale_queued
 -- Rows handed to the queue before $1 and still not done: the queue may have
 -- lost them (Redis restarted empty, a job expired, a worker gave up).
-SELECT id, correlation_id, generation, kind
+SELECT id, correlation_id, generation
   FROM outbox_relay.outbox
  WHERE status = 'queued' AND queued_at < $1
  ORDER BY queued_at
@@ -45,10 +45,34 @@ SELECT id, correlation_id, kind, outcome, payload, created_at, status, attempts,
  WHERE id = $1
    FOR UPDATE;
 
+-- name: finished_columns
+-- The move to `finished`, written once: finish_row and the fast path use it.
+status = 'finished', attempts = attempts + 1, last_error = NULL, finished_at = now()
+
 -- name: finish_row
-UPDATE outbox_relay.outbox
-   SET status = 'finished', attempts = attempts + 1, last_error = NULL, finished_at = now()
- WHERE id = $1;
+UPDATE outbox_relay.outbox SET {finished_columns} WHERE id = $1;
+
+-- name: fast_path
+-- The one-statement path, composed by outbox_relay/worker/processor.py from the
+-- plugins' fast paths (outbox_relay.handlers.FastPath): the core claims the
+-- pending rows, each plugin's effect CTEs read `claimed` and apply the effect,
+-- and the union of their `applied` ids says which rows the core finishes.
+WITH claimed AS (
+    SELECT o.id, o.correlation_id, o.kind, o.outcome, o.payload
+      FROM outbox_relay.outbox AS o
+     WHERE o.id = ANY($1::bigint[]) AND o.status IN ('new', 'queued')
+     ORDER BY o.id
+       FOR UPDATE
+), {effects}, applied AS (
+    {applied}
+), finished AS (
+    UPDATE outbox_relay.outbox AS o
+       SET {finished_columns}
+      FROM applied AS a
+     WHERE o.id = a.id
+    RETURNING o.id
+)
+SELECT id FROM finished;
 
 -- name: fail_row
 UPDATE outbox_relay.outbox
@@ -64,26 +88,6 @@ UPDATE outbox_relay.outbox
        finished_at = CASE WHEN attempts + 1 >= $3 THEN now() ELSE finished_at END
  WHERE id = $1 AND status IN ('new', 'queued')
 RETURNING status, attempts;
-
--- name: burn_reservation
-UPDATE ledger.reservations
-   SET state = 'burned', settled_at = now()
- WHERE correlation_id = $1 AND state = 'reserved';
-
--- name: reclaim_reservation
-WITH settled AS (
-    UPDATE ledger.reservations
-       SET state = 'reclaimed', settled_at = now()
-     WHERE correlation_id = $1 AND state = 'reserved'
-    RETURNING account_id, amount
-)
-UPDATE ledger.accounts AS a
-   SET balance = a.balance + settled.amount
-  FROM settled
- WHERE a.id = settled.account_id;
-
--- name: reservation_state
-SELECT state FROM ledger.reservations WHERE correlation_id = $1;
 
 -- name: status_counts
 SELECT status, count(*) AS n FROM outbox_relay.outbox GROUP BY status;
@@ -255,47 +259,3 @@ SELECT slot_name, active, confirmed_flush_lsn::text AS confirmed_flush_lsn,
 
 -- name: prune_primary_ids
 DELETE FROM outbox_relay.outbox WHERE id = ANY($1::bigint[]);
-
--- name: settle_reservation_row
--- The reservation handler's common path in ONE statement (one round trip):
--- claim a pending, well-formed reservation row, settle its reservation if it
--- is still reserved (burn, or reclaim with the refund), finish the row.
--- Returns finished = 0 when anything is unusual (the row is done already, is
--- poison, or has no reservation): the general path then decides, and says why.
-WITH claimed AS (
-    SELECT o.id, o.correlation_id,
-           CASE o.outcome WHEN 'success' THEN 'burned' ELSE 'reclaimed' END AS new_state
-      FROM outbox_relay.outbox AS o
-     WHERE o.id = $1
-       AND o.status IN ('new', 'queued')
-       AND o.kind = 'reservation'
-       AND o.outcome IN ('success', 'failure')
-       AND jsonb_typeof(o.payload) = 'object'
-       FOR UPDATE
-), reservation AS (
-    SELECT r.correlation_id, r.state
-      FROM ledger.reservations AS r
-      JOIN claimed AS c ON c.correlation_id = r.correlation_id
-       FOR UPDATE OF r
-), settled AS (
-    UPDATE ledger.reservations AS r
-       SET state = c.new_state, settled_at = now()
-      FROM claimed AS c, reservation AS x
-     WHERE r.correlation_id = c.correlation_id AND x.state = 'reserved'
-    RETURNING r.account_id, r.amount, r.state
-), refunded AS (
-    UPDATE ledger.accounts AS a
-       SET balance = a.balance + s.amount
-      FROM settled AS s
-     WHERE a.id = s.account_id AND s.state = 'reclaimed'
-    RETURNING a.id
-), finished AS (
-    UPDATE outbox_relay.outbox AS o
-       SET status = 'finished', attempts = o.attempts + 1, last_error = NULL, finished_at = now()
-      FROM claimed AS c, reservation AS x
-     WHERE o.id = c.id
-    RETURNING o.id
-)
-SELECT (SELECT count(*) FROM finished) AS finished,
-       (SELECT count(*) FROM settled) AS settled,
-       (SELECT count(*) FROM refunded) AS refunded;

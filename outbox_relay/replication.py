@@ -11,7 +11,7 @@ from outbox_relay.db import Connection, connect_retrying, quote_ident, quote_lit
 from outbox_relay.exceptions import MigrationError, ReplicationError
 from outbox_relay.migrate import check_schema
 from outbox_relay.settings import Settings
-from outbox_relay.sql import query
+from outbox_relay.sql import query, render
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +67,8 @@ async def subscribe(settings: Settings, *, wait: bool = True, sync_timeout: floa
                     await primary.fetchval(query("create_slot"), name)
                     slot_created = True
                 await service.execute(
-                    query("create_subscription").format(
+                    render(
+                        query("create_subscription"),
                         subscription=quote_ident(name),
                         conninfo=quote_literal(conninfo),
                         slot=quote_literal(name),
@@ -142,4 +143,4 @@ async def unsubscribe(settings: Settings, *, slot_timeout: float = 30.0) -> Unsu
 
 
 def _ddl(name: str, subscription: str) -> str:
-    return query(name).format(subscription=quote_ident(subscription))
+    return render(query(name), subscription=quote_ident(subscription))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
@@ -169,6 +170,69 @@ class Settings(BaseSettings):
     def job_namespace(self) -> str:
         """Prefix of every job id: arq job ids share one namespace per Redis database."""
         return f"outbox_relay:{self.queue_name}"
+
+    # -- narrow objects for the core, built here at the edge ---------------------------
+
+    def relay_config(self) -> RelayConfig:
+        """What the relay (`run`) needs."""
+        return RelayConfig(
+            database_url=self.require_database_url(),
+            queue_name=self.queue_name,
+            sweep_interval=self.sweep_interval,
+            requeue_after=self.requeue_after,
+            batch_size=self.batch_size,
+            max_queue_depth=self.max_queue_depth,
+        )
+
+    def worker_config(self) -> WorkerConfig:
+        """What the worker's row processor needs."""
+        return WorkerConfig(
+            database_url=self.require_database_url(),
+            concurrency=self.worker_concurrency,
+            job_timeout=self.job_timeout,
+            max_attempts=self.max_attempts,
+            retry_backoff=self.retry_backoff,
+            retry_backoff_max=self.retry_backoff_max,
+        )
+
+    def retention_config(self) -> RetentionConfig | None:
+        """The relay's periodic prune, when RETENTION is set."""
+        if self.retention is None:
+            return None
+        return RetentionConfig(self.retention, self.prune_interval, self.prune_batch_size)
+
+
+@dataclass(frozen=True)
+class RelayConfig:
+    """The relay's settings (the URL is a secret: left out of ``repr``)."""
+
+    database_url: str = field(repr=False)
+    queue_name: str
+    sweep_interval: float
+    requeue_after: float
+    batch_size: int
+    max_queue_depth: int
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """The worker's settings (the URL is a secret: left out of ``repr``)."""
+
+    database_url: str = field(repr=False)
+    concurrency: int
+    job_timeout: float
+    max_attempts: int
+    retry_backoff: float
+    retry_backoff_max: float
+
+
+@dataclass(frozen=True)
+class RetentionConfig:
+    """How long finished rows stay, how often the relay prunes, rows per step."""
+
+    retention: float
+    interval: float
+    batch_size: int
 
 
 def env_name(field: str) -> str:

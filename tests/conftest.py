@@ -12,10 +12,14 @@ import asyncpg
 import pytest
 
 from outbox_relay.db import quote_ident
+from outbox_relay.handlers import load_plugins, registry
 from outbox_relay.migrate import migrate
 from outbox_relay.replication import unsubscribe
 from outbox_relay.settings import Settings
 from tests.servers import PgServer, RedisServer, session_postgres, session_redis
+
+# What the CLI does at its edge: the installed plugins (the reservation domain) register.
+load_plugins(registry)
 
 
 @pytest.fixture(scope="session")
@@ -104,7 +108,7 @@ async def create_outbox_env(pg: PgServer, redis_url: str, *, migrate_primary: bo
             continue
         conn = await asyncpg.connect(url)
         try:
-            await migrate(conn, target)  # type: ignore[arg-type]
+            await migrate(conn, target, registry.plugins())  # type: ignore[arg-type]
         finally:
             await conn.close()
     return env

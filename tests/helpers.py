@@ -15,10 +15,10 @@ from typing import Any
 import asyncpg
 
 from outbox_relay.handlers import HandlerRegistry, registry
-from outbox_relay.jobs import JobQueue, redis_client
+from outbox_relay.queue import ConsumerStats
 from outbox_relay.relay import Relay
+from outbox_relay.services import relay_process, worker_process
 from outbox_relay.settings import Settings
-from outbox_relay.worker import WorkerStats, run_worker
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -45,25 +45,22 @@ async def wait_until(
 async def running_relay(settings: Settings) -> AsyncIterator[Relay]:
     """Run a relay in this event loop; stop it (and wait for it) on exit."""
     stop = asyncio.Event()
-    redis = redis_client(settings.redis_url.get_secret_value(), queue_name=settings.queue_name)
-    queue = JobQueue(redis, queue_name=settings.queue_name, namespace=settings.job_namespace)
-    relay = Relay(settings, queue, stop)
-    task = asyncio.create_task(relay.run(), name="test.relay")
+    process = relay_process(settings, stop)  # what `run` composes
+    task = asyncio.create_task(process.run(), name="test.relay")
     try:
-        yield relay
+        yield process.relay
     finally:
         stop.set()
         await asyncio.wait_for(task, 15)
-        await redis.aclose(close_connection_pool=True)
 
 
 @contextlib.asynccontextmanager
 async def running_worker(
     settings: Settings, handlers: HandlerRegistry = registry
-) -> AsyncIterator[asyncio.Task[WorkerStats]]:
+) -> AsyncIterator[asyncio.Task[ConsumerStats]]:
     """Run a worker in this event loop; stop it (and wait for it) on exit."""
     stop = asyncio.Event()
-    task = asyncio.create_task(run_worker(settings, stop, handlers=handlers), name="test.worker")
+    task = asyncio.create_task(worker_process(settings, handlers, stop), name="test.worker")
     try:
         yield task
     finally:

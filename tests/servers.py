@@ -19,7 +19,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
-from outbox_relay.embedded import EmbeddedPostgres, EmbeddedRedis
+from outbox_relay.devtools.embedded import EmbeddedPostgres, EmbeddedRedis
 
 PG_ENV = "OUTBOX_RELAY_TEST_POSTGRES_URL"
 REDIS_ENV = "OUTBOX_RELAY_TEST_REDIS_URL"

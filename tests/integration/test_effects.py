@@ -10,10 +10,11 @@ from typing import Any
 import pytest
 
 from outbox_relay.db import Connection, create_pool
+from outbox_relay.domains.reservation import settle_reservation
 from outbox_relay.events import OutboxEvent
 from outbox_relay.exceptions import PermanentError
 from outbox_relay.handlers import HandlerRegistry, registry
-from outbox_relay.tasks import RowProcessor
+from outbox_relay.worker import RowProcessor
 from tests.conftest import OutboxEnv
 from tests.helpers import (
     count_status,
@@ -28,12 +29,24 @@ from tests.helpers import (
 BALANCE = 10_000
 
 
+#: The reservation handler without its fast path: every delivery takes the general path.
+_GENERAL_PATH_ONLY = HandlerRegistry()
+_GENERAL_PATH_ONLY.register("reservation")(settle_reservation)
+
+
+async def _process(processor: RowProcessor, row_id: int, kind: str | None) -> str:
+    """Deliver row ``row_id``'s job once: with the fast path (``kind`` set) or the general path only."""
+    if kind is None:
+        processor = RowProcessor(processor.config, processor.pool, _GENERAL_PATH_ONLY)
+    return (await processor.process(row_id)).result
+
+
 @pytest.fixture
 async def processor(outbox_env: OutboxEnv) -> AsyncIterator[RowProcessor]:
     """A RowProcessor with the shipped handlers, on a pool of its own."""
     pool = await create_pool(outbox_env.service_url, max_size=4)
     try:
-        yield RowProcessor(outbox_env.settings(), pool, registry)
+        yield RowProcessor(outbox_env.settings().worker_config(), pool, registry)
     finally:
         await pool.close()
 
@@ -80,8 +93,8 @@ async def test_same_job_delivered_twice_in_a_row_settles_once(
     total = await money_total(service)
     row_id = await _insert(service, "dup-seq", "failure")
 
-    assert await processor.process(row_id, kind=kind) == "finished"
-    assert await processor.process(row_id, kind=kind) == "duplicate"
+    assert await _process(processor, row_id, kind) == "finished"
+    assert await _process(processor, row_id, kind) == "duplicate"
 
     assert await _state(service, "dup-seq") == "reclaimed"
     assert await _balance(service, "acc") == BALANCE, "the amount was given back more than once"
@@ -102,7 +115,7 @@ async def test_same_job_delivered_twice_concurrently_settles_once(
     total = await money_total(service)
     ids = [await _insert(service, cid, "failure") for cid in cids]
 
-    deliveries = [processor.process(row_id, kind=kind) for row_id in ids for _ in range(2)]
+    deliveries = [_process(processor, row_id, kind) for row_id in ids for _ in range(2)]
     results = await asyncio.gather(*deliveries)
 
     for i in range(len(ids)):
@@ -137,8 +150,8 @@ async def test_reservation_already_settled_finishes_the_row_and_changes_nothing(
     burned_id = await _insert(service, "settled-burned", "failure")
     reclaimed_id = await _insert(service, "settled-reclaimed", "success")
 
-    assert await processor.process(burned_id, kind=kind) == "finished"
-    assert await processor.process(reclaimed_id, kind=kind) == "finished"
+    assert await _process(processor, burned_id, kind) == "finished"
+    assert await _process(processor, reclaimed_id, kind) == "finished"
 
     assert await _state(service, "settled-burned") == "burned"
     assert await _state(service, "settled-reclaimed") == "reclaimed"

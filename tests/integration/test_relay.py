@@ -14,8 +14,11 @@ from arq.constants import job_key_prefix, result_key_prefix
 from arq.jobs import Job
 
 from outbox_relay.admin import requeue
-from outbox_relay.jobs import FUNCTION_NAME, JobQueue, PendingRow, job_id, redis_client
+from outbox_relay.arq_adapter import ArqQueue, QueueConfig, job_id
+from outbox_relay.arq_adapter.producer import FUNCTION_NAME
+from outbox_relay.queue import HandOver
 from outbox_relay.relay import Relay
+from outbox_relay.relay.store import PendingRow
 from tests.conftest import OutboxEnv, create_outbox_env, drop_outbox_env
 from tests.helpers import (
     count_status,
@@ -213,7 +216,8 @@ async def test_requeue_works_at_once_whatever_redis_kept_of_earlier_attempts(
     """A requeued failed row is processed again at once (NOTIFY wake-up), despite junk keys of its old job."""
     settings = outbox_env.settings(sweep_interval=3600)
     await open_account(service, "acc", 1_000)
-    redis = redis_client(settings.redis_url.get_secret_value(), queue_name=settings.queue_name)
+    queue = ArqQueue(QueueConfig(settings.redis_url.get_secret_value(), settings.queue_name, "unused"))
+    redis = queue.redis
     old_id = job_id(settings.job_namespace, "late")  # generation 0: the id of its earlier attempts
     try:
         async with running_worker(settings), running_relay(settings) as relay:
@@ -243,18 +247,18 @@ async def test_requeue_works_at_once_whatever_redis_kept_of_earlier_attempts(
         assert state == "burned"
     finally:
         await redis.delete(job_key_prefix + old_id, result_key_prefix + old_id)
-        await redis.aclose(close_connection_pool=True)
+        await queue.close()
 
 
 async def test_job_queue_adds_each_job_once(outbox_env: OutboxEnv) -> None:
-    """JobQueue.enqueue adds a job id once, honours arq's result keys and gives requeued rows new ids."""
+    """ArqQueue.hand_over adds a job id once, honours arq's result keys and gives requeued rows new ids."""
     settings = outbox_env.settings()
     namespace, queue_name = settings.job_namespace, settings.queue_name
     async with _job_queue(settings.redis_url.get_secret_value(), queue_name, namespace) as (queue, redis):
         rows = [PendingRow(i, f"cid-{i}") for i in range(1, 6)]
-        assert await queue.enqueue(rows) == (5, 5)
-        assert await queue.enqueue(rows) == (0, 5), "the same rows were enqueued twice"
-        assert await queue.enqueue([*rows[:2], PendingRow(6, "cid-6")]) == (1, 6)
+        assert await queue.hand_over(rows) == HandOver(5, 5)
+        assert await queue.hand_over(rows) == HandOver(0, 5), "the same rows were enqueued twice"
+        assert await queue.hand_over([*rows[:2], PendingRow(6, "cid-6")]) == HandOver(1, 6)
         # arq's own enqueue follows the same rule for the same id.
         arq_job = await redis.enqueue_job(
             FUNCTION_NAME, 1, _job_id=job_id(namespace, "cid-1"), _queue_name=queue_name
@@ -262,9 +266,9 @@ async def test_job_queue_adds_each_job_once(outbox_env: OutboxEnv) -> None:
         assert arq_job is None
         # A kept result blocks the id, as in arq.
         await redis.set(result_key_prefix + job_id(namespace, "cid-7"), b"kept")
-        assert await queue.enqueue([PendingRow(7, "cid-7")]) == (0, 6)
+        assert await queue.hand_over([PendingRow(7, "cid-7")]) == HandOver(0, 6)
         # A requeued row (next generation) gets a new id.
-        assert await queue.enqueue([PendingRow(1, "cid-1", 1)]) == (1, 7)
+        assert await queue.hand_over([PendingRow(1, "cid-1", 1)]) == HandOver(1, 7)
         assert await queue.depth() == 7
 
         info = await Job(job_id(namespace, "cid-3"), redis, _queue_name=queue_name).info()
@@ -273,14 +277,15 @@ async def test_job_queue_adds_each_job_once(outbox_env: OutboxEnv) -> None:
 
 
 @contextlib.asynccontextmanager
-async def _job_queue(url: str, queue_name: str, namespace: str) -> AsyncIterator[tuple[JobQueue, Any]]:
-    redis = redis_client(url, queue_name=queue_name)
+async def _job_queue(url: str, queue_name: str, namespace: str) -> AsyncIterator[tuple[ArqQueue, Any]]:
+    queue = ArqQueue(QueueConfig(url, queue_name, namespace))
+    redis = queue.redis
     try:
-        yield JobQueue(redis, queue_name=queue_name, namespace=namespace), redis
+        yield queue, redis
     finally:
         keys = [key async for key in redis.scan_iter(match=f"arq:*{namespace}:*")]
         await redis.delete(queue_name, *keys)
-        await redis.aclose(close_connection_pool=True)
+        await queue.close()
 
 
 async def _record_overlaps(relays: list[Relay], overlaps: list[float]) -> None:

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from outbox_relay import relay as relay_module
+from outbox_relay.relay import report as relay_module
 from tests.conftest import OutboxEnv
 from tests.helpers import produce, running_relay, wait_until
 

@@ -8,10 +8,11 @@ from typing import Any
 import pytest
 from pydantic import BaseModel
 
+from outbox_relay.domains.reservation import settle_reservation
+from outbox_relay.domains.reservation.handler import query
 from outbox_relay.events import OutboxEvent, parse_payload
-from outbox_relay.exceptions import PermanentError, UnknownKindError
-from outbox_relay.handlers import HandlerRegistry, registry, settle_reservation
-from outbox_relay.sql import query
+from outbox_relay.exceptions import PermanentError, PluginError, UnknownKindError
+from outbox_relay.handlers import HandlerRegistry, registry
 
 CREATED = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 
@@ -160,7 +161,7 @@ def test_registering_two_different_handlers_for_one_kind_raises() -> None:
     """A second, different handler for a kind is refused and the first one stays."""
     local = HandlerRegistry()
     local.register("email")(_noop)
-    with pytest.raises(ValueError, match="email"):
+    with pytest.raises(PluginError, match="email"):
         local.register("email")(_other)
     assert local.get("email") is _noop
 

@@ -9,10 +9,11 @@ import time
 
 import pytest
 
-from outbox_relay import backoff as backoff_module
-from outbox_relay.backoff import Backoff, describe, retry
+from outbox_relay import retry as backoff_module
+from outbox_relay.arq_adapter import job_id
 from outbox_relay.exceptions import UnavailableError
-from outbox_relay.jobs import job_id
+from outbox_relay.logs import describe
+from outbox_relay.retry import Backoff, retry
 from outbox_relay.settings import Settings
 
 PASSWORD = "hunter2-s3cret"

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from arq.worker import Worker
 
-from outbox_relay.worker import OutboxWorker
+from outbox_relay.arq_adapter.consumer import OutboxWorker
 
 
 def _worker() -> OutboxWorker:

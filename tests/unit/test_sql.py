@@ -11,8 +11,10 @@ import pytest
 
 from outbox_relay import sql
 from outbox_relay.db import quote_ident, quote_literal
+from outbox_relay.domains.reservation import handler as reservation_handler
 
 PACKAGE_DIR = Path(sql.__file__).resolve().parent
+RESERVATION_DIR = PACKAGE_DIR / "domains" / "reservation"
 
 #: Functions of the package whose first argument is the name of a query in queries.sql.
 QUERY_FUNCTIONS = {"query", "_ddl"}
@@ -31,14 +33,15 @@ def _string_values(node: ast.expr) -> set[str]:
     return set()
 
 
-def used_query_names() -> dict[str, list[str]]:
-    """Every query name the package passes to query()/_ddl(), with where it is used.
+def used_query_names(paths: list[Path] | None = None) -> dict[str, list[str]]:
+    """Every query name the core (or ``paths``) passes to query()/_ddl(), with where it is used.
 
     A literal argument counts directly; a variable argument counts every string
     its assignments in the same function can give (``name = "a" if x else "b"``).
     """
     found: dict[str, list[str]] = {}
-    for path in sorted(PACKAGE_DIR.glob("*.py")):
+    core = [p for p in PACKAGE_DIR.rglob("*.py") if RESERVATION_DIR not in p.parents]
+    for path in sorted(core if paths is None else paths):
         tree = ast.parse(path.read_text(), filename=str(path))
         functions = [n for n in ast.walk(tree) if isinstance(n, ast.AsyncFunctionDef | ast.FunctionDef)]
         for function in [tree, *functions]:
@@ -67,13 +70,21 @@ def used_query_names() -> dict[str, list[str]]:
 
 
 def test_every_query_name_used_in_the_package_exists_in_queries_sql() -> None:
-    """No query()/_ddl() call in outbox_relay/ names a query that queries.sql lacks."""
+    """No query()/_ddl() call in the core names a query that queries.sql lacks."""
     used = used_query_names()
     assert len(used) >= 30, "the scan found too few query names: it no longer sees the calls"
-    expected = {"burn_reservation", "reclaim_reservation", "create_subscription", "drop_subscription"}
+    expected = {"create_subscription", "drop_subscription", "finished_columns", "fast_path"}
     assert expected <= set(used), "the scan misses conditional or DDL query names"
     missing = {name: where for name, where in used.items() if name not in sql.queries()}
     assert not missing, f"queries used but not in queries.sql: {missing}"
+
+
+def test_every_query_name_the_reservation_domain_uses_exists_in_its_own_file() -> None:
+    """The reservation plugin's query() calls name blocks of its own queries.sql, conditional ones too."""
+    used = used_query_names(sorted(RESERVATION_DIR.glob("*.py")))
+    assert {"burn_reservation", "reclaim_reservation", "fast_path_ctes"} <= set(used)
+    missing = {name: where for name, where in used.items() if name not in reservation_handler.query.queries}
+    assert not missing, f"queries used but not in domains/reservation/queries.sql: {missing}"
 
 
 def test_query_names_in_queries_sql_are_unique_and_bodies_non_empty() -> None:
@@ -109,12 +120,33 @@ def test_ddl_queries_use_only_the_known_placeholders() -> None:
     assert {f for _, f, _, _ in string.Formatter().parse(create) if f} == DDL_PLACEHOLDERS
 
 
+#: Queries the worker composes from fragments before running them, and the parts they take.
+COMPOSED = {"finish_row": {"finished_columns"}, "fast_path": {"effects", "applied", "finished_columns"}}
+
+
 def test_parameterised_queries_hold_no_format_placeholders() -> None:
-    """A query run with $n parameters carries no {placeholder}: it would reach the server unformatted."""
+    """A query run with $n parameters carries no {placeholder}, but for the composed ones' known parts."""
     for name, text in sql.queries().items():
         if DDL_RE.search(text):
             continue
-        assert not re.search(r"\{[a-z_]+\}", text), f"{name} holds a format placeholder"
+        found = set(re.findall(r"\{([a-z_]+)\}", text))
+        assert found == COMPOSED.get(name, set()), f"{name} holds format placeholders {found}"
+
+
+def test_composed_queries_render_without_placeholders() -> None:
+    """finish_row and the reservation fast path come out of render() with nothing left to fill."""
+    from outbox_relay.domains.reservation import plugin
+    from outbox_relay.handlers import HandlerRegistry
+    from outbox_relay.worker.processor import compose_fast_path
+
+    registry = HandlerRegistry()
+    registry.add_plugin(plugin)
+    statement = compose_fast_path(registry)
+    assert statement is not None
+    assert not re.search(r"\{[a-z_]+\}", statement)
+    assert "reservation_rows" in statement
+    assert "SET status = 'finished'" in statement
+    assert compose_fast_path(HandlerRegistry()) is None
 
 
 @pytest.mark.parametrize("target", ["service", "primary"])
@@ -132,23 +164,21 @@ def test_migrations_load_in_version_order_with_unique_versions(target: str) -> N
         assert re.fullmatch(r"[a-z0-9_]+", migration.name)
 
 
-def test_migrations_reject_duplicate_versions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_migrations_reject_duplicate_versions(tmp_path: Path) -> None:
     """Two files with one version number are a MigrationError, not a silent pick."""
     (tmp_path / "service").mkdir()
     (tmp_path / "service" / "0001_a.sql").write_text("SELECT 1;")
     (tmp_path / "service" / "0001_b.sql").write_text("SELECT 2;")
-    monkeypatch.setattr(sql, "migrations_dir", lambda: tmp_path)
     with pytest.raises(sql.MigrationError):
-        sql.migrations("service")
+        sql.migration_set("service", tmp_path / "service")
 
 
-def test_migrations_reject_badly_named_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_migrations_reject_badly_named_files(tmp_path: Path) -> None:
     """A migration file not named NNNN_name.sql is a MigrationError."""
     (tmp_path / "primary").mkdir()
     (tmp_path / "primary" / "1_init.sql").write_text("SELECT 1;")
-    monkeypatch.setattr(sql, "migrations_dir", lambda: tmp_path)
     with pytest.raises(sql.MigrationError, match=r"1_init\.sql"):
-        sql.migrations("primary")
+        sql.migration_set("primary", tmp_path / "primary")
 
 
 # -- producer / subscriber table parity ------------------------------------------------

@@ -25,10 +25,12 @@ from typing import Any
 from pydantic import SecretStr
 
 from outbox_relay.db import Connection, connect
-from outbox_relay.embedded import EmbeddedPostgres, EmbeddedRedis
+from outbox_relay.devtools.embedded import EmbeddedPostgres, EmbeddedRedis
+from outbox_relay.devtools.processes import log_tails, service_env, spawn
+from outbox_relay.devtools.processes import stop as stop_processes
+from outbox_relay.domains.reservation import plugin as reservation
+from outbox_relay.exceptions import DemoError
 from outbox_relay.migrate import migrate
-from outbox_relay.processes import log_tails, service_env, spawn
-from outbox_relay.processes import stop as stop_processes
 from outbox_relay.replication import subscribe, unsubscribe
 from outbox_relay.settings import Settings
 
@@ -71,10 +73,8 @@ def say(text: str = "") -> None:
     print(text, flush=True)
 
 
-def run_demo(options: DemoOptions) -> int:
+async def run_demo(options: DemoOptions) -> int:
     """Run the demo; 0 when every check passed."""
-    from outbox_relay.cli import run_async
-
     workdir = Path(tempfile.mkdtemp(prefix="outbox-relay-demo-"))
     say("outbox_relay demo: embedded PostgreSQL (logical replication) + Redis, relay and workers")
     started = time.monotonic()
@@ -96,7 +96,7 @@ def run_demo(options: DemoOptions) -> int:
             redis_url=SecretStr(redis.url()),
             queue_name="demo",
         )
-        report = run_async(_demo(options, settings, workdir, processes))
+        report = await _demo(options, settings, workdir, processes)
     finally:
         stop_processes(processes, timeout=15)
         redis.cleanup()
@@ -124,7 +124,7 @@ async def _demo(
     for url, target in ((service_url, "service"), (primary_url, "primary")):
         conn = await connect(url)
         try:
-            await migrate(conn, target)  # type: ignore[arg-type]
+            await migrate(conn, target, [reservation])  # type: ignore[arg-type]
         finally:
             await conn.close()
     say("  schemas migrated (service database and primary)")
@@ -195,7 +195,7 @@ async def _warm_up(
     ):
         if time.monotonic() > deadline or any(p.poll() is not None for p in processes):
             logs = await asyncio.to_thread(log_tails, workdir)
-            raise RuntimeError(f"the relay and workers did not come up\n{logs}")
+            raise DemoError(f"the relay and workers did not come up\n{logs}")
         await asyncio.sleep(0.05)
 
 
@@ -293,7 +293,7 @@ async def _show_progress(
         dead = [p for p in processes if p.poll() is not None]
         if dead or now > deadline:
             logs = await asyncio.to_thread(log_tails, workdir)
-            raise RuntimeError(f"the demo stalled (a process exited or time ran out)\n{logs}")
+            raise DemoError(f"the demo stalled (a process exited or time ran out)\n{logs}")
         await asyncio.sleep(0.25)
 
 

@@ -1,4 +1,6 @@
-"""The relay's dedicated connection: leadership lock, LISTEN, and liveness checks.
+"""Leadership and the listening session: the relay's dedicated connection.
+
+It holds the leadership lock, LISTENs, and checks its own liveness.
 
 It is never pooled (a pool runs ``UNLISTEN *`` on release) and it holds the
 session advisory lock that makes its relay the active one: when the session
@@ -13,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from outbox_relay.db import DirectConnection
+from outbox_relay.exceptions import ConnectionLostError
 from outbox_relay.sql import query
 
 logger = logging.getLogger(__name__)
@@ -21,11 +24,7 @@ logger = logging.getLogger(__name__)
 CHANNEL = "outbox_relay"
 
 
-class ConnectionLostError(Exception):
-    """The listener's connection is gone (or stopped answering); notifications may be lost."""
-
-
-class Listener:
+class LeaderSession:
     """Wraps the dedicated connection; ``on_notify`` gets each payload, synchronously."""
 
     def __init__(self, conn: DirectConnection, on_notify: Callable[[str], None]) -> None:

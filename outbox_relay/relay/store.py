@@ -1,21 +1,31 @@
-"""The sweep: the guarantee behind the NOTIFY fast path.
+"""The relay's store: every query the relay runs, and the pending-row type.
 
-It finds ``new`` rows the listener missed and ``queued`` rows the queue may
-have lost, page by page along the partial indexes, so its cost follows the
-number of pending rows and not the size of the table.
+The sweep pages through the partial indexes (``new`` rows the listener missed,
+``queued`` rows the queue may have lost), so its cost follows the number of
+pending rows, not the size of the table; the fast path looks notified ids up
+by primary key; the hand-over moves rows to ``queued`` by compare-and-set.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 
 from outbox_relay.db import Pool, Record
-from outbox_relay.jobs import PendingRow
 from outbox_relay.sql import query
 
 
-class Sweeper:
-    """Pages of rows to hand (again) to the queue."""
+@dataclass(frozen=True, slots=True)
+class PendingRow:
+    """A row to hand (again) to the queue: its id, correlation id and requeue generation."""
+
+    id: int
+    correlation_id: str
+    generation: int = 0
+
+
+class RelayStore:
+    """The relay's queries on the service database."""
 
     def __init__(self, pool: Pool, *, batch_size: int, requeue_after: float) -> None:
         self.pool = pool
@@ -49,15 +59,14 @@ class Sweeper:
             if len(records) < self.batch_size:
                 return
 
-    async def new_by_ids(self, ids: list[int]) -> list[PendingRow]:
+    async def new_by_ids(self, ids: Sequence[int]) -> list[PendingRow]:
         """The rows among ``ids`` that are still ``new`` (the fast path's look-up by primary key)."""
-        records = await self.pool.fetch(query("select_new_by_ids"), ids)
-        return _pending(records)
+        return _pending(await self.pool.fetch(query("select_new_by_ids"), list(ids)))
 
-    async def mark_queued(self, ids: list[int]) -> None:
+    async def mark_queued(self, ids: Sequence[int]) -> None:
         """Move rows to ``queued`` (compare-and-set: finished rows stay finished)."""
-        await self.pool.execute(query("mark_queued"), ids)
+        await self.pool.execute(query("mark_queued"), list(ids))
 
 
 def _pending(records: list[Record]) -> list[PendingRow]:
-    return [PendingRow(r["id"], r["correlation_id"], r["generation"], r["kind"]) for r in records]
+    return [PendingRow(r["id"], r["correlation_id"], r["generation"]) for r in records]

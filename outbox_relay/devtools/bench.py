@@ -30,7 +30,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -39,15 +39,20 @@ from typing import Any
 import psutil
 from pydantic import SecretStr
 
-from outbox_relay import processes
+from outbox_relay.arq_adapter import ArqQueue, QueueConfig
 from outbox_relay.db import Connection, connect, quote_ident
-from outbox_relay.embedded import EmbeddedPostgres, EmbeddedRedis
-from outbox_relay.jobs import JobQueue, PendingRow, redis_client
+from outbox_relay.devtools import processes
+from outbox_relay.devtools.embedded import EmbeddedPostgres, EmbeddedRedis
+from outbox_relay.domains.reservation import plugin as reservation
+from outbox_relay.exceptions import BenchError
 from outbox_relay.migrate import migrate
+from outbox_relay.relay.store import PendingRow, RelayStore
 from outbox_relay.replication import subscribe, unsubscribe
 from outbox_relay.settings import Settings
 from outbox_relay.sql import query
-from outbox_relay.sweeper import Sweeper
+from outbox_relay.sql import render as render_sql
+
+FINISH_ROW = render_sql(query("finish_row"), finished_columns=query("finished_columns"))
 
 
 @dataclass(frozen=True)
@@ -204,7 +209,7 @@ class Fleet:
         if relay:
             self.relay = self._spawn(["-m", "outbox_relay", "run"], "relay")
         for index in range(workers):
-            args = ["-m", "outbox_relay.bench", "noop-worker"] if noop else ["-m", "outbox_relay", "worker"]
+            args = ["-m", "outbox_relay", "bench-noop-worker" if noop else "worker"]
             self.workers.append(self._spawn(args, f"worker-{index}"))
 
     def _spawn(self, args: list[str], name: str) -> subprocess.Popen[bytes]:
@@ -229,7 +234,7 @@ class Fleet:
         for proc in [p for p in [self.relay, *self.workers] if p is not None]:
             if proc.poll() is not None:
                 logs = processes.log_tails(self.workdir, lines=10)
-                raise RuntimeError(f"a bench process exited (code {proc.returncode})\n{logs}")
+                raise BenchError(f"a bench process exited (code {proc.returncode})\n{logs}")
 
     def stop(self) -> None:
         cpu = self.cpu_seconds()
@@ -242,15 +247,13 @@ class Fleet:
 # -- the bench ---------------------------------------------------------------------
 
 
-def run_bench(options: BenchOptions, settings: Settings | None) -> int:
+async def run_bench(options: BenchOptions, settings: Settings | None) -> int:
     """Run every measurement, print the table, write JSON if asked; 0 on success."""
-    from outbox_relay.cli import run_async
-
     workdir = Path(tempfile.mkdtemp(prefix="outbox-relay-bench-"))
     say("starting servers" + (" (embedded)" if not options.use_settings else " (from settings)"))
     servers = Servers(settings if options.use_settings else None, workdir)
     try:
-        results = run_async(_bench(options, servers, workdir))
+        results = await _bench(options, servers, workdir)
     finally:
         servers.cleanup()
         import shutil
@@ -352,7 +355,7 @@ async def _setup(settings: Settings) -> None:
     ):
         conn = await connect(url)
         try:
-            await migrate(conn, target)  # type: ignore[arg-type]
+            await migrate(conn, target, [reservation])  # type: ignore[arg-type]
         finally:
             await conn.close()
     await subscribe(settings)
@@ -441,7 +444,7 @@ class Ledger:
             if fleet is not None:
                 fleet.check_alive()
             if time.monotonic() > deadline:
-                raise RuntimeError(f"only {done} of {len(ids)} events finished in time")
+                raise BenchError(f"only {done} of {len(ids)} events finished in time")
             await asyncio.sleep(0.02)
 
     async def stats(self, ids: list[str]) -> Any:
@@ -470,8 +473,9 @@ async def _ceiling(settings: Settings, fleet: Fleet, workers: int, jobs: int) ->
     noop_queue = f"{settings.queue_name}_noop"
     saved = dict(fleet.env)
     fleet.env["OUTBOX_RELAY_QUEUE_NAME"] = noop_queue
-    redis = redis_client(settings.redis_url.get_secret_value(), queue_name=noop_queue)
-    queue = JobQueue(redis, queue_name=noop_queue, namespace=f"noop:{uuid.uuid4().hex[:6]}")
+    queue = ArqQueue(
+        QueueConfig(settings.redis_url.get_secret_value(), noop_queue, f"noop:{uuid.uuid4().hex[:6]}")
+    )
     try:
         fleet.start(workers, relay=False, noop=True)
         await _enqueue_noops(queue, 20, "warm")
@@ -484,23 +488,23 @@ async def _ceiling(settings: Settings, fleet: Fleet, workers: int, jobs: int) ->
         fleet.stop()
         fleet.env.clear()
         fleet.env.update(saved)
-        await redis.aclose(close_connection_pool=True)
+        await queue.close()
 
 
-async def _enqueue_noops(queue: JobQueue, count: int, label: str) -> int:
+async def _enqueue_noops(queue: ArqQueue, count: int, label: str) -> int:
     batch = 100
     for first in range(0, count, batch):
         rows = [PendingRow(i, f"{label}-{i}") for i in range(first, min(count, first + batch))]
-        await queue.enqueue(rows)
+        await queue.hand_over(rows)
     return count
 
 
-async def _wait_drained(queue: JobQueue, fleet: Fleet, timeout: float = 600) -> None:
+async def _wait_drained(queue: ArqQueue, fleet: Fleet, timeout: float = 600) -> None:
     deadline = time.monotonic() + timeout
     while await queue.depth() > 0:
         fleet.check_alive()
         if time.monotonic() > deadline:
-            raise RuntimeError("the no-op queue did not drain in time")
+            raise BenchError("the no-op queue did not drain in time")
         await asyncio.sleep(0.005)
 
 
@@ -544,7 +548,7 @@ async def _backlog(ledger: Ledger, fleet: Fleet, rows: int, workers: int) -> dic
         < rows
     ):
         if time.monotonic() > deadline:
-            raise RuntimeError("the backlog did not replicate in time")
+            raise BenchError("the backlog did not replicate in time")
         await asyncio.sleep(0.1)
     start = time.monotonic()
     fleet.start(workers)
@@ -578,7 +582,7 @@ async def _table_scale(servers: Servers, rows: int, tag: str) -> dict[str, Any]:
     conns = {key: await connect(servers.url(name)) for key, name in names.items()}
     try:
         for conn in conns.values():
-            await migrate(conn, "service")
+            await migrate(conn, "service", [reservation])
         start = time.monotonic()
         await conns["full"].execute(
             "INSERT INTO outbox_relay.outbox"
@@ -627,7 +631,7 @@ async def _table_scale(servers: Servers, rows: int, tag: str) -> dict[str, Any]:
 
 
 class _OneConnection:
-    """A one-connection stand-in for a pool (the Sweeper uses fetch, fetchval and execute)."""
+    """A one-connection stand-in for a pool (the store uses fetch, fetchval and execute)."""
 
     def __init__(self, conn: Connection) -> None:
         self.fetch, self.fetchval, self.execute = conn.fetch, conn.fetchval, conn.execute
@@ -639,7 +643,7 @@ async def _interleaved_costs(
     """Median milliseconds per operation and database, the databases taking turns."""
 
     def operations(conn: Connection, ids: list[int]) -> dict[str, Any]:
-        sweeper = Sweeper(_OneConnection(conn), batch_size=500, requeue_after=60)  # type: ignore[arg-type]
+        sweeper = RelayStore(_OneConnection(conn), batch_size=500, requeue_after=60)  # type: ignore[arg-type]
 
         async def sweep_new() -> None:  # finds the 100 probe rows
             async for _ in sweeper.new_rows():
@@ -653,10 +657,9 @@ async def _interleaved_costs(
             await sweeper.new_by_ids(ids)
 
         async def claim_finish() -> None:
-            async with conn.transaction():
+            async with _rolled_back(conn):
                 await conn.fetchrow(query("claim_row"), ids[0])
-                await conn.execute(query("finish_row"), ids[0])
-                raise _Rollback
+                await conn.execute(FINISH_ROW, ids[0])
 
         async def oldest() -> None:
             await conn.fetchval(query("oldest_pending_age"))
@@ -675,8 +678,7 @@ async def _interleaved_costs(
         for key in ops:
             for op, run in ops[key].items():
                 t = time.perf_counter()
-                with contextlib.suppress(_Rollback):
-                    await run()
+                await run()
                 samples[key][op].append((time.perf_counter() - t) * 1000)
     return {key: {op: statistics.median(v) for op, v in per.items()} for key, per in samples.items()}
 
@@ -688,24 +690,27 @@ async def _buffers(conn: Connection, ids: list[int]) -> dict[str, int]:
         "select_new_by_ids": (query("select_new_by_ids"), (ids,)),
         "select_stale_queued": (query("select_stale_queued"), (datetime.now(UTC), 500)),
         "claim_row": (query("claim_row"), (ids[0],)),
-        "finish_row": (query("finish_row"), (ids[0],)),
+        "finish_row": (FINISH_ROW, (ids[0],)),
         "oldest_pending_age": (query("oldest_pending_age"), ()),
     }
     out: dict[str, int] = {}
     for name, (sql, args) in checks.items():
-        with contextlib.suppress(_Rollback):
-            async with conn.transaction():
-                plan = json.loads(
-                    await conn.fetchval(f"EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {sql}", *args)
-                )
-                top = plan[0]["Plan"]
-                out[name] = int(top.get("Shared Hit Blocks", 0)) + int(top.get("Shared Read Blocks", 0))
-                raise _Rollback
+        async with _rolled_back(conn):
+            plan = json.loads(await conn.fetchval(f"EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {sql}", *args))
+            top = plan[0]["Plan"]
+            out[name] = int(top.get("Shared Hit Blocks", 0)) + int(top.get("Shared Read Blocks", 0))
     return out
 
 
-class _Rollback(Exception):
-    pass
+@contextlib.asynccontextmanager
+async def _rolled_back(conn: Connection) -> AsyncIterator[None]:
+    """A transaction that is always rolled back: measure a write, change nothing."""
+    transaction = conn.transaction()
+    await transaction.start()
+    try:
+        yield
+    finally:
+        await transaction.rollback()
 
 
 async def _plans(conn: Connection) -> dict[str, bool]:
@@ -716,7 +721,7 @@ async def _plans(conn: Connection) -> dict[str, bool]:
         "select_stale_queued": (query("select_stale_queued"), (datetime(2000, 1, 1, tzinfo=UTC), 500)),
         "mark_queued": (query("mark_queued"), ([1, 2, 3],)),
         "claim_row": (query("claim_row"), (1,)),
-        "finish_row": (query("finish_row"), (1,)),
+        "finish_row": (FINISH_ROW, (1,)),
         "oldest_pending_age": (query("oldest_pending_age"), ()),
         "failed_rows": (query("failed_rows"), (100,)),
     }
@@ -802,43 +807,3 @@ def render(results: Results) -> str:
         lines.append("")
         lines.append("CPU seconds per 1,000 events: " + ", ".join(parts))
     return "\n".join(lines)
-
-
-# -- the no-op worker used for the ceiling ----------------------------------------------
-
-
-def _noop_worker_main() -> None:
-    """An arq worker with outbox_relay's arq settings whose job does nothing (raw arq)."""
-    from arq.worker import Worker
-
-    from outbox_relay.cli import run_async, stop_on_signals
-    from outbox_relay.settings import load_settings
-    from outbox_relay.worker import build_arq_worker
-
-    settings = load_settings()
-
-    async def noop(ctx: dict[str, Any], row_id: int, kind: str | None = None) -> None:
-        return None
-
-    async def main() -> None:
-        stop = stop_on_signals()
-        redis = redis_client(
-            settings.redis_url.get_secret_value(),
-            queue_name=settings.queue_name,
-            max_connections=settings.worker_concurrency + 10,
-        )
-        worker = build_arq_worker(settings, redis, {}, coroutine=noop, worker_class=Worker)
-        task = asyncio.create_task(worker.main())
-        await stop.wait()
-        task.cancel()
-        with contextlib.suppress(Exception, asyncio.CancelledError):
-            await task
-
-    run_async(main())
-
-
-if __name__ == "__main__":
-    if sys.argv[1:] == ["noop-worker"]:
-        _noop_worker_main()
-    else:
-        sys.exit("usage: python -m outbox_relay.bench noop-worker (use `outbox-relay bench`)")

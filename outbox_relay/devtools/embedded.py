@@ -22,7 +22,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
 
-from outbox_relay.exceptions import OutboxRelayError
+from outbox_relay.exceptions import EmbeddedServerError
 
 #: System user the PostgreSQL server runs as when we are root (it refuses root).
 PG_SYSTEM_USER = "outbox_relay_pg"
@@ -43,10 +43,6 @@ DEFAULT_PG_SETTINGS: Mapping[str, str] = {
     "wal_receiver_timeout": "10s",
     "wal_retrieve_retry_interval": "200ms",
 }
-
-
-class EmbeddedServerError(OutboxRelayError):
-    """An embedded server could not be installed, started or stopped."""
 
 
 def free_port() -> int:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import time
@@ -11,7 +10,8 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from outbox_relay.exceptions import UnavailableError
-from outbox_relay.logs import scrub
+from outbox_relay.lifecycle import stopped_within
+from outbox_relay.logs import describe
 
 T = TypeVar("T")
 
@@ -33,20 +33,6 @@ class Backoff:
     def reset(self) -> None:
         """Start again from ``initial`` (after a success)."""
         self.attempt = 0
-
-
-async def stopped_within(stop: asyncio.Event, seconds: float) -> bool:
-    """Wait up to ``seconds`` for ``stop``; True when it is set (the caller should end)."""
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stop.wait(), seconds)
-    return stop.is_set()
-
-
-def describe(exc: BaseException) -> str:
-    """A one-line, secret-free description of an error for logs and messages."""
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    name = type(exc).__name__
-    return scrub(f"{name}: {text}" if text else name)
 
 
 async def retry(

@@ -1,0 +1,13 @@
+"""The queue port (:mod:`outbox_relay.queue`) implemented with arq on Redis.
+
+This package is the only place in outbox_relay that imports arq or redis:
+the producer (:class:`ArqQueue`, used by the relay), the consumer
+(:class:`ArqConsumer`, used by the worker) and the bench's raw no-op worker.
+"""
+
+from __future__ import annotations
+
+from outbox_relay.arq_adapter.consumer import ArqConsumer, ConsumerConfig, run_noop_worker
+from outbox_relay.arq_adapter.producer import ArqQueue, QueueConfig, job_id
+
+__all__ = ["ArqConsumer", "ArqQueue", "ConsumerConfig", "QueueConfig", "job_id", "run_noop_worker"]

@@ -1,0 +1,231 @@
+"""The consumer side: an arq Worker that runs the worker's job function.
+
+arq settings, chosen for fast recovery (see the field notes in the README):
+
+* ``keep_result = 0``: arq keeps no results, so no job id is blocked after its
+  job ended (the default blocks an id for an hour, and a terminal failure uses
+  the worker-level value whatever the function says).
+* function ``timeout = JOB_TIMEOUT + 5``: the processor's own timeout
+  (JOB_TIMEOUT) fires first and counts a transient attempt; arq's is only a
+  backstop, because arq treats a timeout as terminal. It also sets the
+  in-progress key's life (timeout + 10 s): a SIGKILLed worker's job is run by
+  another worker after JOB_TIMEOUT + 15 s (25 s by default) instead of arq's 310 s.
+* ``poll_delay = WORKER_POLL_DELAY`` (10 ms): arq polls Redis; its default of
+  0.5 s would be the latency floor.
+* ``max_tries = 1000``: attempts are counted in the database (MAX_ATTEMPTS);
+  arq's own count only bounds retries that could not be recorded there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from dataclasses import dataclass
+from typing import Any
+
+from arq import Retry
+from arq.connections import ArqRedis
+from arq.typing import WorkerCoroutine
+from arq.worker import Worker, func
+from redis.exceptions import RedisError
+
+from outbox_relay.arq_adapter.producer import FUNCTION_NAME, redis_client
+from outbox_relay.lifecycle import cancel_and_wait, stopped_within
+from outbox_relay.logs import describe
+from outbox_relay.queue import ConsumerStats, Job, JobFunction
+from outbox_relay.retry import Backoff, retry
+
+logger = logging.getLogger(__name__)
+
+ARQ_MAX_TRIES = 1000
+#: Extra seconds arq's own job timeout allows beyond JOB_TIMEOUT.
+ARQ_TIMEOUT_MARGIN = 5.0
+#: Key of the job function in arq's worker context.
+CONTEXT_KEY = "outbox_relay.job_function"
+
+
+@dataclass(frozen=True)
+class ConsumerConfig:
+    """What the arq worker needs: Redis (a secret: never logged), queue, concurrency, timings."""
+
+    redis_url: str
+    queue_name: str
+    concurrency: int
+    poll_delay: float
+    job_timeout: float
+
+    def __repr__(self) -> str:
+        return f"ConsumerConfig(queue_name={self.queue_name!r}, concurrency={self.concurrency})"
+
+
+class OutboxWorker(Worker):
+    """arq's Worker, skipping the jobs it runs itself and claiming the rest of each
+    read window in random order.
+
+    arq workers read the same head of the queue and claim its jobs one by one
+    (WATCH/MULTI per job): with several workers, all but one pay round trips
+    for jobs another has just taken. Shuffling the window makes concurrent
+    workers mostly pick different jobs. Order within a window of
+    ``queue_read_limit`` jobs is not kept (outbox_relay promises no order).
+    """
+
+    async def start_jobs(self, job_ids: list[bytes]) -> None:
+        # The jobs this worker is running stay in the queue until they finish, so
+        # every poll reads them again; arq would spend a WATCH/MULTI round trip on
+        # each before skipping it. Skip them here, for free.
+        running = self.tasks
+        fresh = [job_id for job_id in job_ids if job_id.decode() not in running]
+        random.shuffle(fresh)
+        await super().start_jobs(fresh)
+
+
+async def _run_job(ctx: dict[str, Any], row_id: int, *_legacy: Any) -> str:
+    """The arq function (registered as ``outbox_relay.process_row``); jobs enqueued by
+    0.1.0 also carry the row's kind, which is no longer needed."""
+    function: JobFunction = ctx[CONTEXT_KEY]
+    outcome = await function(Job(row_id, int(ctx.get("job_try", 1))))
+    if outcome.retry_in is not None:
+        raise Retry(defer=outcome.retry_in)
+    return outcome.result
+
+
+def build_arq_worker(
+    config: ConsumerConfig,
+    redis: ArqRedis,
+    ctx: dict[str, Any],
+    *,
+    burst: bool = False,
+    coroutine: WorkerCoroutine = _run_job,
+    worker_class: type[Worker] = OutboxWorker,
+) -> Worker:
+    """An arq Worker with outbox_relay's settings (see the module docstring).
+
+    The bench's no-op ceiling is built by the same function with a no-op
+    ``coroutine`` and arq's plain ``Worker``, so that both run identical settings.
+    """
+    function = func(
+        coroutine,
+        name=FUNCTION_NAME,
+        timeout=config.job_timeout + ARQ_TIMEOUT_MARGIN,
+        keep_result=0,
+        max_tries=ARQ_MAX_TRIES,
+    )
+    return worker_class(
+        functions=[function],
+        queue_name=config.queue_name,
+        redis_pool=redis,
+        burst=burst,
+        max_jobs=config.concurrency,
+        job_timeout=config.job_timeout + ARQ_TIMEOUT_MARGIN,
+        keep_result=0,
+        poll_delay=config.poll_delay,
+        max_tries=ARQ_MAX_TRIES,
+        handle_signals=False,
+        health_check_interval=60,
+        ctx=ctx,
+        log_results=False,
+    )
+
+
+class ArqConsumer:
+    """:class:`outbox_relay.queue.Consumer` on arq."""
+
+    def __init__(self, config: ConsumerConfig) -> None:
+        self.config = config
+        self.redis = redis_client(
+            config.redis_url, queue_name=config.queue_name, max_connections=config.concurrency + 10
+        )
+
+    async def wait_until_ready(self, stop: asyncio.Event) -> None:
+        """Ping Redis until it answers, one log line per failed attempt."""
+
+        async def ping() -> None:
+            await self.redis.ping()
+
+        await retry(
+            ping,
+            what="Redis",
+            logger=logger,
+            give_up_after=None,
+            stop=stop,
+            backoff=Backoff(0.2, 5.0),
+            retry_on=(RedisError, OSError, TimeoutError),
+        )
+
+    async def run(self, function: JobFunction, stop: asyncio.Event, *, burst: bool = False) -> ConsumerStats:
+        """Run arq's loop until ``stop`` (or a burst ran dry); restart it after a Redis failure."""
+        stats = ConsumerStats()
+        backoff = Backoff(0.2, 5.0)
+        while not stop.is_set():
+            worker = build_arq_worker(self.config, self.redis, {CONTEXT_KEY: function}, burst=burst)
+            finished = await _run_until_stopped(worker, stop, self.config.job_timeout + ARQ_TIMEOUT_MARGIN)
+            stats.complete += worker.jobs_complete
+            stats.failed += worker.jobs_failed
+            stats.retried += worker.jobs_retried
+            if finished is None:
+                break  # stopped, or a burst ran dry
+            delay = backoff.next_delay()
+            logger.warning(
+                "worker lost its queue, restarting",
+                extra={"error": describe(finished), "retry_in": round(delay, 2)},
+            )
+            await stopped_within(stop, delay)
+        return stats
+
+    async def close(self) -> None:
+        """Close the Redis connections."""
+        with contextlib.suppress(Exception):
+            await self.redis.aclose(close_connection_pool=True)
+
+
+async def _run_until_stopped(
+    worker: Worker, stop: asyncio.Event, drain_timeout: float
+) -> BaseException | None:
+    """Run arq's main loop; returns its error, or None when stopped or a burst ended."""
+    main = asyncio.create_task(worker.main(), name="worker.arq")
+    stopper = asyncio.create_task(stop.wait(), name="worker.stop")
+    try:
+        await asyncio.wait({main, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopper.cancel()
+    if main.done():
+        if main.cancelled():
+            return None
+        exc = main.exception()
+        if exc is None:
+            return None
+        await _drain(worker, drain_timeout)
+        return exc
+    # Stop: take no more jobs, let the running ones finish (a job cut off here
+    # is run again elsewhere once its in-progress key expires).
+    worker.allow_pick_jobs = False
+    await _drain(worker, drain_timeout)
+    await cancel_and_wait(main)
+    return None
+
+
+async def _drain(worker: Worker, timeout: float) -> None:
+    running = [task for task in worker.tasks.values() if not task.done()]
+    if running:
+        await asyncio.wait(running, timeout=timeout)
+
+
+async def run_noop_worker(config: ConsumerConfig, stop: asyncio.Event) -> None:
+    """Raw arq with outbox_relay's arq settings, whose job does nothing: the bench's ceiling."""
+
+    async def noop(ctx: dict[str, Any], row_id: int, *_: Any) -> None:
+        return None
+
+    redis = redis_client(
+        config.redis_url, queue_name=config.queue_name, max_connections=config.concurrency + 10
+    )
+    try:
+        worker = build_arq_worker(config, redis, {}, coroutine=noop, worker_class=Worker)
+        task = asyncio.create_task(worker.main(), name="bench.noop_worker")
+        await stop.wait()
+        await cancel_and_wait(task)
+    finally:
+        with contextlib.suppress(Exception):
+            await redis.aclose(close_connection_pool=True)

@@ -1,0 +1,118 @@
+"""The queue port: what the relay and the worker need of a job queue, and nothing more.
+
+The relay *hands over* pending rows (one job per row, deduplicated by
+correlation id and generation: a row is never scheduled twice while its job
+waits or runs), reads the queue's *depth* for backpressure, and watches its
+*epoch*, a token that changes whenever the queue may have lost jobs (its
+server restarted empty): then every ``queued`` row is handed over again.
+
+The worker *consumes*: the queue calls a :data:`JobFunction` with a
+:class:`Job` and acts on the :class:`Outcome` it returns — done, or run again
+after a delay. Attempts are counted in the database, not by the queue.
+
+One adapter implements this port for arq and Redis (``outbox_relay.arq_adapter``,
+the only place those libraries are imported); :mod:`outbox_relay.queue.memory`
+implements it in memory for fast tests. Failures surface as
+:class:`~outbox_relay.exceptions.QueueUnavailable` (server unreachable) or
+:class:`~outbox_relay.exceptions.QueueError` (server refused).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+
+class PendingJob(Protocol):
+    """A row the relay hands over (the relay's store provides these)."""
+
+    @property
+    def id(self) -> int: ...
+    @property
+    def correlation_id(self) -> str: ...
+    @property
+    def generation(self) -> int: ...
+
+
+@dataclass(frozen=True, slots=True)
+class HandOver:
+    """The result of handing rows over: jobs really added, and the queue's depth after."""
+
+    added: int
+    depth: int
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """One delivery of a row's job to a worker: the row, and the how-many-th delivery."""
+
+    row_id: int
+    delivery: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What became of a job: ``result`` (finished, failed, duplicate, missing, retried),
+    and for ``retried`` the delay before the queue runs it again."""
+
+    result: str
+    retry_in: float | None = None
+
+    @classmethod
+    def retry(cls, delay: float) -> Outcome:
+        """Run the job again after ``delay`` seconds."""
+        return cls("retried", delay)
+
+
+#: The job-function contract: the worker's processor applies one row.
+JobFunction = Callable[[Job], Awaitable[Outcome]]
+
+
+class Queue(Protocol):
+    """The producer side, used by the relay."""
+
+    #: What to call the queue's server in messages ("Redis").
+    server: str
+
+    async def hand_over(self, rows: Sequence[PendingJob]) -> HandOver:
+        """Enqueue one job per row in one round trip; a row whose job is known is not added again."""
+        ...
+
+    async def depth(self) -> int:
+        """Jobs waiting (including deferred retries)."""
+        ...
+
+    async def epoch(self) -> str:
+        """A token that changes when the queue may have lost jobs."""
+        ...
+
+    async def close(self) -> None:
+        """Release connections."""
+        ...
+
+
+@dataclass
+class ConsumerStats:
+    """What a consumer ran."""
+
+    complete: int = 0
+    failed: int = 0
+    retried: int = 0
+
+
+class Consumer(Protocol):
+    """The worker side: runs a :data:`JobFunction` for each job until ``stop``."""
+
+    async def wait_until_ready(self, stop: asyncio.Event) -> None:
+        """Return once the queue's server answers (retrying until then), or when ``stop`` is set."""
+        ...
+
+    async def run(self, function: JobFunction, stop: asyncio.Event, *, burst: bool = False) -> ConsumerStats:
+        """Run jobs until ``stop`` (or, with ``burst``, until the queue is empty)."""
+        ...
+
+    async def close(self) -> None:
+        """Release connections."""
+        ...

@@ -1,0 +1,175 @@
+"""The dispatcher: hands pending rows to the queue, from notifications and from sweeps.
+
+Ids from notifications are looked up by primary key in coalesced batches;
+every SWEEP_INTERVAL (and at once after a reconnect, a ``sweep`` notification
+or a change of the queue's epoch) the sweep pages through the partial indexes.
+Each batch is handed over in one queue round trip (a known job is not added
+twice), then moved to ``queued`` by one compare-and-set UPDATE.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol, TypeVar
+
+from outbox_relay.exceptions import QueueError
+from outbox_relay.lifecycle import raise_if_cancelling
+from outbox_relay.queue import HandOver, Queue
+from outbox_relay.relay.store import PendingRow
+from outbox_relay.retry import Backoff, retry
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: Notified ids kept in memory at most; past that the relay falls back to a sweep.
+MAX_PENDING_IDS = 20_000
+#: Seconds between two looks at the queue's depth while it is full.
+FULL_QUEUE_POLL = 0.05
+
+
+class Store(Protocol):
+    """What the dispatcher reads and writes (:class:`~outbox_relay.relay.store.RelayStore`)."""
+
+    def new_rows(self) -> AsyncIterator[list[PendingRow]]: ...
+    def stale_queued_rows(self, *, everything: bool = False) -> AsyncIterator[list[PendingRow]]: ...
+    async def new_by_ids(self, ids: Sequence[int]) -> list[PendingRow]: ...
+    async def mark_queued(self, ids: Sequence[int]) -> None: ...
+
+
+@dataclass
+class RelayStats:
+    """Counters since start, for logs, tests and the benchmark."""
+
+    sessions: int = 0
+    handed_over: int = 0
+    enqueued: int = 0
+    sweeps: int = 0
+    swept: int = 0
+    notifications: int = 0
+    pruned: int = 0
+
+    def count_pruned(self, rows: int) -> None:
+        """Add rows deleted by the relay's retention loop."""
+        self.pruned += rows
+
+
+class Dispatcher:
+    """Hands rows over; one per relay, living across sessions (it keeps the queue's epoch)."""
+
+    def __init__(
+        self,
+        queue: Queue,
+        stats: RelayStats,
+        *,
+        sweep_interval: float,
+        batch_size: int,
+        max_queue_depth: int,
+        stop: asyncio.Event,
+    ) -> None:
+        self.queue = queue
+        self.stats = stats
+        self.sweep_interval = sweep_interval
+        self.batch_size = batch_size
+        self.max_queue_depth = max_queue_depth
+        self.stop = stop
+        self.depth = 0
+        self._pending: set[int] = set()
+        self._sweep_requested = True
+        self._wake = asyncio.Event()
+        self._epoch: str | None = None
+
+    def restart(self) -> None:
+        """A new session: notifications sent meanwhile are gone, so sweep first."""
+        self._pending.clear()
+        self._sweep_requested = True
+
+    def notified(self, payload: str) -> None:
+        """A NOTIFY payload: a row id, or anything else to ask for a sweep (`requeue` does)."""
+        self.stats.notifications += 1
+        if payload.isdigit() and len(self._pending) < MAX_PENDING_IDS:
+            self._pending.add(int(payload))
+        else:
+            # Not a row id, or too many waiting: the sweep finds every new row anyway.
+            self._sweep_requested = True
+        self._wake.set()
+
+    async def serve(self, store: Store) -> None:
+        """Hand rows over until cancelled."""
+        loop = asyncio.get_running_loop()
+        next_sweep = loop.time()
+        while True:
+            raise_if_cancelling()
+            if not self._pending and not self._sweep_requested:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), max(0.0, next_sweep - loop.time()))
+            self._wake.clear()
+            while self._pending:
+                ids = [self._pending.pop() for _ in range(min(self.batch_size, len(self._pending)))]
+                await self._hand_over(store, await store.new_by_ids(ids))
+            if self._sweep_requested or loop.time() >= next_sweep:
+                self._sweep_requested = False
+                await self.sweep(store)
+                next_sweep = loop.time() + self.sweep_interval
+
+    async def sweep(self, store: Store) -> None:
+        """New rows nobody was told about, then queued rows the queue may have lost."""
+        self.stats.sweeps += 1
+        new = 0
+        async for rows in store.new_rows():
+            await self._hand_over(store, rows)
+            new += len(rows)
+        epoch = await self._queue(self.queue.epoch)
+        lost = self._epoch is not None and epoch != self._epoch
+        if lost:
+            logger.warning(
+                "%s restarted (it may have lost jobs): enqueueing every queued row again", self.queue.server
+            )
+        self._epoch = epoch
+        stale = 0
+        async for rows in store.stale_queued_rows(everything=lost):
+            await self._hand_over(store, rows)
+            stale += len(rows)
+        self.stats.swept += new + stale
+        if new or stale:
+            logger.info("sweep handed rows over", extra={"new": new, "requeued": stale})
+
+    async def _hand_over(self, store: Store, rows: list[PendingRow]) -> None:
+        if not rows:
+            return
+        raise_if_cancelling()
+        await self._wait_for_room()
+
+        async def hand_over() -> HandOver:
+            return await self.queue.hand_over(rows)
+
+        result = await self._queue(hand_over)
+        self.depth = result.depth
+        await store.mark_queued([row.id for row in rows])
+        self.stats.handed_over += len(rows)
+        self.stats.enqueued += result.added
+
+    async def _wait_for_room(self) -> None:
+        """Backpressure: keep the queue below MAX_QUEUE_DEPTH so a backlog floods nothing."""
+        if self.depth < self.max_queue_depth:
+            return
+        logger.debug("queue full, waiting", extra={"depth": self.depth})
+        while self.depth >= self.max_queue_depth // 2:
+            await asyncio.sleep(FULL_QUEUE_POLL)
+            self.depth = await self._queue(self.queue.depth)
+
+    async def _queue(self, operation: Callable[[], Awaitable[T]]) -> T:
+        """Run a queue operation, retrying forever (one log line per attempt)."""
+        return await retry(
+            operation,
+            what=self.queue.server,
+            logger=logger,
+            give_up_after=None,
+            stop=self.stop,
+            backoff=Backoff(0.1, 5.0),
+            retry_on=(QueueError,),
+        )

@@ -1,0 +1,164 @@
+"""The relay service (`run`): sessions, leadership, and the supervised tasks of an active relay.
+
+One relay per service database is active: the one holding the advisory lock on
+its listening connection (:mod:`~outbox_relay.relay.leadership`). Others stand
+by and retry the lock every second. While active, supervised tasks share the work:
+
+* ``relay.watch`` pings the listening connection and ends the session when it
+  is lost (notifications sent meanwhile are gone, so the next session starts
+  with a full sweep);
+* ``relay.dispatch`` hands rows over (:mod:`~outbox_relay.relay.dispatcher`);
+* whatever the command adds to run only while active (the retention loop).
+
+NOTIFY is only a wake-up: every row it would have delivered is also found by
+the sweep.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
+
+from outbox_relay.db import Pool, connect_retrying, create_pool
+from outbox_relay.lifecycle import stopped_within, supervise
+from outbox_relay.logs import describe
+from outbox_relay.migrate import check_schema
+from outbox_relay.queue import Queue
+from outbox_relay.relay.dispatcher import Dispatcher, RelayStats
+from outbox_relay.relay.leadership import LeaderSession
+from outbox_relay.relay.store import RelayStore
+from outbox_relay.retry import Backoff
+from outbox_relay.settings import RelayConfig
+
+logger = logging.getLogger(__name__)
+
+#: Seconds between two attempts of a standby relay to take the lock.
+STANDBY_POLL = 1.0
+#: Liveness check of the listening connection: period and timeout (seconds).
+KEEPALIVE_INTERVAL = 2.0
+KEEPALIVE_TIMEOUT = 3.0
+
+#: Work the command adds to an active relay: called with the relay's pool, it runs
+#: until cancelled (the relay cancels it when its session ends).
+ActiveTask = Callable[[Pool], Coroutine[Any, Any, None]]
+
+
+class Relay:
+    """The relay service; :meth:`run` returns when ``stop`` is set."""
+
+    def __init__(
+        self,
+        config: RelayConfig,
+        queue: Queue,
+        stop: asyncio.Event,
+        *,
+        while_active: Sequence[tuple[str, ActiveTask]] = (),
+    ) -> None:
+        self.config = config
+        self.queue = queue
+        self.stop = stop
+        self.stats = RelayStats()
+        #: Set while this relay is the active one (for tests and embedding).
+        self.active = asyncio.Event()
+        self.dispatcher = Dispatcher(
+            queue,
+            self.stats,
+            sweep_interval=config.sweep_interval,
+            batch_size=config.batch_size,
+            max_queue_depth=config.max_queue_depth,
+            stop=stop,
+        )
+        self._while_active = list(while_active)
+
+    async def run(self) -> None:
+        """Serve until ``stop`` is set, reconnecting with capped backoff after any failure."""
+        backoff = Backoff(0.2, 5.0)
+        while not self.stop.is_set():
+            try:
+                await self._session()
+            except Exception as exc:  # any failure ends the session; the next one starts clean
+                if self.stop.is_set():
+                    break
+                delay = backoff.next_delay()
+                logger.warning(
+                    "relay session ended, reconnecting",
+                    extra={"error": describe(_first_leaf(exc)), "retry_in": round(delay, 2)},
+                )
+                await stopped_within(self.stop, delay)
+            else:
+                backoff.reset()
+        logger.info("relay stopped", extra={"handed_over": self.stats.handed_over})
+
+    async def _session(self) -> None:
+        """One connection's life: stand by until leading, then serve until it ends or ``stop``."""
+        try:
+            conn = await connect_retrying(
+                self.config.database_url,
+                what="the service database",
+                application_name="outbox_relay.listener",
+                give_up_after=None,
+                stop=self.stop,
+            )
+        except asyncio.CancelledError:
+            if self.stop.is_set():
+                return
+            raise
+        session = LeaderSession(conn, self.dispatcher.notified)
+        try:
+            await check_schema(conn)
+            if not await self._await_leadership(session):
+                return
+            pool = await create_pool(
+                self.config.database_url, max_size=2, application_name="outbox_relay.relay"
+            )
+            try:
+                await session.listen()
+                self.stats.sessions += 1
+                self.dispatcher.restart()
+                self.active.set()
+                logger.info("relay active", extra={"queue": self.config.queue_name})
+                store = RelayStore(
+                    pool, batch_size=self.config.batch_size, requeue_after=self.config.requeue_after
+                )
+                tasks: dict[str, Coroutine[Any, Any, None]] = {
+                    "relay.watch": session.watch(KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT),
+                    "relay.dispatch": self.dispatcher.serve(store),
+                }
+                tasks.update({name: task(pool) for name, task in self._while_active})
+                await supervise(tasks, self.stop)
+            finally:
+                self.active.clear()
+                await _close_pool(pool)
+        finally:
+            await session.close()
+
+    async def _await_leadership(self, session: LeaderSession) -> bool:
+        """True once this relay holds the lock; False when ``stop`` came first."""
+        announced = False
+        while not await session.try_lead():
+            if not announced:
+                logger.info("another relay is active on this database; standing by")
+                announced = True
+            if await stopped_within(self.stop, STANDBY_POLL):
+                return False
+        if announced:
+            logger.info("the active relay is gone; taking over")
+        return True
+
+
+async def _close_pool(pool: Pool) -> None:
+    try:
+        await asyncio.wait_for(pool.close(), 2.0)
+    except Exception:
+        pool.terminate()
+
+
+def _first_leaf(exc: BaseException) -> BaseException:
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return exc
+
+
+__all__ = ["ActiveTask", "Relay", "RelayStats"]

@@ -1,0 +1,8 @@
+"""The worker (`worker`): the service loop and the row processor it runs for each job."""
+
+from __future__ import annotations
+
+from outbox_relay.worker.processor import RowProcessor
+from outbox_relay.worker.service import run_worker
+
+__all__ = ["RowProcessor", "run_worker"]

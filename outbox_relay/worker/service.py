@@ -1,0 +1,68 @@
+"""The worker service (`worker`): consumes the queue and applies each row with the processor.
+
+An unreachable database or queue, at start or later, is retried forever with
+capped backoff, one log line per attempt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from outbox_relay.db import Pool, create_pool
+from outbox_relay.handlers import HandlerRegistry
+from outbox_relay.migrate import check_schema
+from outbox_relay.queue import Consumer, ConsumerStats
+from outbox_relay.retry import Backoff, retry
+from outbox_relay.settings import WorkerConfig
+from outbox_relay.worker.processor import RowProcessor
+
+logger = logging.getLogger(__name__)
+
+
+async def run_worker(
+    config: WorkerConfig,
+    consumer: Consumer,
+    handlers: HandlerRegistry,
+    stop: asyncio.Event,
+    *,
+    burst: bool = False,
+) -> ConsumerStats:
+    """Run until ``stop`` is set (or, with ``burst``, until the queue is empty)."""
+    pool = await create_pool(
+        config.database_url, max_size=config.concurrency, application_name="outbox_relay.worker"
+    )
+    stats = ConsumerStats()
+    try:
+        await _wait_for_database(pool, handlers, stop)
+        await consumer.wait_until_ready(stop)
+        logger.info(
+            "worker started",
+            extra={"concurrency": config.concurrency, "kinds": ",".join(handlers.kinds()), "burst": burst},
+        )
+        stats = await consumer.run(RowProcessor(config, pool, handlers), stop, burst=burst)
+    except asyncio.CancelledError:
+        if not stop.is_set():
+            raise
+    finally:
+        try:
+            await asyncio.wait_for(pool.close(), 5.0)
+        except Exception:
+            pool.terminate()
+    logger.info("worker stopped", extra={"complete": stats.complete, "retried": stats.retried})
+    return stats
+
+
+async def _wait_for_database(pool: Pool, handlers: HandlerRegistry, stop: asyncio.Event) -> None:
+    async def ready() -> None:
+        async with pool.acquire() as conn:
+            await check_schema(conn, "service", handlers.plugins())
+
+    await retry(
+        ready,
+        what="the service database",
+        logger=logger,
+        give_up_after=None,
+        stop=stop,
+        backoff=Backoff(0.2, 5.0),
+    )
