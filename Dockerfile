@@ -8,7 +8,6 @@ ENV PYTHONUNBUFFERED=1 \
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY outbox_relay ./outbox_relay
-COPY migrations ./migrations
 RUN pip install . && rm -rf /src
 
 WORKDIR /
