@@ -26,7 +26,8 @@ class Backoff:
 
     def next_delay(self) -> float:
         """The delay before the next attempt (and count this one)."""
-        delay = min(self.maximum, self.initial * 2.0**self.attempt)
+        # The exponent is capped: a service retrying for hours would overflow 2.0**n past n = 1023.
+        delay = min(self.maximum, self.initial * 2.0 ** min(self.attempt, 64))
         self.attempt += 1
         return delay * random.uniform(0.8, 1.2)  # noqa: S311 - jitter, not crypto
 

@@ -204,20 +204,20 @@ def cmd_prune(args: argparse.Namespace, settings: Settings) -> int:
     from outbox_relay.db import connect_retrying
     from outbox_relay.migrate import check_schema
     from outbox_relay.prune import prune_primary, prune_service
-    from outbox_relay.settings import env_name
+    from outbox_relay.settings import DAY, MAX_RETENTION, env_name
 
     older_than = args.older_than if args.older_than is not None else settings.retention
     if older_than is None:
         raise SettingsError(env_name("retention"), "is required for prune (or pass --older-than SECONDS)")
-    if not (math.isfinite(older_than) and older_than > 0):
-        raise UsageError("prune --older-than must be a number of seconds > 0")
+    if not (math.isfinite(older_than) and 0 < older_than <= MAX_RETENTION):
+        raise UsageError(f"prune --older-than must be a number of seconds > 0 and <= {MAX_RETENTION:.0f}")
     if args.primary and args.include_failed:
         raise UsageError("prune --include-failed applies to the service database, not with --primary")
     if args.wait is not None and not args.primary:
         raise UsageError("prune --wait applies only with --primary")
     wait = 30.0 if args.wait is None else args.wait
-    if not (math.isfinite(wait) and wait >= 0):
-        raise UsageError("prune --wait must be a number of seconds >= 0")
+    if not (math.isfinite(wait) and 0 <= wait <= DAY):
+        raise UsageError(f"prune --wait must be a number of seconds >= 0 and <= {DAY:.0f}")
     label = "primary" if args.primary else "service database"
     url = settings.require_primary_url() if args.primary else settings.require_database_url()
 
