@@ -91,10 +91,11 @@ def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_subscribe(args: argparse.Namespace, settings: Settings) -> int:
     from outbox_relay.replication import subscribe
 
-    result = run_async(subscribe(settings, wait=not args.no_wait))
+    result = run_async(subscribe(settings, wait=not args.no_wait, adopt_slot=args.adopt_slot))
     verb = "created" if result.created else "already exists"
+    adopted = ", adopted" if result.adopted else ""
     synced = "; initial copy done" if result.synced else ""
-    print(f"subscription {result.name} {verb} (slot {result.name}){synced}")
+    print(f"subscription {result.name} {verb} (slot {result.slot}{adopted}){synced}")
     return 0
 
 
@@ -290,6 +291,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-wait",
         action="store_true",
         help="return once the subscription exists, before the initial copy ends",
+    )
+    subscribe.add_argument(
+        "--adopt-slot",
+        action="store_true",
+        help="use the replication slot of that name even when this service database did not make it "
+        "(by default such a slot is refused: another subscription may be using it)",
     )
 
     add("unsubscribe", cmd_unsubscribe, "drop the subscription and its slot (safe to run again)")

@@ -73,7 +73,8 @@ class Settings(BaseSettings):
     )
     subscription_name: str | None = Field(
         default=None,
-        description="subscription and replication slot name (default: from the service database)",
+        description="subscription and replication slot name (default: derived by `subscribe` from the "
+        "service database's identity, see replication.subscription_name)",
     )
 
     # -- extensions ------------------------------------------------------------
@@ -188,16 +189,6 @@ class Settings(BaseSettings):
         if self.primary_url is None:
             raise SettingsError(env_name("primary_url"), "is required for this command")
         return self.primary_url.get_secret_value()
-
-    def effective_subscription_name(self) -> str:
-        """``SUBSCRIPTION_NAME``, or ``outbox_relay_<service database name>``."""
-        if self.subscription_name:
-            return self.subscription_name
-        parts = urlsplit(self.require_database_url())
-        # libpq's default database is the user's name.
-        name = parts.path.lstrip("/") or parts.username or "postgres"
-        database = re.sub(r"[^a-z0-9_]", "_", name.lower())
-        return f"outbox_relay_{database}"[:63]
 
     @property
     def job_namespace(self) -> str:
