@@ -66,6 +66,7 @@ async def _one_off_connection(settings: Settings) -> Any:
 
 
 def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
+    from outbox_relay.admin import require_shape
     from outbox_relay.db import connect_retrying
     from outbox_relay.migrate import Target, latest_version, migrate
 
@@ -76,6 +77,7 @@ def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
     async def main() -> list[str]:
         conn = await connect_retrying(url, what=f"the {label}")
         try:
+            await require_shape(conn, target, "migrate --primary" if args.primary else "migrate")
             return [f"{m.version:04d}_{m.name}" for m in await migrate(conn, target)]
         finally:
             await conn.close()
@@ -202,6 +204,7 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_prune(args: argparse.Namespace, settings: Settings) -> int:
     import math
 
+    from outbox_relay.admin import require_shape
     from outbox_relay.db import connect_retrying
     from outbox_relay.migrate import check_schema
     from outbox_relay.prune import prune_primary, prune_service
@@ -225,6 +228,7 @@ def cmd_prune(args: argparse.Namespace, settings: Settings) -> int:
     async def main() -> int:
         conn = await connect_retrying(url, what=f"the {label}")
         try:
+            await require_shape(conn, "primary" if args.primary else "service", "prune")
             if args.primary:
                 await check_schema(conn, "primary")
                 return await prune_primary(

@@ -337,3 +337,14 @@ DELETE FROM outbox_relay.replication_slots
 SELECT active, database::text AS database, plugin::text AS plugin
   FROM pg_replication_slots
  WHERE slot_name = $1;
+
+-- name: database_shape
+-- Tells a service database (outbox with a status column) from a primary
+-- (outbox without) from neither, so that a command pointed at the wrong one
+-- can say so instead of failing on a missing column or an existing table.
+SELECT to_regclass('outbox_relay.outbox') IS NOT NULL AS has_outbox,
+       EXISTS (SELECT 1
+                 FROM pg_attribute
+                WHERE attrelid = to_regclass('outbox_relay.outbox')
+                  AND attname = 'status'
+                  AND NOT attisdropped) AS has_status;

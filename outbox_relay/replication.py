@@ -9,6 +9,7 @@ import re
 import time
 from dataclasses import dataclass
 
+from outbox_relay.admin import require_shape
 from outbox_relay.db import Connection, connect_retrying, quote_ident, quote_literal
 from outbox_relay.exceptions import MigrationError, ReplicationError
 from outbox_relay.migrate import check_schema
@@ -109,6 +110,11 @@ async def subscribe(
         service = await connect_retrying(settings.require_database_url(), what="the service database")
         try:
             await service.execute(query("subscription_lock"))  # released when `service` closes
+            try:
+                await require_shape(primary, "primary", "subscribe")
+                await require_shape(service, "service", "subscribe")
+            except MigrationError as exc:
+                raise ReplicationError(str(exc)) from None
             if not await primary.fetchval(query("publication_exists")):
                 raise ReplicationError(
                     "the primary has no publication outbox_relay: run `migrate --primary` first"

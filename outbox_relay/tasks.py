@@ -16,7 +16,7 @@ from typing import Any
 
 from arq import Retry
 
-from outbox_relay.backoff import describe
+from outbox_relay.backoff import describe, is_denied
 from outbox_relay.db import Pool
 from outbox_relay.events import OutboxEvent
 from outbox_relay.exceptions import PermanentError
@@ -77,7 +77,8 @@ class RowProcessor:
             now = time.monotonic()
             if now - self._unrecorded_logged_at >= 1.0:
                 logger.warning(
-                    "row attempts failing and not recordable (database away?); retrying",
+                    "row attempts failing and not recordable (%s); retrying",
+                    "permission denied" if is_denied(exc) else "database away?",
                     extra={
                         "row_id": row_id,
                         "error": error,
