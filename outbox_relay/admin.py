@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from outbox_relay.db import Connection
+from outbox_relay.exceptions import MigrationError
 from outbox_relay.sql import query
+from outbox_relay.terminal import escape_controls
 
 STATUSES = ("new", "queued", "finished", "failed")
 #: `status` lists at most this many failed rows.
@@ -57,15 +59,54 @@ class Status:
             total = self.counts["failed"]
             shown = f" (first {len(self.failed)} of {total})" if total > len(self.failed) else ""
             lines.append(f"failed rows{shown}:")
+            # Values from rows are escaped: an id holding ESC or a newline must not reach the terminal.
             lines += [
-                f"  {f.correlation_id}  kind={f.kind}  attempts={f.attempts}  error={f.last_error}"
+                f"  {escape_controls(f.correlation_id)}  kind={escape_controls(f.kind)}  "
+                f"attempts={f.attempts}  error={escape_controls(str(f.last_error))}"
                 for f in self.failed
             ]
         return "\n".join(lines)
 
 
+Shape = Literal["service", "primary", "none"]
+
+
+async def database_shape(conn: Connection) -> Shape:
+    """What this database holds: the service schema, the primary's producer schema, or neither."""
+    row = await conn.fetchrow(query("database_shape"))
+    assert row is not None
+    if row["has_status"]:
+        return "service"
+    return "primary" if row["has_outbox"] else "none"
+
+
+async def require_shape(conn: Connection, wanted: Literal["service", "primary"], command: str) -> None:
+    """Raise a :class:`MigrationError` saying which command was meant when ``conn`` is the wrong database.
+
+    ``migrate --primary`` on a service database, or ``status`` on a primary,
+    would otherwise fail with a raw DuplicateTableError / UndefinedColumnError.
+    A database with no outbox at all passes when ``wanted`` is what ``command``
+    would create (``migrate``); the caller's own check reports the rest.
+    """
+    shape = await database_shape(conn)
+    if shape == wanted or shape == "none":
+        return
+    if shape == "service":
+        raise MigrationError(
+            f"this database holds the service database's schema (an outbox with tracking columns), "
+            f"not the primary's: `{command}` needs the primary here (check OUTBOX_RELAY_PRIMARY_URL); "
+            f"this database takes `migrate`, `status`, `run` and `worker`"
+        )
+    raise MigrationError(
+        f"this database holds the primary's producer schema (an outbox without tracking columns), "
+        f"not the service database's: `{command}` needs the service database here (check "
+        f"OUTBOX_RELAY_DATABASE_URL: does it point at the primary?); this database takes `migrate --primary`"
+    )
+
+
 async def status(conn: Connection) -> Status:
     """Read the outbox's status (one consistent snapshot)."""
+    await require_shape(conn, "service", "status")
     async with conn.transaction(isolation="repeatable_read", readonly=True):
         counts = dict.fromkeys(STATUSES, 0)
         for record in await conn.fetch(query("status_counts")):
@@ -90,6 +131,7 @@ async def requeue(
     conn: Connection, *, correlation_ids: list[str] | None = None, all_failed: bool = False
 ) -> RequeueResult:
     """Put failed rows back to ``new`` (attempts reset) and wake the relay at once."""
+    await require_shape(conn, "service", "requeue")
     async with conn.transaction():
         if all_failed:
             count = int(await conn.fetchval(query("requeue_all_failed")))

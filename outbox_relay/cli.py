@@ -96,6 +96,7 @@ def configure_migrate(parser: argparse.ArgumentParser) -> None:
 
 
 async def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
+    from outbox_relay.admin import require_shape
     from outbox_relay.migrate import Target, migrate, migration_sets
 
     if args.primary:
@@ -109,6 +110,7 @@ async def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
     target: Target = "primary" if args.primary else "service"
     conn = await _connect(url, label)
     try:
+        await require_shape(conn, target, "migrate --primary" if args.primary else "migrate")
         applied = await migrate(conn, target, plugins)
     finally:
         await conn.close()
@@ -129,15 +131,22 @@ def configure_subscribe(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="return once the subscription exists, before the initial copy ends",
     )
+    parser.add_argument(
+        "--adopt-slot",
+        action="store_true",
+        help="use the replication slot of that name even when this service database did not make it "
+        "(by default such a slot is refused: another subscription may be using it)",
+    )
 
 
 async def cmd_subscribe(args: argparse.Namespace, settings: Settings) -> int:
     from outbox_relay.replication import subscribe
 
-    result = await subscribe(settings, wait=not args.no_wait)
+    result = await subscribe(settings, wait=not args.no_wait, adopt_slot=args.adopt_slot)
     verb = "created" if result.created else "already exists"
+    adopted = ", adopted" if result.adopted else ""
     synced = "; initial copy done" if result.synced else ""
-    print(f"subscription {result.name} {verb} (slot {result.name}){synced}")
+    print(f"subscription {result.name} {verb} (slot {result.slot}{adopted}){synced}")
     return 0
 
 
@@ -264,26 +273,29 @@ def configure_prune(parser: argparse.ArgumentParser) -> None:
 
 
 async def cmd_prune(args: argparse.Namespace, settings: Settings) -> int:
+    from outbox_relay.admin import require_shape
     from outbox_relay.migrate import check_schema
     from outbox_relay.prune import DEFAULT_WAIT_TIMEOUT, prune_primary, prune_service
+    from outbox_relay.settings import DAY, MAX_RETENTION
 
     older_than = args.older_than if args.older_than is not None else settings.retention
     if older_than is None:
         raise SettingsError(env_name("retention"), "is required for prune (or pass --older-than SECONDS)")
-    if not (math.isfinite(older_than) and older_than > 0):
-        raise UsageError("prune --older-than must be a number of seconds > 0")
+    if not (math.isfinite(older_than) and 0 < older_than <= MAX_RETENTION):
+        raise UsageError(f"prune --older-than must be a number of seconds > 0 and <= {MAX_RETENTION:.0f}")
     if args.primary and args.include_failed:
         raise UsageError("prune --include-failed applies to the service database, not with --primary")
     if args.wait is not None and not args.primary:
         raise UsageError("prune --wait applies only with --primary")
     wait = DEFAULT_WAIT_TIMEOUT if args.wait is None else args.wait
-    if not (math.isfinite(wait) and wait >= 0):
-        raise UsageError("prune --wait must be a number of seconds >= 0")
+    if not (math.isfinite(wait) and 0 <= wait <= DAY):
+        raise UsageError(f"prune --wait must be a number of seconds >= 0 and <= {DAY:.0f}")
     label = "primary" if args.primary else "service database"
     conn = await _connect(
         settings.require_primary_url() if args.primary else settings.require_database_url(), label
     )
     try:
+        await require_shape(conn, "primary" if args.primary else "service", "prune")
         if args.primary:
             await check_schema(conn, "primary")
             pruned = await prune_primary(

@@ -259,3 +259,52 @@ SELECT slot_name, active, confirmed_flush_lsn::text AS confirmed_flush_lsn,
 
 -- name: prune_primary_ids
 DELETE FROM outbox_relay.outbox WHERE id = ANY($1::bigint[]);
+
+-- name: database_identity
+-- What makes this database unique everywhere: its cluster's system identifier
+-- (random, fixed at initdb) and its oid in that cluster.
+SELECT (SELECT system_identifier FROM pg_control_system())::text AS system_identifier,
+       oid::bigint AS database_oid,
+       datname::text AS database
+  FROM pg_database
+ WHERE datname = current_database();
+
+-- name: outbox_subscriptions
+-- This database's subscriptions to the outbox publication (any name: one made
+-- under an older default keeps being used).
+SELECT subname::text AS subname, subslotname::text AS subslotname
+  FROM pg_subscription
+ WHERE subdbid = (SELECT oid FROM pg_database WHERE datname = current_database())
+   AND 'outbox_relay' = ANY (subpublications)
+ ORDER BY subname;
+
+-- name: recorded_slots
+SELECT slot_name
+  FROM outbox_relay.replication_slots
+ WHERE primary_system_identifier = $1 AND primary_database = $2
+ ORDER BY recorded_at, slot_name;
+
+-- name: record_slot
+INSERT INTO outbox_relay.replication_slots (primary_system_identifier, primary_database, slot_name)
+VALUES ($1, $2, $3)
+ON CONFLICT (primary_system_identifier, slot_name) DO NOTHING;
+
+-- name: forget_slot
+DELETE FROM outbox_relay.replication_slots
+ WHERE primary_system_identifier = $1 AND slot_name = $2;
+
+-- name: slot_state
+SELECT active, database::text AS database, plugin::text AS plugin
+  FROM pg_replication_slots
+ WHERE slot_name = $1;
+
+-- name: database_shape
+-- Tells a service database (outbox with a status column) from a primary
+-- (outbox without) from neither, so that a command pointed at the wrong one
+-- can say so instead of failing on a missing column or an existing table.
+SELECT to_regclass('outbox_relay.outbox') IS NOT NULL AS has_outbox,
+       EXISTS (SELECT 1
+                 FROM pg_attribute
+                WHERE attrelid = to_regclass('outbox_relay.outbox')
+                  AND attname = 'status'
+                  AND NOT attisdropped) AS has_status;

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
+import re
 import time
 from dataclasses import dataclass
 
+from outbox_relay.admin import require_shape
 from outbox_relay.db import Connection, connect_retrying, quote_ident, quote_literal
 from outbox_relay.exceptions import MigrationError, ReplicationError
 from outbox_relay.migrate import check_schema
@@ -14,6 +17,60 @@ from outbox_relay.settings import Settings
 from outbox_relay.sql import query, render
 
 logger = logging.getLogger(__name__)
+
+
+#: Characters of the database's own name kept in a derived name (the rest is the hash).
+_PREFIX_CHARS = 36
+
+
+def derived_subscription_name(database: str, system_identifier: str, database_oid: int) -> str:
+    """The default subscription and slot name of a service database.
+
+    ``outbox_relay_<sanitised name>_<12 hex>``: the name is for people, the hash
+    of the cluster's system identifier and the database's oid makes it unique to
+    this database whatever its name, server or cluster. At most 62 characters,
+    a valid lower-case identifier.
+    """
+    prefix = re.sub(r"[^a-z0-9_]", "_", database.lower())[:_PREFIX_CHARS]
+    digest = hashlib.sha256(f"{system_identifier}/{database_oid}".encode()).hexdigest()[:12]
+    return f"outbox_relay_{prefix}_{digest}"
+
+
+@dataclass(frozen=True)
+class _Identity:
+    system_identifier: str
+    database_oid: int
+    database: str
+
+
+async def _identity(conn: Connection) -> _Identity:
+    row = await conn.fetchrow(query("database_identity"))
+    assert row is not None  # current_database() is always in pg_database
+    return _Identity(row["system_identifier"], int(row["database_oid"]), row["database"])
+
+
+async def subscription_name(settings: Settings, service: Connection, primary: _Identity) -> str:
+    """The name ``subscribe`` and ``unsubscribe`` use on this service database.
+
+    In order: ``SUBSCRIPTION_NAME``; the database's existing subscription to the
+    outbox publication (so one made under an older default keeps working); a
+    slot recorded by an interrupted ``subscribe``; else the derived name.
+    """
+    if settings.subscription_name:
+        return settings.subscription_name
+    existing = [r["subname"] for r in await service.fetch(query("outbox_subscriptions"))]
+    if len(existing) > 1:
+        raise ReplicationError(
+            f"this service database has several subscriptions to the outbox publication "
+            f"({', '.join(existing)}): set OUTBOX_RELAY_SUBSCRIPTION_NAME to the one to use"
+        )
+    if existing:
+        return str(existing[0])
+    recorded = await service.fetch(query("recorded_slots"), primary.system_identifier, primary.database)
+    if recorded:
+        return str(recorded[0]["slot_name"])
+    own = await _identity(service)
+    return derived_subscription_name(own.database, own.system_identifier, own.database_oid)
 
 
 @dataclass(frozen=True)
@@ -24,18 +81,25 @@ class SubscribeResult:
     created: bool
     slot_created: bool
     synced: bool
+    slot: str = ""
+    adopted: bool = False
 
 
-async def subscribe(settings: Settings, *, wait: bool = True, sync_timeout: float = 300.0) -> SubscribeResult:
+async def subscribe(
+    settings: Settings, *, wait: bool = True, sync_timeout: float = 300.0, adopt_slot: bool = False
+) -> SubscribeResult:
     """Create (or re-enable) the subscription of the service database to the primary.
 
     The slot is made first on the primary, then the subscription uses it
     (``create_slot = false``): CREATE SUBSCRIPTION would otherwise hang when both
-    databases live in one cluster. Rows already on the primary are copied; rows
-    the service database already holds are skipped by its ``outbox_skip_known``
-    trigger, so a re-subscription duplicates nothing and never stalls.
+    databases live in one cluster. Before the slot is made it is recorded in
+    ``outbox_relay.replication_slots``: a slot that exists on the primary but is
+    neither recorded there nor this database's subscription's belongs to
+    someone else, and is refused (naming it) unless ``adopt_slot``. Rows already
+    on the primary are copied; rows the service database already holds are
+    skipped by its ``outbox_skip_known`` trigger, so a re-subscription
+    duplicates nothing and never stalls.
     """
-    name = settings.effective_subscription_name()
     conninfo = (
         settings.subscription_conninfo.get_secret_value()
         if settings.subscription_conninfo is not None
@@ -46,6 +110,11 @@ async def subscribe(settings: Settings, *, wait: bool = True, sync_timeout: floa
         service = await connect_retrying(settings.require_database_url(), what="the service database")
         try:
             await service.execute(query("subscription_lock"))  # released when `service` closes
+            try:
+                await require_shape(primary, "primary", "subscribe")
+                await require_shape(service, "service", "subscribe")
+            except MigrationError as exc:
+                raise ReplicationError(str(exc)) from None
             if not await primary.fetchval(query("publication_exists")):
                 raise ReplicationError(
                     "the primary has no publication outbox_relay: run `migrate --primary` first"
@@ -54,15 +123,20 @@ async def subscribe(settings: Settings, *, wait: bool = True, sync_timeout: floa
                 await check_schema(service, "service")
             except MigrationError as exc:
                 raise ReplicationError(str(exc)) from None
+            primary_id = await _identity(primary)
+            name = await subscription_name(settings, service, primary_id)
             info = await service.fetchrow(query("subscription_info"), name)
-            slot_created = False
+            slot_created = adopted = False
+            slot = name
             if info is not None:
+                slot = info["subslotname"] or name
                 if not info["subenabled"]:
                     await service.execute(_ddl("enable_subscription", name))
                     logger.info("subscription re-enabled", extra={"subscription": name})
                 created = False
             else:
-                if not await primary.fetchval(query("slot_exists"), name):
+                exists, adopted = await _claim_slot(service, primary, primary_id, name, adopt=adopt_slot)
+                if not exists:
                     # Waits for every open write transaction in the primary's cluster.
                     await primary.fetchval(query("create_slot"), name)
                     slot_created = True
@@ -75,13 +149,56 @@ async def subscribe(settings: Settings, *, wait: bool = True, sync_timeout: floa
                     )
                 )
                 created = True
-                logger.info("subscription created", extra={"subscription": name, "slot": name})
+                logger.info(
+                    "subscription created", extra={"subscription": name, "slot": name, "adopted": adopted}
+                )
             synced = await _wait_for_sync(service, name, sync_timeout) if wait else False
         finally:
             await service.close()
     finally:
         await primary.close()
-    return SubscribeResult(name=name, created=created, slot_created=slot_created, synced=synced)
+    return SubscribeResult(
+        name=name, created=created, slot_created=slot_created, synced=synced, slot=slot, adopted=adopted
+    )
+
+
+async def _claim_slot(
+    service: Connection, primary: Connection, primary_id: _Identity, name: str, *, adopt: bool
+) -> tuple[bool, bool]:
+    """Make slot ``name`` this database's before it is created or used.
+
+    Returns (the slot exists already, it was another's and is adopted).
+
+    A slot that exists already is ours only when recorded here (an interrupted
+    run) and idle; otherwise another subscription uses it and it is refused,
+    unless ``adopt``.
+    """
+    recorded = name in await _recorded(service, primary_id)
+    state = await primary.fetchrow(query("slot_state"), name)
+    if state is not None and not adopt:
+        if not recorded:
+            raise ReplicationError(
+                f"replication slot {name} already exists on the primary and is not this service "
+                f"database's: another subscription uses it. Set OUTBOX_RELAY_SUBSCRIPTION_NAME to "
+                f"another name, or pass --adopt-slot to take this slot over on purpose"
+            )
+        if state["active"]:
+            raise ReplicationError(
+                f"replication slot {name} on the primary is in use by another subscriber; "
+                f"pass --adopt-slot to take it over on purpose"
+            )
+    # Recorded (and committed) before the slot is made: a crash in between leaves a trace.
+    await service.execute(query("record_slot"), primary_id.system_identifier, primary_id.database, name)
+    adopted = state is not None and not recorded
+    if adopted:
+        logger.warning("adopting an existing replication slot", extra={"slot": name})
+    return state is not None, adopted
+
+
+async def _recorded(service: Connection, primary_id: _Identity) -> set[str]:
+    """The slots on this primary that this service database made or adopted."""
+    rows = await service.fetch(query("recorded_slots"), primary_id.system_identifier, primary_id.database)
+    return {str(r["slot_name"]) for r in rows}
 
 
 async def _wait_for_sync(service: Connection, name: str, timeout: float) -> bool:
@@ -107,39 +224,63 @@ class UnsubscribeResult:
 
 
 async def unsubscribe(settings: Settings, *, slot_timeout: float = 30.0) -> UnsubscribeResult:
-    """Drop the subscription, then its slot on the primary; either may already be gone."""
-    name = settings.effective_subscription_name()
-    primary_url = settings.require_primary_url()
-    service = await connect_retrying(settings.require_database_url(), what="the service database")
-    try:
-        await service.execute(query("subscription_lock"))  # released when `service` closes
-        info = await service.fetchrow(query("subscription_info"), name)
-        if info is not None:
-            await service.execute(_ddl("disable_subscription", name))
-            await service.execute(_ddl("detach_subscription_slot", name))
-            await service.execute(_ddl("drop_subscription", name))
-            logger.info("subscription dropped", extra={"subscription": name})
-    finally:
-        await service.close()
+    """Drop the subscription, then its slot on the primary; either may already be gone.
 
-    primary = await connect_retrying(primary_url, what="the primary")
-    slot_dropped = False
+    Only a slot this database's subscription used, or one recorded in
+    ``outbox_relay.replication_slots``, is dropped: never a slot of another
+    subscription that happens to have the same name.
+    """
+    primary = await connect_retrying(settings.require_primary_url(), what="the primary")
     try:
-        deadline = time.monotonic() + slot_timeout
-        while await primary.fetchval(query("slot_exists"), name):
-            # The walsender of the disabled subscription exits within moments.
-            if await primary.fetchval(query("drop_slot"), name) is not None or not await primary.fetchval(
-                query("slot_exists"), name
-            ):
-                slot_dropped = True
-                logger.info("replication slot dropped", extra={"slot": name})
-                break
-            if time.monotonic() > deadline:
-                raise ReplicationError(f"replication slot {name} stays active on the primary")
-            await asyncio.sleep(0.1)
+        primary_id = await _identity(primary)
+        service = await connect_retrying(settings.require_database_url(), what="the service database")
+        try:
+            await service.execute(query("subscription_lock"))  # released when `service` closes
+            name = await subscription_name(settings, service, primary_id)
+            info = await service.fetchrow(query("subscription_info"), name)
+            recorded = await _recorded(service, primary_id)
+            slot: str | None = name if name in recorded else None
+            if info is not None:
+                slot = info["subslotname"] or slot
+                if slot is not None:
+                    # Remembered first: a crash after the DROP still lets a re-run drop the slot.
+                    await service.execute(
+                        query("record_slot"), primary_id.system_identifier, primary_id.database, slot
+                    )
+                await service.execute(_ddl("disable_subscription", name))
+                await service.execute(_ddl("detach_subscription_slot", name))
+                await service.execute(_ddl("drop_subscription", name))
+                logger.info("subscription dropped", extra={"subscription": name})
+            elif await primary.fetchval(query("slot_exists"), name) and slot is None:
+                logger.warning(
+                    "replication slot left alone: this service database did not make it",
+                    extra={"slot": name},
+                )
+            slot_dropped = False
+            if slot is not None:
+                slot_dropped = await _drop_slot(primary, slot, slot_timeout)
+                await service.execute(query("forget_slot"), primary_id.system_identifier, slot)
+        finally:
+            await service.close()
     finally:
         await primary.close()
     return UnsubscribeResult(name=name, subscription_dropped=info is not None, slot_dropped=slot_dropped)
+
+
+async def _drop_slot(primary: Connection, name: str, timeout: float) -> bool:
+    """Drop slot ``name`` once it is idle; False when it was not there."""
+    deadline = time.monotonic() + timeout
+    while await primary.fetchval(query("slot_exists"), name):
+        # The walsender of the disabled subscription exits within moments.
+        if await primary.fetchval(query("drop_slot"), name) is not None or not await primary.fetchval(
+            query("slot_exists"), name
+        ):
+            logger.info("replication slot dropped", extra={"slot": name})
+            return True
+        if time.monotonic() > deadline:
+            raise ReplicationError(f"replication slot {name} stays active on the primary")
+        await asyncio.sleep(0.1)
+    return False
 
 
 def _ddl(name: str, subscription: str) -> str:

@@ -26,13 +26,30 @@ class Backoff:
 
     def next_delay(self) -> float:
         """The delay before the next attempt (and count this one)."""
-        delay = min(self.maximum, self.initial * 2.0**self.attempt)
+        # The exponent is capped: a service retrying for hours would overflow 2.0**n past n = 1023.
+        delay = min(self.maximum, self.initial * 2.0 ** min(self.attempt, 64))
         self.attempt += 1
         return delay * random.uniform(0.8, 1.2)  # noqa: S311 - jitter, not crypto
 
     def reset(self) -> None:
         """Start again from ``initial`` (after a success)."""
         self.attempt = 0
+
+
+#: SQLSTATE classes that no retry cures by itself: insufficient privilege (42501),
+#: failed authentication (28000, 28P01). Checked by code, not class, so that this
+#: module stays free of any driver.
+_DENIED_SQLSTATES = frozenset({"42501", "28000", "28P01"})
+
+
+def is_denied(exc: BaseException) -> bool:
+    """True for a permission or authentication error: the server answered, and said no."""
+    return getattr(exc, "sqlstate", None) in _DENIED_SQLSTATES
+
+
+def why_failed(exc: BaseException, what: str) -> str:
+    """``permission denied for <what>`` or ``cannot reach <what>``, as the error says."""
+    return f"permission denied for {what}" if is_denied(exc) else f"cannot reach {what}"
 
 
 async def retry(
@@ -48,7 +65,8 @@ async def retry(
     """Run ``operation`` until it succeeds.
 
     Services pass ``give_up_after=None`` and retry forever with capped backoff;
-    one-off commands pass a few seconds and get an :class:`UnavailableError`.
+    one-off commands pass a few seconds and get an :class:`UnavailableError`
+    (at once for a permission or authentication error, see :func:`is_denied`).
     Each failed attempt logs one plain line (no traceback). When ``stop`` is
     set while waiting, :class:`asyncio.CancelledError` is raised.
     """
@@ -59,11 +77,12 @@ async def retry(
             return await operation()
         except retry_on as exc:
             delay = backoff.next_delay()
-            if deadline is not None and time.monotonic() + delay > deadline:
-                raise UnavailableError(f"cannot reach {what}: {describe(exc)}") from None
+            # A one-off command denied access fails at once: waiting will not grant it.
+            if deadline is not None and (is_denied(exc) or time.monotonic() + delay > deadline):
+                raise UnavailableError(f"{why_failed(exc, what)}: {describe(exc)}") from None
             logger.warning(
-                "cannot reach %s, retrying",
-                what,
+                "%s, retrying",
+                why_failed(exc, what),
                 extra={"error": describe(exc), "retry_in": round(delay, 2), "attempt": backoff.attempt},
             )
         if stop is None:

@@ -24,6 +24,13 @@ _PG_SCHEMES = ("postgresql", "postgres")
 _REDIS_SCHEMES = ("redis", "rediss", "unix")
 _NAME_RE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 
+HOUR = 3600.0
+DAY = 86_400.0
+#: Upper bound of RETENTION and of `prune --older-than`: ten years (365-day years).
+MAX_RETENTION = 3650 * DAY
+#: Upper bound of MAX_ATTEMPTS: far below int4, and the retry delay's doubling stays a finite float.
+MAX_ATTEMPTS_LIMIT = 100
+
 
 class Settings(BaseSettings):
     """Every setting of outbox_relay; the environment variable is ``OUTBOX_RELAY_<NAME>``."""
@@ -44,14 +51,21 @@ class Settings(BaseSettings):
     )
     redis_url: SecretStr = Field(default=SecretStr("redis://127.0.0.1:6379/0"), description="arq's Redis")
     queue_name: str = Field(default="outbox_relay", min_length=1, max_length=200, description="arq queue")
-    sweep_interval: float = Field(default=5.0, gt=0, description="period of the sweep (seconds)")
+    sweep_interval: float = Field(
+        default=5.0, gt=0, le=HOUR, allow_inf_nan=False, description="period of the sweep (seconds)"
+    )
     requeue_after: float = Field(
         default=60.0,
         gt=0,
+        le=DAY,
+        allow_inf_nan=False,
         description="a `queued` row older than this (seconds) is enqueued again by the sweep",
     )
     max_attempts: int = Field(
-        default=5, ge=1, description="attempts before a transient failure turns the row `failed`"
+        default=5,
+        ge=1,
+        le=MAX_ATTEMPTS_LIMIT,
+        description="attempts before a transient failure turns the row `failed`",
     )
     subscription_conninfo: SecretStr | None = Field(
         default=None,
@@ -60,26 +74,41 @@ class Settings(BaseSettings):
     )
     subscription_name: str | None = Field(
         default=None,
-        description="subscription and replication slot name (default: from the service database)",
+        description="subscription and replication slot name (default: derived by `subscribe` from the "
+        "service database's identity, see replication.subscription_name)",
     )
 
     # -- extensions ------------------------------------------------------------
     job_timeout: float = Field(
         default=10.0,
         gt=0,
+        le=HOUR,
+        allow_inf_nan=False,
         description="time one handler attempt may take (seconds); a killed worker's job "
         "is run again by another worker after job_timeout + 15 s",
     )
     retry_backoff: float = Field(
-        default=1.0, gt=0, description="first delay before a transient retry (seconds), doubling"
+        default=1.0,
+        gt=0,
+        le=DAY,
+        allow_inf_nan=False,
+        description="first delay before a transient retry (seconds), doubling",
     )
     retry_backoff_max: float = Field(
-        default=60.0, gt=0, description="cap of the transient retry delay (seconds)"
+        default=60.0,
+        gt=0,
+        le=DAY,
+        allow_inf_nan=False,
+        description="cap of the transient retry delay (seconds)",
     )
-    worker_concurrency: int = Field(default=32, ge=1, description="jobs one worker process runs at once")
+    worker_concurrency: int = Field(
+        default=32, ge=1, le=1000, description="jobs one worker process runs at once"
+    )
     worker_poll_delay: float = Field(
         default=0.01,
         gt=0,
+        le=60.0,
+        allow_inf_nan=False,
         description="how often a worker polls Redis for jobs (seconds): a latency floor",
     )
     batch_size: int = Field(
@@ -88,17 +117,23 @@ class Settings(BaseSettings):
     max_queue_depth: int = Field(
         default=20_000,
         ge=1,
+        le=10_000_000,
         description="the relay stops enqueueing while the arq queue holds this many jobs",
     )
     retention: float | None = Field(
         default=None,
         gt=0,
+        le=MAX_RETENTION,
         allow_inf_nan=False,
         description="`prune` removes finished rows finished more than this many seconds ago "
         "(default: keep forever)",
     )
     prune_interval: float = Field(
-        default=300.0, gt=0, description="period of the relay's prune when RETENTION is set (seconds)"
+        default=300.0,
+        gt=0,
+        le=DAY,
+        allow_inf_nan=False,
+        description="period of the relay's prune when RETENTION is set (seconds)",
     )
     prune_batch_size: int = Field(
         default=5000, ge=1, le=100_000, description="rows `prune` deletes per short transaction"
@@ -155,16 +190,6 @@ class Settings(BaseSettings):
         if self.primary_url is None:
             raise SettingsError(env_name("primary_url"), "is required for this command")
         return self.primary_url.get_secret_value()
-
-    def effective_subscription_name(self) -> str:
-        """``SUBSCRIPTION_NAME``, or ``outbox_relay_<service database name>``."""
-        if self.subscription_name:
-            return self.subscription_name
-        parts = urlsplit(self.require_database_url())
-        # libpq's default database is the user's name.
-        name = parts.path.lstrip("/") or parts.username or "postgres"
-        database = re.sub(r"[^a-z0-9_]", "_", name.lower())
-        return f"outbox_relay_{database}"[:63]
 
     @property
     def job_namespace(self) -> str:
@@ -266,6 +291,13 @@ def _check_url(url: str, schemes: tuple[str, ...]) -> None:
         raise ValueError("is not a valid URL") from None
     if parts.scheme not in schemes:
         raise ValueError(f"must be a URL starting with {' or '.join(s + '://' for s in schemes)}")
+    # libpq takes several hosts, "h1:5432,h2:5433": check every port.
+    hosts = parts.netloc.rpartition("@")[2]
+    for host in hosts.split(","):
+        after_ipv6 = host.rpartition("]")[2]  # "[::1]:5432" -> ":5432"
+        _, colon, port = after_ipv6.rpartition(":")
+        if colon and port and not (port.isdigit() and 1 <= int(port) <= 65535):
+            raise ValueError("has a port that is not a number from 1 to 65535")
 
 
 def redact_url(url: str) -> str:

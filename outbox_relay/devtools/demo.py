@@ -128,8 +128,8 @@ async def _demo(
         finally:
             await conn.close()
     say("  schemas migrated (service database and primary)")
-    await subscribe(settings)
-    say(f"  subscription {settings.effective_subscription_name()} created; replication running")
+    subscribed = await subscribe(settings)
+    say(f"  subscription {subscribed.name} created; replication running")
 
     service = await connect(service_url)
     try:

@@ -22,6 +22,7 @@ from outbox_relay.exceptions import PermanentError
 from outbox_relay.handlers import HandlerRegistry
 from outbox_relay.logs import describe
 from outbox_relay.queue import Job, Outcome
+from outbox_relay.retry import is_denied
 from outbox_relay.settings import WorkerConfig
 from outbox_relay.sql import query, render
 
@@ -129,7 +130,8 @@ class RowProcessor:
         now = time.monotonic()
         if now - self._unrecorded_logged_at >= 1.0:
             logger.warning(
-                "row attempts failing and not recordable (database away?); retrying",
+                "row attempts failing and not recordable (%s); retrying",
+                "permission denied" if is_denied(exc) else "database away?",
                 extra={
                     "row_id": row_id,
                     "error": error,

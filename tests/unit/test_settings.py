@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 
 from outbox_relay.exceptions import SettingsError
+from outbox_relay.replication import derived_subscription_name
 from outbox_relay.settings import Settings, env_name, load_settings, redact_url
 
 PASSWORD = "hunter2-s3cret"
@@ -51,7 +53,7 @@ def test_variables_with_the_prefix_are_read(monkeypatch: pytest.MonkeyPatch) -> 
     assert settings.sweep_interval == 0.5
     assert settings.requeue_after == 7
     assert settings.max_attempts == 1
-    assert settings.effective_subscription_name() == "orders_sub"
+    assert settings.subscription_name == "orders_sub"
 
 
 def test_unprefixed_variables_are_ignored(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -129,36 +131,46 @@ def test_require_primary_url_names_the_variable_when_missing() -> None:
 
 
 @pytest.mark.parametrize(
-    ("url", "expected"),
+    ("database", "prefix"),
     [
-        ("postgresql://u:p@h:5432/orders", "outbox_relay_orders"),
-        ("postgresql://u@h/My-Service.DB", "outbox_relay_my_service_db"),
-        ("postgres://h/billing_2?sslmode=disable", "outbox_relay_billing_2"),
+        ("orders", "outbox_relay_orders_"),
+        ("My-Service.DB", "outbox_relay_my_service_db_"),
+        ("billing_2", "outbox_relay_billing_2_"),
     ],
 )
-def test_effective_subscription_name_derives_from_the_database_name(url: str, expected: str) -> None:
-    """With no SUBSCRIPTION_NAME, the name is outbox_relay_<database>, lower-cased and sanitised."""
-    assert Settings(database_url=url).effective_subscription_name() == expected
+def test_derived_subscription_name_keeps_a_readable_prefix(database: str, prefix: str) -> None:
+    """The derived name is outbox_relay_<sanitised database>_<12 hex of the database's identity>."""
+    name = derived_subscription_name(database, "7301234567890123456", 16384)
+    assert name.startswith(prefix)
+    assert re.fullmatch(r"[0-9a-f]{12}", name.removeprefix(prefix))
 
 
 def test_derived_subscription_name_is_a_valid_identifier_of_at_most_63_chars() -> None:
     """A long or odd database name still gives a name that passes the SUBSCRIPTION_NAME check."""
-    name = Settings(database_url="postgresql://h/Ünïcode-" + "x" * 100).effective_subscription_name()
+    name = derived_subscription_name("Ünïcode-" + "x" * 100, "7301234567890123456", 16384)
     assert len(name) <= 63
     assert Settings(subscription_name=name).subscription_name == name
 
 
-def test_different_databases_get_different_subscription_names() -> None:
-    """Two services on different databases do not share a subscription (and slot) name."""
-    first = Settings(database_url="postgresql://h/svc_a").effective_subscription_name()
-    second = Settings(database_url="postgresql://h/svc_b").effective_subscription_name()
-    assert first != second
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        (("svc-a", "1", 16384), ("svc_a", "1", 16385)),  # same sanitised name, one cluster
+        (("App", "1", 16384), ("app", "1", 16390)),  # case only
+        (("app", "1", 16384), ("app", "2", 16384)),  # same name and oid, two clusters
+    ],
+)
+def test_databases_that_sanitise_alike_get_different_names(
+    first: tuple[str, str, int], second: tuple[str, str, int]
+) -> None:
+    """Names that collided under the old default (svc-a/svc_a, App/app, two `app`s) now differ."""
+    assert derived_subscription_name(*first) != derived_subscription_name(*second)
 
 
-def test_explicit_subscription_name_wins() -> None:
-    """SUBSCRIPTION_NAME, when set, is used as is."""
+def test_explicit_subscription_name_is_kept_as_is() -> None:
+    """SUBSCRIPTION_NAME, when set, is the override subscribe and unsubscribe use."""
     settings = Settings(database_url="postgresql://h/orders", subscription_name="custom_sub")
-    assert settings.effective_subscription_name() == "custom_sub"
+    assert settings.subscription_name == "custom_sub"
 
 
 def test_urls_stay_out_of_repr_and_str() -> None:
@@ -219,11 +231,3 @@ def test_log_level_is_case_insensitive(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_job_namespace_contains_the_queue_name() -> None:
     """Two queue names give two job namespaces."""
     assert Settings(queue_name="a").job_namespace != Settings(queue_name="b").job_namespace
-
-
-def test_subscription_name_without_a_database_in_the_url_follows_libpq_and_uses_the_user() -> None:
-    """With no database in DATABASE_URL the derived name uses the user's name, as libpq's default does."""
-    from outbox_relay.settings import Settings
-
-    settings = Settings(database_url="postgresql://billing@db.example:5432")  # type: ignore[arg-type]
-    assert settings.effective_subscription_name() == "outbox_relay_billing"

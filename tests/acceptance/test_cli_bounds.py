@@ -1,0 +1,39 @@
+"""Unbounded settings and bad URL ports exit 2 through the real CLI, naming the variable (issue 7, item 5)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.acceptance.test_cli import UNREACHABLE, assert_settings_error, cli, describe
+from tests.helpers import cli_env
+
+
+@pytest.mark.parametrize(
+    ("command", "variable", "value"),
+    [
+        ("run", "OUTBOX_RELAY_SWEEP_INTERVAL", "inf"),
+        ("run", "OUTBOX_RELAY_REQUEUE_AFTER", "1e400"),
+        ("run", "OUTBOX_RELAY_PRUNE_INTERVAL", "nan"),
+        ("worker", "OUTBOX_RELAY_JOB_TIMEOUT", "1e12"),
+        ("worker", "OUTBOX_RELAY_RETRY_BACKOFF_MAX", "inf"),
+        ("worker", "OUTBOX_RELAY_WORKER_POLL_DELAY", "1e12"),
+        ("worker", "OUTBOX_RELAY_WORKER_CONCURRENCY", "99999999999999999999999"),
+        ("worker", "OUTBOX_RELAY_MAX_ATTEMPTS", "2147483648"),
+        ("status", "OUTBOX_RELAY_DATABASE_URL", "postgresql://u@h:abc/db"),
+        ("worker", "OUTBOX_RELAY_REDIS_URL", "redis://h:xx/0"),
+    ],
+)
+async def test_unbounded_setting_exits_2_naming_the_variable(command: str, variable: str, value: str) -> None:
+    """The command refuses the value before touching any server: exit 2, one stderr line naming it."""
+    env = cli_env({**UNREACHABLE, variable: value})
+    result = await cli(command, env=env, timeout=30)
+    assert_settings_error(result, variable)
+
+
+async def test_prune_older_than_1e12_is_a_usage_error() -> None:
+    """`prune --older-than 1e12` exits 2 with a usage message, not 1 'timestamp out of range'."""
+    result = await cli("prune", "--older-than", "1e12", env=cli_env(UNREACHABLE), timeout=30)
+    assert result.returncode == 2, describe(result)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, describe(result)
+    assert "--older-than" in lines[0], describe(result)
