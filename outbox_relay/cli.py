@@ -110,6 +110,7 @@ def cmd_unsubscribe(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     from outbox_relay.jobs import JobQueue, redis_client
+    from outbox_relay.observability.http import serving
     from outbox_relay.relay import Relay
 
     settings.require_database_url()
@@ -119,7 +120,8 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
         redis = redis_client(settings.redis_url.get_secret_value(), queue_name=settings.queue_name)
         try:
             queue = JobQueue(redis, queue_name=settings.queue_name, namespace=settings.job_namespace)
-            await Relay(settings, queue, stop).run()
+            async with serving(settings) as (health, metrics):
+                await Relay(settings, queue, stop, health=health, metrics=metrics).run()
         finally:
             await redis.aclose(close_connection_pool=True)
 
@@ -128,6 +130,7 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+    from outbox_relay.observability.http import serving
     from outbox_relay.worker import load_handler_modules, run_worker
 
     settings.require_database_url()
@@ -135,7 +138,8 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
 
     async def main() -> None:
         stop = stop_on_signals()
-        await run_worker(settings, stop, burst=args.burst)
+        async with serving(settings) as (health, metrics):
+            await run_worker(settings, stop, burst=args.burst, health=health, metrics=metrics)
 
     run_async(main())
     return 0

@@ -35,6 +35,9 @@ from outbox_relay.db import Pool, connect_retrying, create_pool
 from outbox_relay.jobs import JobQueue, PendingRow
 from outbox_relay.listener import Listener
 from outbox_relay.migrate import check_schema
+from outbox_relay.observability import Health, Metrics
+from outbox_relay.observability.hooks import RelayHooks
+from outbox_relay.observability.refresh import GaugeRefresher
 from outbox_relay.prune import prune_service
 from outbox_relay.settings import Settings
 from outbox_relay.sweeper import Sweeper
@@ -74,8 +77,16 @@ class RelayStats:
 class Relay:
     """The relay service; :meth:`run` returns when ``stop`` is set."""
 
-    def __init__(self, settings: Settings, queue: JobQueue, stop: asyncio.Event) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        queue: JobQueue,
+        stop: asyncio.Event,
+        health: Health | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.settings = settings
+        self.hooks = RelayHooks(health, metrics, deadline=max(30.0, 3 * settings.sweep_interval))
         self.database_url = settings.require_database_url()
         self.queue = queue
         self.stop = stop
@@ -104,6 +115,7 @@ class Relay:
                 raise
             except Exception as exc:  # any failure ends the session; the next one starts clean
                 delay = backoff.next_delay()
+                self.hooks.session_ended(describe(_first_leaf(exc)))
                 logger.warning(
                     "relay session ended, reconnecting",
                     extra={"error": describe(_first_leaf(exc)), "retry_in": round(delay, 2)},
@@ -114,13 +126,14 @@ class Relay:
         logger.info("relay stopped", extra={"handed_over": self.stats.handed_over})
 
     async def _session(self) -> None:
-        conn = await connect_retrying(
-            self.database_url,
-            what="the service database",
-            application_name="outbox_relay.listener",
-            give_up_after=None,
-            stop=self.stop,
-        )
+        with self.hooks.waiting("the service database"):
+            conn = await connect_retrying(
+                self.database_url,
+                what="the service database",
+                application_name="outbox_relay.listener",
+                give_up_after=None,
+                stop=self.stop,
+            )
         listener = Listener(conn, self._on_notify)
         try:
             await check_schema(conn)
@@ -133,10 +146,12 @@ class Relay:
                 self._pending.clear()
                 self._sweep_requested = True
                 self.active.set()
+                self.hooks.active()
                 logger.info("relay active", extra={"queue": self.settings.queue_name})
                 await self._serve(listener, pool)
             finally:
                 self.active.clear()
+                self.hooks.inactive()
                 await _close_pool(pool)
         finally:
             await listener.close()
@@ -144,6 +159,7 @@ class Relay:
     async def _await_leadership(self, listener: Listener) -> None:
         announced = False
         while not await listener.try_lead():
+            self.hooks.standby()
             if not announced:
                 logger.info("another relay is active on this database; standing by")
                 announced = True
@@ -164,6 +180,11 @@ class Relay:
                 group.create_task(self._report_loop(), name="relay.report")
                 if self.settings.retention is not None:
                     group.create_task(self._prune_loop(pool), name="relay.prune")
+                if self.hooks.metrics is not None:
+                    refresher = GaugeRefresher(
+                        self.settings, pool, self.hooks.metrics, self.queue.depth, self.hooks
+                    )
+                    group.create_task(refresher.run(self.stop), name="relay.gauges")
         except* _Stopped:
             raise _Stopped from None
 
@@ -226,13 +247,14 @@ class Relay:
         batch = self.settings.batch_size
         while True:
             _raise_if_cancelling()
+            self.hooks.beat()
             if not self._pending and not self._sweep_requested:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), max(0.0, next_sweep - loop.time()))
             self._wake.clear()
             while self._pending:
                 ids = [self._pending.pop() for _ in range(min(batch, len(self._pending)))]
-                await self._hand_over(sweeper, await sweeper.new_by_ids(ids))
+                await self._hand_over(sweeper, await sweeper.new_by_ids(ids), path="notify")
             if self._sweep_requested or loop.time() >= next_sweep:
                 self._sweep_requested = False
                 await self._sweep(sweeper)
@@ -244,6 +266,7 @@ class Relay:
         async for rows in sweeper.new_rows():
             await self._hand_over(sweeper, rows)
             new += len(rows)
+        self.hooks.swept_unnotified(new)
         run_id = await self._redis(self.queue.server_run_id)
         restarted = self._redis_run_id is not None and run_id != self._redis_run_id
         if restarted:
@@ -257,7 +280,7 @@ class Relay:
         if new or stale:
             logger.info("sweep handed rows over", extra={"new": new, "requeued": stale})
 
-    async def _hand_over(self, sweeper: Sweeper, rows: list[PendingRow]) -> None:
+    async def _hand_over(self, sweeper: Sweeper, rows: list[PendingRow], path: str = "sweep") -> None:
         if not rows:
             return
         _raise_if_cancelling()
@@ -270,6 +293,8 @@ class Relay:
         await sweeper.mark_queued([row.id for row in rows])
         self.stats.handed_over += len(rows)
         self.stats.enqueued += added
+        self.hooks.handed_over(path, len(rows))
+        self.hooks.queue_depth(self._depth)
 
     async def _wait_for_room(self) -> None:
         """Backpressure: keep the queue below MAX_QUEUE_DEPTH so a backlog floods nothing."""
@@ -278,6 +303,7 @@ class Relay:
             return
         logger.debug("queue full, waiting", extra={"depth": self._depth})
         while self._depth >= limit // 2:
+            self.hooks.beat()
             if await stopped_within(self.stop, 0.05):
                 raise _Stopped
             self._depth = await self._redis(self.queue.depth)
@@ -285,15 +311,16 @@ class Relay:
     async def _redis(self, operation: Callable[[], Awaitable[T]]) -> T:
         """Run a Redis operation, retrying forever (one log line per attempt) until ``stop``."""
         try:
-            return await retry(
-                operation,
-                what="Redis",
-                logger=logger,
-                give_up_after=None,
-                stop=self.stop,
-                backoff=Backoff(0.1, 5.0),
-                retry_on=(RedisError, OSError, TimeoutError),
-            )
+            with self.hooks.waiting("Redis"):
+                return await retry(
+                    operation,
+                    what="Redis",
+                    logger=logger,
+                    give_up_after=None,
+                    stop=self.stop,
+                    backoff=Backoff(0.1, 5.0),
+                    retry_on=(RedisError, OSError, TimeoutError),
+                )
         except asyncio.CancelledError:
             if self.stop.is_set():
                 raise _Stopped from None

@@ -37,12 +37,16 @@ from outbox_relay.exceptions import SettingsError
 from outbox_relay.handlers import HandlerRegistry, registry
 from outbox_relay.jobs import FUNCTION_NAME, redis_client
 from outbox_relay.migrate import check_schema
+from outbox_relay.observability import Health, Metrics
+from outbox_relay.observability.hooks import WorkerHooks
 from outbox_relay.settings import Settings, env_name
 from outbox_relay.tasks import CONTEXT_KEY, RowProcessor, process_row
 
 logger = logging.getLogger(__name__)
 
 ARQ_MAX_TRIES = 1000
+#: Key of the :class:`WorkerHooks` in arq's worker context.
+HOOKS_KEY = "outbox_relay.hooks"
 #: Extra seconds arq's own job timeout allows beyond JOB_TIMEOUT.
 ARQ_TIMEOUT_MARGIN = 5.0
 
@@ -84,6 +88,13 @@ class OutboxWorker(Worker):
         fresh = [job_id for job_id in job_ids if job_id.decode() not in running]
         random.shuffle(fresh)
         await super().start_jobs(fresh)
+
+    async def heart_beat(self) -> None:
+        """Called by arq once per poll: our liveness heartbeat too (see :class:`WorkerHooks`)."""
+        await super().heart_beat()
+        hooks = self.ctx.get(HOOKS_KEY) if self.ctx else None
+        if hooks is not None:
+            hooks.beat()
 
 
 def build_arq_worker(
@@ -130,6 +141,8 @@ async def run_worker(
     *,
     burst: bool = False,
     handlers: HandlerRegistry = registry,
+    health: Health | None = None,
+    metrics: Metrics | None = None,
 ) -> WorkerStats:
     """Run until ``stop`` is set (or, with ``burst``, until the queue is empty).
 
@@ -149,8 +162,11 @@ async def run_worker(
         max_connections=settings.worker_concurrency + 10,
     )
     stats = WorkerStats()
+    hooks = WorkerHooks(health, metrics, kinds=handlers.kinds())
     try:
-        await _wait_until_ready(pool, redis, stop)
+        with hooks.waiting("the service database and Redis"):
+            await _wait_until_ready(pool, redis, stop)
+        hooks.ready()
         processor = RowProcessor(settings, pool, handlers)
         backoff = Backoff(0.2, 5.0)
         logger.info(
@@ -163,7 +179,13 @@ async def run_worker(
             },
         )
         while not stop.is_set():
-            worker = build_arq_worker(settings, redis, {CONTEXT_KEY: processor}, burst=burst)
+            worker = build_arq_worker(
+                settings,
+                redis,
+                {CONTEXT_KEY: processor, HOOKS_KEY: hooks},
+                burst=burst,
+                coroutine=hooks.instrument(process_row),
+            )
             finished = await _run_until_stopped(worker, stop, settings.job_timeout + 5)
             stats.complete += worker.jobs_complete
             stats.failed += worker.jobs_failed
@@ -171,6 +193,7 @@ async def run_worker(
             if finished is None:
                 break  # stopped, or a burst ran dry
             delay = backoff.next_delay()
+            hooks.not_ready(f"lost the queue ({describe(finished)}); restarting")
             logger.warning(
                 "worker lost its queue, restarting",
                 extra={"error": describe(finished), "retry_in": round(delay, 2)},
