@@ -86,7 +86,8 @@ def test_readiness_carries_reasons_only_while_not_ready_and_keeps_the_role() -> 
     health = Health()
     assert not health.readiness().ready  # starting
     health.set_ready(False, reasons=["Redis unreachable"], role="standby")
-    assert health.readiness().as_json() == {"ready": False, "role": "standby", "reasons": ["Redis unreachable"]}
+    expected = {"ready": False, "role": "standby", "reasons": ["Redis unreachable"]}
+    assert health.readiness().as_json() == expected
     health.set_ready(True)
     assert health.readiness().as_json() == {"ready": True, "role": "standby"}
     health.set_ready(True, role="active")
