@@ -19,6 +19,7 @@ import functools
 import os
 import sys
 import time
+import warnings
 from typing import Protocol
 from urllib.parse import urlsplit, urlunsplit
 
@@ -104,6 +105,13 @@ def docker_available() -> bool:
         return False
 
 
+def _say(line: str) -> None:
+    """One line about the choice of servers: on stderr (seen with ``-s``) and as a warning (seen in
+    pytest's summary, whatever the capture)."""
+    print(line, file=sys.__stderr__, flush=True)
+    warnings.warn(line, UserWarning, stacklevel=3)
+
+
 @functools.cache
 def _without_missing_reaper() -> None:
     """testcontainers' reaper (Ryuk) needs an image of its own; where it cannot be had (no registry),
@@ -121,8 +129,7 @@ def _without_missing_reaper() -> None:
         except docker.errors.ImageNotFound:
             client.images.pull(config.ryuk_image)
     except Exception:
-        print(f"tests: image {config.ryuk_image} cannot be had; testcontainers runs without its reaper",
-              file=sys.__stderr__, flush=True)
+        _say(f"tests: image {config.ryuk_image} cannot be had; testcontainers runs without its reaper")
         config.ryuk_disabled = True
 
 
@@ -144,11 +151,9 @@ def container_image(variable: str, default: str) -> str | None:
         return image
     except Exception as exc:
         reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        print(
+        _say(
             f"tests: Docker answers but image {image} ({variable}) cannot be had ({reason}); "
-            "using embedded servers",
-            file=sys.__stderr__,
-            flush=True,
+            "using embedded servers"
         )
         return None
 
