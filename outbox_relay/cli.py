@@ -174,9 +174,12 @@ def configure_run(parser: argparse.ArgumentParser) -> None:
 
 
 async def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
+    from outbox_relay.observability.http import serving
     from outbox_relay.services import relay_process
 
-    await relay_process(settings, stop_on_signals()).run()
+    stop = stop_on_signals()
+    async with serving(settings) as (health, metrics):
+        await relay_process(settings, stop, health=health, metrics=metrics).run()
     return 0
 
 
@@ -189,9 +192,13 @@ def configure_worker(parser: argparse.ArgumentParser) -> None:
 
 
 async def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+    from outbox_relay.observability.http import serving
     from outbox_relay.services import worker_process
 
-    await worker_process(settings, _plugins(settings), stop_on_signals(), burst=args.burst)
+    handlers = _plugins(settings)
+    stop = stop_on_signals()
+    async with serving(settings) as (health, metrics):
+        await worker_process(settings, handlers, stop, burst=args.burst, health=health, metrics=metrics)
     return 0
 
 

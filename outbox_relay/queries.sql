@@ -50,7 +50,8 @@ SELECT id, correlation_id, kind, outcome, payload, created_at, status, attempts,
 status = 'finished', attempts = attempts + 1, last_error = NULL, finished_at = now()
 
 -- name: finish_row
-UPDATE outbox_relay.outbox SET {finished_columns} WHERE id = $1;
+UPDATE outbox_relay.outbox SET {finished_columns} WHERE id = $1
+RETURNING kind, extract(epoch FROM finished_at - created_at)::float8 AS commit_to_finish;
 
 -- name: fast_path
 -- The one-statement path, composed by outbox_relay/worker/processor.py from the
@@ -70,14 +71,15 @@ WITH claimed AS (
        SET {finished_columns}
       FROM applied AS a
      WHERE o.id = a.id
-    RETURNING o.id
+    RETURNING o.id, o.kind, extract(epoch FROM o.finished_at - o.created_at)::float8 AS commit_to_finish
 )
-SELECT id FROM finished;
+SELECT id, kind, commit_to_finish FROM finished;
 
 -- name: fail_row
 UPDATE outbox_relay.outbox
    SET status = 'failed', attempts = attempts + 1, last_error = $2, finished_at = now()
- WHERE id = $1 AND status IN ('new', 'queued');
+ WHERE id = $1 AND status IN ('new', 'queued')
+RETURNING kind;
 
 -- name: record_transient_failure
 -- Counts the attempt; the row turns failed once it has had $3 (MAX_ATTEMPTS).
@@ -87,7 +89,7 @@ UPDATE outbox_relay.outbox
        status      = CASE WHEN attempts + 1 >= $3 THEN 'failed' ELSE status END,
        finished_at = CASE WHEN attempts + 1 >= $3 THEN now() ELSE finished_at END
  WHERE id = $1 AND status IN ('new', 'queued')
-RETURNING status, attempts;
+RETURNING status, attempts, kind;
 
 -- name: status_counts
 SELECT status, count(*) AS n FROM outbox_relay.outbox GROUP BY status;

@@ -14,6 +14,9 @@ from dataclasses import dataclass
 from outbox_relay.arq_adapter import ArqConsumer, ArqQueue, ConsumerConfig, QueueConfig
 from outbox_relay.db import Pool
 from outbox_relay.handlers import HandlerRegistry
+from outbox_relay.observability import Health, Metrics
+from outbox_relay.observability.hooks import RelayHooks, WorkerHooks
+from outbox_relay.observability.refresh import GaugeRefresher
 from outbox_relay.prune import prune_periodically
 from outbox_relay.queue import ConsumerStats
 from outbox_relay.relay import ActiveTask, Relay
@@ -59,9 +62,13 @@ class RelayProcess:
             await self.queue.close()
 
 
-def relay_process(settings: Settings, stop: asyncio.Event) -> RelayProcess:
-    """Compose `run` from ``settings``."""
+def relay_process(
+    settings: Settings, stop: asyncio.Event, *, health: Health | None = None, metrics: Metrics | None = None
+) -> RelayProcess:
+    """Compose `run` from ``settings`` (with ``health``/``metrics`` when HTTP is served)."""
+    config = settings.relay_config()
     queue = ArqQueue(queue_config(settings))
+    hooks = RelayHooks(health, metrics, deadline=max(30.0, 3 * config.sweep_interval))
     retention = settings.retention_config()
     while_active: list[tuple[str, ActiveTask]] = []
     if retention is not None:
@@ -70,16 +77,31 @@ def relay_process(settings: Settings, stop: asyncio.Event) -> RelayProcess:
             await prune_periodically(pool, retention, stop, on_pruned=relay.stats.count_pruned)
 
         while_active.append(("relay.prune", prune))
-    relay = Relay(settings.relay_config(), queue, stop, while_active=while_active)
+    if metrics is not None:
+        primary_url = settings.primary_url.get_secret_value() if settings.primary_url else None
+
+        async def gauges(pool: Pool) -> None:
+            assert metrics is not None
+            await GaugeRefresher(primary_url, pool, metrics, queue.depth, hooks).run(stop)
+
+        while_active.append(("relay.gauges", gauges))
+    relay = Relay(config, queue, stop, while_active=while_active, hooks=hooks)
     return RelayProcess(relay, queue, stop)
 
 
 async def worker_process(
-    settings: Settings, handlers: HandlerRegistry, stop: asyncio.Event, *, burst: bool = False
+    settings: Settings,
+    handlers: HandlerRegistry,
+    stop: asyncio.Event,
+    *,
+    burst: bool = False,
+    health: Health | None = None,
+    metrics: Metrics | None = None,
 ) -> ConsumerStats:
     """`worker`: run until ``stop`` (or, with ``burst``, until the queue is empty)."""
     consumer = ArqConsumer(consumer_config(settings))
+    hooks = WorkerHooks(health, metrics, kinds=handlers.kinds())
     try:
-        return await run_worker(settings.worker_config(), consumer, handlers, stop, burst=burst)
+        return await run_worker(settings.worker_config(), consumer, handlers, stop, burst=burst, hooks=hooks)
     finally:
         await consumer.close()

@@ -144,6 +144,15 @@ class Settings(BaseSettings):
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(default="INFO")
     log_format: Literal["text", "json"] = Field(default="text")
+    http_port: int | None = Field(
+        default=None,
+        ge=1,
+        le=65535,
+        description="`run` and `worker` serve /healthz, /readyz and /metrics on this port (default: none)",
+    )
+    http_host: str = Field(
+        default="127.0.0.1", min_length=1, max_length=255, description="address the HTTP server binds"
+    )
 
     @field_validator("database_url", "primary_url")
     @classmethod

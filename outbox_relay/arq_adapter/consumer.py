@@ -34,7 +34,7 @@ from redis.exceptions import RedisError
 from outbox_relay.arq_adapter.producer import FUNCTION_NAME, redis_client
 from outbox_relay.lifecycle import cancel_and_wait, stopped_within
 from outbox_relay.logs import describe
-from outbox_relay.queue import ConsumerStats, Job, JobFunction
+from outbox_relay.queue import ConsumerObserver, ConsumerStats, Job, JobFunction
 from outbox_relay.retry import Backoff, retry
 
 logger = logging.getLogger(__name__)
@@ -44,6 +44,8 @@ ARQ_MAX_TRIES = 1000
 ARQ_TIMEOUT_MARGIN = 5.0
 #: Key of the job function in arq's worker context.
 CONTEXT_KEY = "outbox_relay.job_function"
+#: Key of the consumer's observer (health) in arq's worker context.
+OBSERVER_KEY = "outbox_relay.observer"
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,13 @@ class OutboxWorker(Worker):
         fresh = [job_id for job_id in job_ids if job_id.decode() not in running]
         random.shuffle(fresh)
         await super().start_jobs(fresh)
+
+    async def heart_beat(self) -> None:
+        """Called by arq once per poll: the worker's liveness beat too (a poll got through)."""
+        await super().heart_beat()
+        observer: ConsumerObserver | None = (self.ctx or {}).get(OBSERVER_KEY)
+        if observer is not None:
+            observer.beat()
 
 
 async def _run_job(ctx: dict[str, Any], row_id: int, *_legacy: Any) -> str:
@@ -154,12 +163,20 @@ class ArqConsumer:
             retry_on=(RedisError, OSError, TimeoutError),
         )
 
-    async def run(self, function: JobFunction, stop: asyncio.Event, *, burst: bool = False) -> ConsumerStats:
+    async def run(
+        self,
+        function: JobFunction,
+        stop: asyncio.Event,
+        *,
+        burst: bool = False,
+        observer: ConsumerObserver | None = None,
+    ) -> ConsumerStats:
         """Run arq's loop until ``stop`` (or a burst ran dry); restart it after a Redis failure."""
         stats = ConsumerStats()
         backoff = Backoff(0.2, 5.0)
+        ctx = {CONTEXT_KEY: function, OBSERVER_KEY: observer}
         while not stop.is_set():
-            worker = build_arq_worker(self.config, self.redis, {CONTEXT_KEY: function}, burst=burst)
+            worker = build_arq_worker(self.config, self.redis, ctx, burst=burst)
             finished = await _run_until_stopped(worker, stop, self.config.job_timeout + ARQ_TIMEOUT_MARGIN)
             stats.complete += worker.jobs_complete
             stats.failed += worker.jobs_failed
@@ -167,6 +184,8 @@ class ArqConsumer:
             if finished is None:
                 break  # stopped, or a burst ran dry
             delay = backoff.next_delay()
+            if observer is not None:
+                observer.not_ready(f"lost the queue ({describe(finished)}); restarting")
             logger.warning(
                 "worker lost its queue, restarting",
                 extra={"error": describe(finished), "retry_in": round(delay, 2)},

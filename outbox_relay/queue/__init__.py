@@ -55,15 +55,18 @@ class Job:
 @dataclass(frozen=True, slots=True)
 class Outcome:
     """What became of a job: ``result`` (finished, failed, duplicate, missing, retried),
-    and for ``retried`` the delay before the queue runs it again."""
+    for ``retried`` the delay before the queue runs it again; for metrics, the row's
+    ``kind`` and, once finished, seconds from its ``created_at`` to its ``finished_at``."""
 
     result: str
     retry_in: float | None = None
+    kind: str | None = None
+    commit_to_finish: float | None = None
 
     @classmethod
-    def retry(cls, delay: float) -> Outcome:
+    def retry(cls, delay: float, kind: str | None = None) -> Outcome:
         """Run the job again after ``delay`` seconds."""
-        return cls("retried", delay)
+        return cls("retried", delay, kind)
 
 
 #: The job-function contract: the worker's processor applies one row.
@@ -102,6 +105,13 @@ class ConsumerStats:
     retried: int = 0
 
 
+class ConsumerObserver(Protocol):
+    """Told by a consumer how its loop fares (health): it turned over, or lost its server."""
+
+    def beat(self) -> None: ...
+    def not_ready(self, reason: str) -> None: ...
+
+
 class Consumer(Protocol):
     """The worker side: runs a :data:`JobFunction` for each job until ``stop``."""
 
@@ -109,7 +119,14 @@ class Consumer(Protocol):
         """Return once the queue's server answers (retrying until then), or when ``stop`` is set."""
         ...
 
-    async def run(self, function: JobFunction, stop: asyncio.Event, *, burst: bool = False) -> ConsumerStats:
+    async def run(
+        self,
+        function: JobFunction,
+        stop: asyncio.Event,
+        *,
+        burst: bool = False,
+        observer: ConsumerObserver | None = None,
+    ) -> ConsumerStats:
         """Run jobs until ``stop`` (or, with ``burst``, until the queue is empty)."""
         ...
 

@@ -13,7 +13,7 @@ import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from outbox_relay.queue import ConsumerStats, HandOver, Job, JobFunction, PendingJob
+from outbox_relay.queue import ConsumerObserver, ConsumerStats, HandOver, Job, JobFunction, PendingJob
 
 
 @dataclass
@@ -88,11 +88,20 @@ class InMemoryQueue:
     async def wait_until_ready(self, stop: asyncio.Event) -> None:
         """Always ready."""
 
-    async def run(self, function: JobFunction, stop: asyncio.Event, *, burst: bool = False) -> ConsumerStats:
+    async def run(
+        self,
+        function: JobFunction,
+        stop: asyncio.Event,
+        *,
+        burst: bool = False,
+        observer: ConsumerObserver | None = None,
+    ) -> ConsumerStats:
         """Run jobs one at a time, in hand-over order, until ``stop`` (or empty, with ``burst``)."""
         stats = ConsumerStats()
         loop = asyncio.get_running_loop()
         while not stop.is_set():
+            if observer is not None:
+                observer.beat()
             ready = [k for k in self._waiting if self._jobs[k].not_before <= loop.time()]
             if not ready:
                 if burst and not self._waiting:

@@ -18,6 +18,7 @@ from typing import Protocol, TypeVar
 
 from outbox_relay.exceptions import QueueError
 from outbox_relay.lifecycle import raise_if_cancelling
+from outbox_relay.observability.hooks import RelayHooks
 from outbox_relay.queue import HandOver, Queue
 from outbox_relay.relay.store import PendingRow
 from outbox_relay.retry import Backoff, retry
@@ -70,6 +71,7 @@ class Dispatcher:
         batch_size: int,
         max_queue_depth: int,
         stop: asyncio.Event,
+        hooks: RelayHooks | None = None,
     ) -> None:
         self.queue = queue
         self.stats = stats
@@ -77,6 +79,7 @@ class Dispatcher:
         self.batch_size = batch_size
         self.max_queue_depth = max_queue_depth
         self.stop = stop
+        self.hooks = hooks or RelayHooks()
         self.depth = 0
         self._pending: set[int] = set()
         self._sweep_requested = True
@@ -104,13 +107,14 @@ class Dispatcher:
         next_sweep = loop.time()
         while True:
             raise_if_cancelling()
+            self.hooks.beat()
             if not self._pending and not self._sweep_requested:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), max(0.0, next_sweep - loop.time()))
             self._wake.clear()
             while self._pending:
                 ids = [self._pending.pop() for _ in range(min(self.batch_size, len(self._pending)))]
-                await self._hand_over(store, await store.new_by_ids(ids))
+                await self._hand_over(store, await store.new_by_ids(ids), path="notify")
             if self._sweep_requested or loop.time() >= next_sweep:
                 self._sweep_requested = False
                 await self.sweep(store)
@@ -123,6 +127,7 @@ class Dispatcher:
         async for rows in store.new_rows():
             await self._hand_over(store, rows)
             new += len(rows)
+        self.hooks.swept_unnotified(new)
         epoch = await self._queue(self.queue.epoch)
         lost = self._epoch is not None and epoch != self._epoch
         if lost:
@@ -138,7 +143,7 @@ class Dispatcher:
         if new or stale:
             logger.info("sweep handed rows over", extra={"new": new, "requeued": stale})
 
-    async def _hand_over(self, store: Store, rows: list[PendingRow]) -> None:
+    async def _hand_over(self, store: Store, rows: list[PendingRow], path: str = "sweep") -> None:
         if not rows:
             return
         raise_if_cancelling()
@@ -152,6 +157,8 @@ class Dispatcher:
         await store.mark_queued([row.id for row in rows])
         self.stats.handed_over += len(rows)
         self.stats.enqueued += result.added
+        self.hooks.handed_over(path, len(rows))
+        self.hooks.queue_depth(self.depth)
 
     async def _wait_for_room(self) -> None:
         """Backpressure: keep the queue below MAX_QUEUE_DEPTH so a backlog floods nothing."""
@@ -159,17 +166,19 @@ class Dispatcher:
             return
         logger.debug("queue full, waiting", extra={"depth": self.depth})
         while self.depth >= self.max_queue_depth // 2:
+            self.hooks.beat()
             await asyncio.sleep(FULL_QUEUE_POLL)
             self.depth = await self._queue(self.queue.depth)
 
     async def _queue(self, operation: Callable[[], Awaitable[T]]) -> T:
         """Run a queue operation, retrying forever (one log line per attempt)."""
-        return await retry(
-            operation,
-            what=self.queue.server,
-            logger=logger,
-            give_up_after=None,
-            stop=self.stop,
-            backoff=Backoff(0.1, 5.0),
-            retry_on=(QueueError,),
-        )
+        with self.hooks.waiting(self.queue.server):
+            return await retry(
+                operation,
+                what=self.queue.server,
+                logger=logger,
+                give_up_after=None,
+                stop=self.stop,
+                backoff=Backoff(0.1, 5.0),
+                retry_on=(QueueError,),
+            )

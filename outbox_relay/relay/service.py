@@ -25,6 +25,7 @@ from outbox_relay.db import Pool, connect_retrying, create_pool
 from outbox_relay.lifecycle import stopped_within, supervise
 from outbox_relay.logs import describe
 from outbox_relay.migrate import check_schema
+from outbox_relay.observability.hooks import RelayHooks
 from outbox_relay.queue import Queue
 from outbox_relay.relay.dispatcher import Dispatcher, RelayStats
 from outbox_relay.relay.leadership import LeaderSession
@@ -55,8 +56,10 @@ class Relay:
         stop: asyncio.Event,
         *,
         while_active: Sequence[tuple[str, ActiveTask]] = (),
+        hooks: RelayHooks | None = None,
     ) -> None:
         self.config = config
+        self.hooks = hooks or RelayHooks()
         self.queue = queue
         self.stop = stop
         self.stats = RelayStats()
@@ -69,6 +72,7 @@ class Relay:
             batch_size=config.batch_size,
             max_queue_depth=config.max_queue_depth,
             stop=stop,
+            hooks=self.hooks,
         )
         self._while_active = list(while_active)
 
@@ -81,6 +85,7 @@ class Relay:
             except Exception as exc:  # any failure ends the session; the next one starts clean
                 if self.stop.is_set():
                     break
+                self.hooks.session_ended(describe(_first_leaf(exc)))
                 delay = backoff.next_delay()
                 logger.warning(
                     "relay session ended, reconnecting",
@@ -94,13 +99,14 @@ class Relay:
     async def _session(self) -> None:
         """One connection's life: stand by until leading, then serve until it ends or ``stop``."""
         try:
-            conn = await connect_retrying(
-                self.config.database_url,
-                what="the service database",
-                application_name="outbox_relay.listener",
-                give_up_after=None,
-                stop=self.stop,
-            )
+            with self.hooks.waiting("the service database"):
+                conn = await connect_retrying(
+                    self.config.database_url,
+                    what="the service database",
+                    application_name="outbox_relay.listener",
+                    give_up_after=None,
+                    stop=self.stop,
+                )
         except asyncio.CancelledError:
             if self.stop.is_set():
                 return
@@ -118,6 +124,7 @@ class Relay:
                 self.stats.sessions += 1
                 self.dispatcher.restart()
                 self.active.set()
+                self.hooks.active()
                 logger.info("relay active", extra={"queue": self.config.queue_name})
                 store = RelayStore(
                     pool, batch_size=self.config.batch_size, requeue_after=self.config.requeue_after
@@ -130,6 +137,7 @@ class Relay:
                 await supervise(tasks, self.stop)
             finally:
                 self.active.clear()
+                self.hooks.inactive()
                 await _close_pool(pool)
         finally:
             await session.close()
@@ -138,6 +146,7 @@ class Relay:
         """True once this relay holds the lock; False when ``stop`` came first."""
         announced = False
         while not await session.try_lead():
+            self.hooks.standby()
             if not announced:
                 logger.info("another relay is active on this database; standing by")
                 announced = True

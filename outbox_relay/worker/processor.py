@@ -63,39 +63,46 @@ class RowProcessor:
         timeout = self.config.job_timeout
         try:
             async with asyncio.timeout(timeout):
-                if self._fast_path is not None and row_id in await self._apply_fast([row_id]):
-                    return Outcome("finished")
-                return Outcome(await self._apply(row_id))
+                if self._fast_path is not None:
+                    finished = await self._apply_fast([row_id])
+                    if row_id in finished:
+                        return finished[row_id]
+                return await self._apply(row_id)
         except PermanentError as exc:
             error, permanent = str(exc), True
         except Exception as exc:  # transient: database, timeouts, handler bugs
             error, permanent = describe(exc), False
         return await self._record_failure(row_id, delivery, error, permanent=permanent)
 
-    async def _apply_fast(self, row_ids: list[int]) -> set[int]:
+    async def _apply_fast(self, row_ids: list[int]) -> dict[int, Outcome]:
+        """The one statement: the outcome of every row among ``row_ids`` it finished."""
         assert self._fast_path is not None
-        return {r["id"] for r in await self.pool.fetch(self._fast_path, row_ids)}
+        return {
+            r["id"]: Outcome("finished", kind=r["kind"], commit_to_finish=r["commit_to_finish"])
+            for r in await self.pool.fetch(self._fast_path, row_ids)
+        }
 
-    async def _apply(self, row_id: int) -> str:
+    async def _apply(self, row_id: int) -> Outcome:
         async with self.pool.acquire() as conn, conn.transaction():
             row = await conn.fetchrow(query("claim_row"), row_id)
             if row is None:
-                return "missing"  # pruned, or never there
+                return Outcome("missing")  # pruned, or never there
             if row["status"] in ("finished", "failed"):
-                return "duplicate"
+                return Outcome("duplicate", kind=row["kind"])
             event = OutboxEvent.from_row(row)
             handler = self.registry.get(event.kind)
             await handler(conn, event)
-            await conn.execute(self._finish_row, row_id)
-        return "finished"
+            done = await conn.fetchrow(self._finish_row, row_id)
+        assert done is not None
+        return Outcome("finished", kind=done["kind"], commit_to_finish=done["commit_to_finish"])
 
     async def _record_failure(self, row_id: int, delivery: int, error: str, *, permanent: bool) -> Outcome:
         try:
             async with asyncio.timeout(self.config.job_timeout):
                 if permanent:
-                    await self.pool.execute(query("fail_row"), row_id, error)
+                    kind = await self.pool.fetchval(query("fail_row"), row_id, error)
                     logger.warning("row failed permanently", extra={"row_id": row_id, "error": error})
-                    return Outcome("failed")
+                    return Outcome("failed", kind=kind)
                 row = await self.pool.fetchrow(
                     query("record_transient_failure"), row_id, error, self.config.max_attempts
                 )
@@ -108,7 +115,7 @@ class RowProcessor:
                 "row failed after its last attempt",
                 extra={"row_id": row_id, "attempts": row["attempts"], "error": error},
             )
-            return Outcome("failed")
+            return Outcome("failed", kind=row["kind"])
         delay = self._backoff(row["attempts"])
         logger.info(
             "row attempt failed; retrying",
@@ -119,7 +126,7 @@ class RowProcessor:
                 "retry_in": round(delay, 2),
             },
         )
-        return Outcome.retry(delay)
+        return Outcome.retry(delay, row["kind"])
 
     def _unrecordable(self, row_id: int, delivery: int, error: str, exc: Exception) -> Outcome:
         """Could not even record the attempt (the database is away): retry later, without

@@ -12,6 +12,7 @@ import logging
 from outbox_relay.db import Pool, create_pool
 from outbox_relay.handlers import HandlerRegistry
 from outbox_relay.migrate import check_schema
+from outbox_relay.observability.hooks import WorkerHooks
 from outbox_relay.queue import Consumer, ConsumerStats
 from outbox_relay.retry import Backoff, retry
 from outbox_relay.settings import WorkerConfig
@@ -27,20 +28,25 @@ async def run_worker(
     stop: asyncio.Event,
     *,
     burst: bool = False,
+    hooks: WorkerHooks | None = None,
 ) -> ConsumerStats:
     """Run until ``stop`` is set (or, with ``burst``, until the queue is empty)."""
+    hooks = hooks or WorkerHooks()
     pool = await create_pool(
         config.database_url, max_size=config.concurrency, application_name="outbox_relay.worker"
     )
     stats = ConsumerStats()
     try:
-        await _wait_for_database(pool, handlers, stop)
-        await consumer.wait_until_ready(stop)
+        with hooks.waiting("the service database and Redis"):
+            await _wait_for_database(pool, handlers, stop)
+            await consumer.wait_until_ready(stop)
+        hooks.ready()
         logger.info(
             "worker started",
             extra={"concurrency": config.concurrency, "kinds": ",".join(handlers.kinds()), "burst": burst},
         )
-        stats = await consumer.run(RowProcessor(config, pool, handlers), stop, burst=burst)
+        processor = hooks.instrument(RowProcessor(config, pool, handlers))
+        stats = await consumer.run(processor, stop, burst=burst, observer=hooks)
     except asyncio.CancelledError:
         if not stop.is_set():
             raise

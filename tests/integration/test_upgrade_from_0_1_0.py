@@ -11,6 +11,7 @@ import pytest
 
 from outbox_relay.db import create_pool, quote_ident
 from outbox_relay.domains.reservation import plugin as reservation
+from outbox_relay.exceptions import MigrationError
 from outbox_relay.handlers import HandlerRegistry
 from outbox_relay.migrate import check_schema, migrate, migration_sets
 from outbox_relay.settings import Settings
@@ -54,7 +55,7 @@ async def test_a_0_1_0_database_upgrades_in_place_and_keeps_its_rows_and_ledger(
     """migrate adopts the ledger as the reservation set, keeps every row, and the old pending row settles."""
     conn = await asyncpg.connect(old_service_db)
     try:
-        with pytest.raises(Exception, match="reservation schema is at version 0"):
+        with pytest.raises(MigrationError, match="schema is at version"):
             await check_schema(conn, "service", [reservation])
         applied = await migrate(conn, "service", [reservation])
         assert [(m.target, m.version) for m in applied] == [

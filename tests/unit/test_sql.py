@@ -12,9 +12,13 @@ import pytest
 from outbox_relay import sql
 from outbox_relay.db import quote_ident, quote_literal
 from outbox_relay.domains.reservation import handler as reservation_handler
+from outbox_relay.observability import sql as observability_sql
 
 PACKAGE_DIR = Path(sql.__file__).resolve().parent
 RESERVATION_DIR = PACKAGE_DIR / "domains" / "reservation"
+OBSERVABILITY_DIR = PACKAGE_DIR / "observability"
+#: Rooms with a query file of their own, and that file.
+OWN_QUERY_FILES = {RESERVATION_DIR: reservation_handler.query, OBSERVABILITY_DIR: observability_sql.query}
 
 #: Functions of the package whose first argument is the name of a query in queries.sql.
 QUERY_FUNCTIONS = {"query", "_ddl"}
@@ -40,7 +44,7 @@ def used_query_names(paths: list[Path] | None = None) -> dict[str, list[str]]:
     its assignments in the same function can give (``name = "a" if x else "b"``).
     """
     found: dict[str, list[str]] = {}
-    core = [p for p in PACKAGE_DIR.rglob("*.py") if RESERVATION_DIR not in p.parents]
+    core = [p for p in PACKAGE_DIR.rglob("*.py") if not set(OWN_QUERY_FILES) & set(p.parents)]
     for path in sorted(core if paths is None else paths):
         tree = ast.parse(path.read_text(), filename=str(path))
         functions = [n for n in ast.walk(tree) if isinstance(n, ast.AsyncFunctionDef | ast.FunctionDef)]
@@ -79,12 +83,21 @@ def test_every_query_name_used_in_the_package_exists_in_queries_sql() -> None:
     assert not missing, f"queries used but not in queries.sql: {missing}"
 
 
-def test_every_query_name_the_reservation_domain_uses_exists_in_its_own_file() -> None:
-    """The reservation plugin's query() calls name blocks of its own queries.sql, conditional ones too."""
-    used = used_query_names(sorted(RESERVATION_DIR.glob("*.py")))
-    assert {"burn_reservation", "reclaim_reservation", "fast_path_ctes"} <= set(used)
-    missing = {name: where for name, where in used.items() if name not in reservation_handler.query.queries}
-    assert not missing, f"queries used but not in domains/reservation/queries.sql: {missing}"
+@pytest.mark.parametrize(
+    ("room", "expected"),
+    [
+        (RESERVATION_DIR, {"burn_reservation", "reclaim_reservation", "fast_path_ctes"}),
+        (OBSERVABILITY_DIR, {"pending_counts", "subscription_health", "slot_lag_bytes"}),
+    ],
+    ids=["reservation", "observability"],
+)
+def test_every_query_name_a_room_uses_exists_in_its_own_file(room: Path, expected: set[str]) -> None:
+    """A room with its own queries.sql (a plugin, observability) names only blocks of that file."""
+    used = used_query_names(sorted(room.glob("*.py")))
+    assert expected <= set(used), "the scan misses query names of this room"
+    own = OWN_QUERY_FILES[room].queries
+    missing = {name: where for name, where in used.items() if name not in own}
+    assert not missing, f"queries used but not in {room.name}/queries.sql: {missing}"
 
 
 def test_query_names_in_queries_sql_are_unique_and_bodies_non_empty() -> None:

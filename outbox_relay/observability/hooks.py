@@ -1,0 +1,195 @@
+"""What the relay and the worker report, as named events: one small call at each obvious point.
+
+The services hold a :class:`RelayHooks` / :class:`WorkerHooks` built from an
+optional :class:`Health` and :class:`Metrics`; with neither (no HTTP port) every
+call does nothing, so the services need no ``if`` of their own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Collection, Iterator
+
+from outbox_relay.observability.health import Health
+from outbox_relay.observability.metrics import Metrics
+from outbox_relay.queue import Job, JobFunction, Outcome
+
+logger = logging.getLogger(__name__)
+
+#: Seconds a service loop may go without turning over before /healthz says it is stuck.
+DEFAULT_DEADLINE = 30.0
+#: The ``kind`` label of a row whose kind no handler is registered for (labels stay bounded).
+OTHER_KIND = "other"
+
+
+class RelayHooks:
+    """Liveness, readiness and metrics of one relay (loop ``relay``)."""
+
+    LOOP = "relay"
+
+    def __init__(
+        self,
+        health: Health | None = None,
+        metrics: Metrics | None = None,
+        *,
+        deadline: float = DEFAULT_DEADLINE,
+    ) -> None:
+        self.health = health
+        self.metrics = metrics
+        if health is not None:
+            health.register(self.LOOP, deadline)
+            health.set_ready(False, reasons=["connecting to the service database"], role="standby")
+        if metrics is not None:
+            metrics.relay_active.set(0)
+
+    def beat(self) -> None:
+        """The relay's loop turned over (standby poll, dispatch turn, hand-over batch)."""
+        if self.health is not None:
+            self.health.beat(self.LOOP)
+
+    @contextlib.contextmanager
+    def waiting(self, on: str) -> Iterator[None]:
+        """The relay retries ``on`` (unreachable): alive, not ready meanwhile."""
+        if self.health is None:
+            yield
+            return
+        with self.health.waiting(self.LOOP, on):
+            yield
+
+    def reachable(self, what: str, ok: bool) -> None:
+        """The active relay's periodic check of ``what`` (Redis): not ready while it fails."""
+        if self.health is None:
+            return
+        readiness = self.health.readiness()
+        if not ok:
+            self.health.set_ready(False, reasons=[f"{what} unreachable; retrying"])
+        elif not readiness.ready and readiness.role == "active":
+            self.health.set_ready(True)
+
+    def standby(self) -> None:
+        """Another relay holds the lock; this one polls to take over."""
+        if self.health is not None:
+            self.health.beat(self.LOOP)
+            self.health.set_ready(True, role="standby")
+        if self.metrics is not None:
+            self.metrics.relay_active.set(0)
+
+    def active(self) -> None:
+        """This relay holds the lock and hands rows over."""
+        if self.health is not None:
+            self.health.beat(self.LOOP)
+            self.health.set_ready(True, role="active")
+        if self.metrics is not None:
+            self.metrics.relay_active.set(1)
+
+    def session_ended(self, error: str) -> None:
+        """The session failed (listener lost, database or Redis away): reconnecting."""
+        if self.health is not None:
+            self.health.beat(self.LOOP)
+            reason = f"relay session ended ({error}); reconnecting"
+            self.health.set_ready(False, reasons=[reason], role="standby")
+        if self.metrics is not None:
+            self.metrics.relay_active.set(0)
+            self.metrics.listener_reconnects.inc()
+
+    def inactive(self) -> None:
+        """The session is over (stopping, or before a reconnect)."""
+        if self.metrics is not None:
+            self.metrics.relay_active.set(0)
+
+    def handed_over(self, path: str, rows: int) -> None:
+        """``rows`` went to the queue; ``path`` is ``notify`` or ``sweep``."""
+        if self.health is not None:
+            self.health.beat(self.LOOP)
+        if self.metrics is not None and rows:
+            self.metrics.handed_over.labels(path=path).inc(rows)
+
+    def swept_unnotified(self, rows: int) -> None:
+        """The sweep found ``rows`` new rows that no notification had brought."""
+        if self.metrics is not None and rows:
+            self.metrics.sweep_missed_notify.inc(rows)
+
+    def queue_depth(self, depth: int) -> None:
+        if self.metrics is not None:
+            self.metrics.queue_depth.set(depth)
+
+
+class WorkerHooks:
+    """Liveness, readiness and metrics of one worker process (loop ``worker``)."""
+
+    LOOP = "worker"
+
+    def __init__(
+        self,
+        health: Health | None = None,
+        metrics: Metrics | None = None,
+        *,
+        kinds: Collection[str] = (),
+        deadline: float = DEFAULT_DEADLINE,
+    ) -> None:
+        self.health = health
+        self.metrics = metrics
+        self.kinds = frozenset(kinds)
+        if health is not None:
+            health.register(self.LOOP, deadline)
+            health.set_ready(False, reasons=["connecting to the service database and Redis"], role="worker")
+
+    def beat(self) -> None:
+        """arq's poll loop turned over (called from its ``heart_beat``): alive, and Redis answered."""
+        if self.health is not None:
+            self.health.beat(self.LOOP)
+            if not self.health.readiness().ready:
+                self.health.set_ready(True, role="worker")
+
+    @contextlib.contextmanager
+    def waiting(self, on: str) -> Iterator[None]:
+        if self.health is None:
+            yield
+            return
+        with self.health.waiting(self.LOOP, on):
+            yield
+
+    def ready(self) -> None:
+        if self.health is not None:
+            self.health.beat(self.LOOP)
+            self.health.set_ready(True, role="worker")
+
+    def not_ready(self, reason: str) -> None:
+        if self.health is not None:
+            self.health.beat(self.LOOP)
+            self.health.set_ready(False, reasons=[reason], role="worker")
+
+    def label(self, kind: str | None) -> str:
+        """A bounded ``kind`` label: a registered kind, else ``other``."""
+        return kind if kind is not None and kind in self.kinds else OTHER_KIND
+
+    def instrument(self, function: JobFunction) -> JobFunction:
+        """``function`` (the queue port's job function), counting outcomes by kind, timing
+        attempts, and observing commit→finished of each row it finished (the processor
+        reports both in its :class:`~outbox_relay.queue.Outcome`: no extra query)."""
+        metrics = self.metrics
+        if metrics is None:
+            return function
+
+        async def observed(job: Job) -> Outcome:
+            metrics.jobs_in_flight.inc()
+            started = time.perf_counter()
+            outcome: Outcome | None = None
+            try:
+                outcome = await function(job)
+            finally:
+                label = self.label(outcome.kind if outcome is not None else None)
+                metrics.handler_duration.labels(kind=label).observe(time.perf_counter() - started)
+                metrics.jobs_in_flight.dec()
+            if outcome.retry_in is not None:
+                metrics.events.labels(kind=label, result="retried").inc()
+                metrics.retries.labels(kind=label).inc()
+            elif outcome.result in ("finished", "failed"):
+                metrics.events.labels(kind=label, result=outcome.result).inc()
+            if outcome.result == "finished" and outcome.commit_to_finish is not None:
+                metrics.commit_to_finish.labels(kind=label).observe(max(0.0, outcome.commit_to_finish))
+            return outcome
+
+        return observed
