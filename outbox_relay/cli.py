@@ -63,14 +63,19 @@ def _quiet_logs() -> None:
 
 
 def _plugins(settings: Settings) -> HandlerRegistry:
-    """The handlers: installed plugins plus HANDLER_MODULES, loaded once."""
+    """The handlers: installed plugins plus HANDLER_MODULES, loaded once; then ROUTES' sinks."""
     from outbox_relay.exceptions import PluginError
     from outbox_relay.handlers import load_plugins, registry
 
     try:
-        return load_plugins(registry, settings.handler_modules)
+        loaded = load_plugins(registry, settings.handler_modules)
     except PluginError as exc:
         raise SettingsError(env_name("handler_modules"), str(exc)) from None
+    if settings.routes:
+        from outbox_relay.sinks import enable_routes
+
+        enable_routes(loaded, settings)
+    return loaded
 
 
 async def _connect(url: str, label: str) -> DirectConnection:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from contextlib import AsyncExitStack
 
 from outbox_relay.db import Pool, create_pool
 from outbox_relay.handlers import HandlerRegistry
@@ -36,11 +37,20 @@ async def run_worker(
     try:
         await _wait_for_database(pool, handlers, stop)
         await consumer.wait_until_ready(stop)
-        logger.info(
-            "worker started",
-            extra={"concurrency": config.concurrency, "kinds": ",".join(handlers.kinds()), "burst": burst},
-        )
-        stats = await consumer.run(RowProcessor(config, pool, handlers), stop, burst=burst)
+        async with AsyncExitStack() as lifespans:  # the plugins' long-lived connections
+            for plugin in handlers.plugins():
+                if plugin.lifespan is not None:
+                    await lifespans.enter_async_context(plugin.lifespan())
+            logger.info(
+                "worker started",
+                extra={
+                    "concurrency": config.concurrency,
+                    "kinds": ",".join(handlers.kinds()),
+                    "routes": ",".join(handlers.routes()),
+                    "burst": burst,
+                },
+            )
+            stats = await consumer.run(RowProcessor(config, pool, handlers), stop, burst=burst)
     except asyncio.CancelledError:
         if not stop.is_set():
             raise

@@ -15,6 +15,9 @@ from outbox_relay.domains.reservation import handler as reservation_handler
 
 PACKAGE_DIR = Path(sql.__file__).resolve().parent
 RESERVATION_DIR = PACKAGE_DIR / "domains" / "reservation"
+SINKS_DIR = PACKAGE_DIR / "sinks"
+#: Plugins with a queries.sql of their own: their query() calls are checked against it.
+PLUGIN_DIRS = (RESERVATION_DIR, SINKS_DIR)
 
 #: Functions of the package whose first argument is the name of a query in queries.sql.
 QUERY_FUNCTIONS = {"query", "_ddl"}
@@ -40,7 +43,7 @@ def used_query_names(paths: list[Path] | None = None) -> dict[str, list[str]]:
     its assignments in the same function can give (``name = "a" if x else "b"``).
     """
     found: dict[str, list[str]] = {}
-    core = [p for p in PACKAGE_DIR.rglob("*.py") if RESERVATION_DIR not in p.parents]
+    core = [p for p in PACKAGE_DIR.rglob("*.py") if not any(d in p.parents for d in PLUGIN_DIRS)]
     for path in sorted(core if paths is None else paths):
         tree = ast.parse(path.read_text(), filename=str(path))
         functions = [n for n in ast.walk(tree) if isinstance(n, ast.AsyncFunctionDef | ast.FunctionDef)]
@@ -85,6 +88,16 @@ def test_every_query_name_the_reservation_domain_uses_exists_in_its_own_file() -
     assert {"burn_reservation", "reclaim_reservation", "fast_path_ctes"} <= set(used)
     missing = {name: where for name, where in used.items() if name not in reservation_handler.query.queries}
     assert not missing, f"queries used but not in domains/reservation/queries.sql: {missing}"
+
+
+def test_every_query_name_the_sinks_use_exists_in_their_own_file() -> None:
+    """The sinks' query() calls name blocks of outbox_relay/sinks/queries.sql."""
+    from outbox_relay import sinks
+
+    used = used_query_names(sorted(SINKS_DIR.glob("*.py")))
+    assert {"delivered_sinks", "record_deliveries"} <= set(used)
+    missing = {name: where for name, where in used.items() if name not in sinks.query.queries}
+    assert not missing, f"queries used but not in sinks/queries.sql: {missing}"
 
 
 def test_query_names_in_queries_sql_are_unique_and_bodies_non_empty() -> None:
