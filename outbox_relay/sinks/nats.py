@@ -6,9 +6,9 @@ requeue), so that the stream drops a second publish of the same event within
 its duplicate window. Needs the extra ``outbox-relay[nats]`` (nats-py), imported
 only when a route names this sink.
 
-One client per worker process, connected on first use and reconnecting on its
-own for as long as the worker runs: while the server is away every publish
-times out (transient) and is retried by the worker's backoff.
+One client per worker process, connected on first use and again on the first
+delivery after it lost its server: while the server is away every delivery
+fails fast (transient) and is retried by the worker's backoff.
 """
 
 from __future__ import annotations
@@ -72,27 +72,34 @@ class NatsSink:
                     logger.debug("closing the NATS client failed", extra={"error": describe(exc)})
 
     async def _jetstream(self) -> JetStreamContext:
-        if self._js is not None:
-            return self._js
+        client, js = self._client, self._js
+        if client is not None and js is not None and not client.is_closed:
+            return js
         async with self._connecting:
-            if self._js is None:
+            if self._client is None or self._client.is_closed or self._js is None:
                 import nats
 
                 try:
+                    # One attempt per call, bounded: while the server is away each delivery fails
+                    # fast (transient) and the worker's backoff paces the next try. The client
+                    # does not reconnect by itself: a lost connection closes it, and the next
+                    # delivery connects afresh (so no publish is buffered across an outage).
                     client = await nats.connect(
                         servers=list(self.config.servers),
-                        connect_timeout=min(self.config.timeout, 5.0),
-                        allow_reconnect=True,
-                        max_reconnect_attempts=-1,  # forever: the worker outlives a broker restart
-                        reconnect_time_wait=0.5,
+                        connect_timeout=min(self.config.timeout, 2.0),
+                        allow_reconnect=False,
+                        # nats-py tries each server until it has failed more than this (0 would
+                        # mean forever): two quick tries, then NoServersError.
+                        max_reconnect_attempts=1,
+                        reconnect_time_wait=0.1,
                         error_cb=_on_error,
                         disconnected_cb=_on_disconnected,
-                        reconnected_cb=_on_reconnected,
                     )
                 except Exception as exc:
                     raise TransientError(f"NATS server unreachable: {describe(exc)}") from None
                 self._client = client
                 self._js = client.jetstream(timeout=self.config.timeout)
+                logger.info("connected to NATS")
             assert self._js is not None
             return self._js
 
@@ -125,11 +132,7 @@ async def _on_error(exc: Exception) -> None:
 
 
 async def _on_disconnected() -> None:
-    logger.warning("NATS server disconnected; reconnecting")
-
-
-async def _on_reconnected() -> None:
-    logger.info("NATS server reconnected")
+    logger.warning("NATS server disconnected; the next delivery reconnects")
 
 
 def _make(settings: Settings) -> NatsSink:
