@@ -14,7 +14,7 @@ import pytest
 
 from outbox_relay.devtools.nats_server import EmbeddedNats
 from tests.conftest import OutboxEnv
-from tests.helpers import count_status, running_relay, running_worker, wait_until
+from tests.helpers import Services, cli_env, count_status, running_relay, running_worker, wait_until
 from tests.integration.sinks_support import (
     insert_events,
     make_stream,
@@ -88,9 +88,7 @@ async def test_no_stream_for_the_subject_is_a_permanent_failure_naming_it(
     assert "no JetStream stream" in row["last_error"]
 
 
-async def test_a_broker_down_for_30_s_loses_nothing(
-    outbox_env: OutboxEnv, service: Any, prefix: str
-) -> None:
+async def test_a_broker_down_for_30_s_loses_nothing(outbox_env: OutboxEnv, service: Any, prefix: str) -> None:
     """With the nats-server SIGKILLed for 30 s mid-flow, attempts fail transiently; once it is back
     (same port, same store) every row finishes and the stream holds each event exactly once."""
     server = EmbeddedNats()
@@ -129,3 +127,50 @@ async def test_a_broker_down_for_30_s_loses_nothing(
 
 async def _all_finished(service: Any, n: int) -> bool:
     return await count_status(service, "finished") == n
+
+
+@pytest.mark.slow
+async def test_a_worker_sigkilled_mid_stream_leaves_exactly_n_messages(
+    outbox_env: OutboxEnv, service: Any, nats_server: EmbeddedNats, prefix: str, tmp_path: Any
+) -> None:
+    """A `worker` process SIGKILLed while publishing: its jobs run again in another worker, every
+    row finishes, and the stream holds each event exactly once (Nats-Msg-Id deduplication)."""
+    stream = await make_stream(nats_server.url, [f"{prefix}>"])
+    settings = nats_settings(outbox_env, nats_server, prefix, requeue_after=3.0, job_timeout=2.0)
+    registry = routed_registry(settings)
+    await migrate_sinks(outbox_env.service_url, registry)
+    n = 400
+    await insert_events(service, "kill", n)
+    env = cli_env(
+        outbox_env.env(
+            ROUTES="ev.*=nats",
+            NATS_URL=nats_server.url,
+            NATS_SUBJECT_PREFIX=prefix,
+            JOB_TIMEOUT="2",
+            WORKER_CONCURRENCY="4",
+            LOG_LEVEL="WARNING",
+        )
+    )
+    services = Services(tmp_path)
+    try:
+        async with running_relay(settings):
+            first = services.start("worker-1", "worker", env=env)
+            await services.wait(
+                lambda: _at_least(nats_server.url, stream, 50), timeout=60, message="50 messages published"
+            )
+            first.proc.kill()
+            first.proc.wait(10)
+            finished_at_kill = await count_status(service, "finished")
+            assert finished_at_kill < n, "the worker finished everything before it was killed"
+            services.start("worker-2", "worker", env=env)
+            await services.wait(lambda: _all_finished(service, n), timeout=120, message="all rows finished")
+    finally:
+        services.kill_all()
+    assert await count_status(service, "failed") == 0
+    assert await stream_messages(nats_server.url, stream) == n
+    ids = [h["Nats-Msg-Id"] for _, h, _ in await stream_contents(nats_server.url, stream)]
+    assert len(set(ids)) == n
+
+
+async def _at_least(url: str, stream: str, n: int) -> bool:
+    return await stream_messages(url, stream) >= n
