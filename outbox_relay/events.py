@@ -27,6 +27,8 @@ class OutboxEvent(BaseModel):
     payload: Any
     created_at: datetime
     attempts: int = 0
+    #: How many times `requeue` has given the row another chance (part of its delivery id).
+    generation: int = 0
 
     @field_validator("payload", mode="before")
     @classmethod

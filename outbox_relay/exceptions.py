@@ -90,6 +90,20 @@ class PermanentError(OutboxRelayError):
     """
 
 
+class TransientError(OutboxRelayError):
+    """The event could not be applied now but may be later (a broker away, a 503).
+
+    Any exception a handler raises other than :class:`PermanentError` is retried;
+    this one also lets the handler ask for a retry no sooner than ``retry_after``
+    seconds (an HTTP ``Retry-After``): the worker waits the longer of that and
+    its backoff.
+    """
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class UnknownKindError(PermanentError):
     """No handler is registered for the event's ``kind``."""
 

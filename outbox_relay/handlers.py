@@ -18,6 +18,14 @@ Two ways to add handlers, both loaded once at the edge by :func:`load_plugins`:
 
       @registry.register("email")
       async def send_email(conn, event): ...
+
+Besides handlers by exact kind, the registry holds **routes**: a shell pattern
+(``fnmatch``) and the handler for every kind it matches, consulted in the order
+added, first match wins, and only for a kind that has no handler of its own
+(:meth:`HandlerRegistry.route`; the sinks' ``OUTBOX_RELAY_ROUTES`` fill them).
+A plugin that holds connections (a broker client, an HTTP pool) gives a
+``lifespan``: an async context the worker enters once before it takes jobs and
+leaves when it stops.
 """
 
 from __future__ import annotations
@@ -25,7 +33,9 @@ from __future__ import annotations
 import importlib
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 from importlib.metadata import entry_points
 from pathlib import Path
 
@@ -36,6 +46,8 @@ from outbox_relay.exceptions import PluginError, UnknownKindError
 logger = logging.getLogger(__name__)
 
 Handler = Callable[[Connection, OutboxEvent], Awaitable[None]]
+#: A plugin's start/stop hook: called once per worker process, entered before the first job.
+Lifespan = Callable[[], AbstractAsyncContextManager[object]]
 
 #: The entry-point group plugins are published under.
 ENTRY_POINT_GROUP = "outbox_relay.plugins"
@@ -69,6 +81,8 @@ class Plugin:
     fast_paths: Mapping[str, FastPath] = field(default_factory=dict)
     #: A directory of ``NNNN_name.sql`` files applied by ``migrate`` as the set ``name``.
     migrations: Path | None = None
+    #: Opened once per worker process around all of its jobs (long-lived connections).
+    lifespan: Lifespan | None = None
 
     def __post_init__(self) -> None:
         if not self.name.isidentifier() or self.name in RESERVED_TARGETS:
@@ -85,6 +99,7 @@ class HandlerRegistry:
         self._handlers: dict[str, Handler] = {}
         self._fast_paths: dict[str, FastPath] = {}
         self._plugins: dict[str, Plugin] = {}
+        self._routes: list[tuple[str, Handler]] = []
 
     def register(self, kind: str) -> Callable[[Handler], Handler]:
         """Decorator: make ``handler`` the one for ``kind``."""
@@ -111,16 +126,29 @@ class HandlerRegistry:
             raise PluginError(f"a handler for kind {kind!r} is already registered")
         self._handlers[kind] = handler
 
+    def route(self, pattern: str, handler: Handler) -> None:
+        """Make ``handler`` the one for every kind matching the shell ``pattern`` that has
+        no handler of its own; earlier routes win over later ones."""
+        self._routes.append((pattern, handler))
+
     def get(self, kind: str) -> Handler:
-        """The handler of ``kind``; :class:`UnknownKindError` (permanent) when none."""
-        try:
-            return self._handlers[kind]
-        except KeyError:
-            raise UnknownKindError(f"unknown kind {kind!r}: no handler is registered for it") from None
+        """The handler of ``kind``, else the first route matching it; :class:`UnknownKindError`
+        (permanent) when neither."""
+        handler = self._handlers.get(kind)
+        if handler is not None:
+            return handler
+        for pattern, routed in self._routes:
+            if fnmatchcase(kind, pattern):
+                return routed
+        raise UnknownKindError(f"unknown kind {kind!r}: no handler is registered for it")
 
     def kinds(self) -> list[str]:
         """Every registered kind."""
         return sorted(self._handlers)
+
+    def routes(self) -> list[str]:
+        """The route patterns, in the order they are consulted."""
+        return [pattern for pattern, _ in self._routes]
 
     def fast_paths(self) -> dict[str, FastPath]:
         """The fast path of every kind that has one."""

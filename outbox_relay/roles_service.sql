@@ -64,3 +64,15 @@ $$;
 -- ---------------------------------------------------------------------------
 GRANT USAGE ON SCHEMA ledger TO outbox_relay_worker;
 GRANT SELECT, UPDATE ON ledger.reservations, ledger.accounts TO outbox_relay_worker;
+
+-- ---------------------------------------------------------------------------
+-- Sinks (only where ROUTES is set, so the `sinks` migration set made the schema).
+-- ---------------------------------------------------------------------------
+DO $$
+BEGIN
+    IF to_regnamespace('outbox_relay_sinks') IS NOT NULL THEN
+        GRANT USAGE ON SCHEMA outbox_relay_sinks TO outbox_relay_worker;
+        GRANT SELECT, INSERT ON ALL TABLES IN SCHEMA outbox_relay_sinks TO outbox_relay_worker;
+    END IF;
+END
+$$;

@@ -6,6 +6,8 @@ error message by accident; :func:`redact_url` gives a printable form.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -22,6 +24,13 @@ ENV_PREFIX = "OUTBOX_RELAY_"
 
 _PG_SCHEMES = ("postgresql", "postgres")
 _REDIS_SCHEMES = ("redis", "rediss", "unix")
+_NATS_SCHEMES = ("nats", "tls", "ws", "wss")
+_HTTP_SCHEMES = ("http", "https")
+#: A sink's name in ROUTES, and a kind pattern: no separators, no blanks.
+_SINK_RE = re.compile(r"^[a-z_][a-z0-9_]*$")
+_PATTERN_RE = re.compile(r"^[^\s,=+]+$")
+#: NATS subject characters: no blanks and no wildcards in a subject one publishes to.
+_SUBJECT_PREFIX_RE = re.compile(r"^[^\s*>]*$")
 _NAME_RE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 
 HOUR = 3600.0
@@ -30,6 +39,30 @@ DAY = 86_400.0
 MAX_RETENTION = 3650 * DAY
 #: Upper bound of MAX_ATTEMPTS: far below int4, and the retry delay's doubling stays a finite float.
 MAX_ATTEMPTS_LIMIT = 100
+
+
+@dataclass(frozen=True)
+class Route:
+    """One entry of ROUTES: the kinds matching ``pattern`` go to each of ``sinks``."""
+
+    pattern: str
+    sinks: tuple[str, ...]
+
+
+def parse_routes(text: str) -> tuple[Route, ...]:
+    """``"ev.*=nats+webhook, audit=nats"`` as routes; a malformed entry is a ``ValueError``."""
+    routes = []
+    for entry in (part.strip() for part in text.split(",")):
+        if not entry:
+            continue
+        pattern, equals, names = (part.strip() for part in entry.partition("="))
+        sinks = tuple(name.strip() for name in names.split("+"))
+        if not (equals and _PATTERN_RE.match(pattern) and all(_SINK_RE.match(s) for s in sinks)):
+            raise ValueError(f"entry {entry!r} is not KIND_PATTERN=SINK or KIND_PATTERN=SINK+SINK")
+        if len(set(sinks)) != len(sinks):
+            raise ValueError(f"entry {entry!r} names a sink twice")
+        routes.append(Route(pattern, sinks))
+    return tuple(routes)
 
 
 class Settings(BaseSettings):
@@ -154,6 +187,27 @@ class Settings(BaseSettings):
         default="127.0.0.1", min_length=1, max_length=255, description="address the HTTP server binds"
     )
 
+    # -- sinks (contract section 7) ---------------------------------------------
+    routes: Annotated[tuple[Route, ...], NoDecode] = Field(
+        default=(),
+        description="comma list of KIND_PATTERN=SINK or KIND_PATTERN=SINK+SINK (shell wildcards, "
+        "first match wins) for kinds without a handler of their own",
+    )
+    nats_url: SecretStr = Field(default=SecretStr("nats://127.0.0.1:4222"), description="the `nats` sink")
+    nats_subject_prefix: str = Field(
+        default="outbox.", max_length=200, description="subject of an event: this prefix + its kind"
+    )
+    nats_timeout: float = Field(
+        default=5.0, gt=0, le=HOUR, allow_inf_nan=False, description="wait for a JetStream PubAck (seconds)"
+    )
+    webhook_url: SecretStr | None = Field(default=None, description="the `webhook` sink's endpoint")
+    webhook_secret: SecretStr | None = Field(
+        default=None, description="Standard Webhooks signing secret, whsec_ + base64"
+    )
+    webhook_timeout: float = Field(
+        default=5.0, gt=0, le=HOUR, allow_inf_nan=False, description="one webhook request (seconds)"
+    )
+
     @field_validator("database_url", "primary_url")
     @classmethod
     def _postgres_url(cls, value: SecretStr | None) -> SecretStr | None:
@@ -165,6 +219,45 @@ class Settings(BaseSettings):
     @classmethod
     def _redis_url(cls, value: SecretStr) -> SecretStr:
         _check_url(value.get_secret_value(), _REDIS_SCHEMES)
+        return value
+
+    @field_validator("routes", mode="before")
+    @classmethod
+    def _parse_routes(cls, value: Any) -> Any:
+        return parse_routes(value) if isinstance(value, str) else value
+
+    @field_validator("nats_url")
+    @classmethod
+    def _nats_url(cls, value: SecretStr) -> SecretStr:
+        for url in value.get_secret_value().split(","):  # nats-py takes several servers
+            _check_url(url.strip(), _NATS_SCHEMES)
+        return value
+
+    @field_validator("nats_subject_prefix")
+    @classmethod
+    def _subject_prefix(cls, value: str) -> str:
+        if not _SUBJECT_PREFIX_RE.match(value) or ".." in value or value.startswith("."):
+            raise ValueError("must be subject tokens (no blanks, no * or >, no empty token), e.g. 'outbox.'")
+        return value
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _webhook_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            _check_url(value.get_secret_value(), _HTTP_SCHEMES)
+        return value
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _webhook_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            secret = value.get_secret_value()
+            try:
+                key = base64.b64decode(secret.removeprefix("whsec_"), validate=True)
+            except (binascii.Error, ValueError):
+                key = b""
+            if not secret.startswith("whsec_") or len(key) < 16:
+                raise ValueError("must be whsec_ followed by base64 of at least 16 bytes")
         return value
 
     @field_validator("subscription_name")
@@ -229,6 +322,27 @@ class Settings(BaseSettings):
             retry_backoff_max=self.retry_backoff_max,
         )
 
+    def nats_config(self) -> NatsConfig:
+        """What the `nats` sink needs."""
+        return NatsConfig(
+            servers=tuple(u.strip() for u in self.nats_url.get_secret_value().split(",")),
+            subject_prefix=self.nats_subject_prefix,
+            timeout=self.nats_timeout,
+        )
+
+    def webhook_config(self) -> WebhookConfig:
+        """What the `webhook` sink needs; its URL and secret are then required."""
+        if self.webhook_url is None:
+            raise SettingsError(env_name("webhook_url"), "is required when a route names the webhook sink")
+        if self.webhook_secret is None:
+            raise SettingsError(env_name("webhook_secret"), "is required when a route names the webhook sink")
+        return WebhookConfig(
+            url=self.webhook_url.get_secret_value(),
+            secret=self.webhook_secret.get_secret_value(),
+            timeout=self.webhook_timeout,
+            connections=self.worker_concurrency,
+        )
+
     def retention_config(self) -> RetentionConfig | None:
         """The relay's periodic prune, when RETENTION is set."""
         if self.retention is None:
@@ -267,6 +381,25 @@ class RetentionConfig:
     retention: float
     interval: float
     batch_size: int
+
+
+@dataclass(frozen=True)
+class NatsConfig:
+    """The `nats` sink's settings (server URLs may hold credentials: left out of ``repr``)."""
+
+    servers: tuple[str, ...] = field(repr=False)
+    subject_prefix: str
+    timeout: float
+
+
+@dataclass(frozen=True)
+class WebhookConfig:
+    """The `webhook` sink's settings (URL and secret left out of ``repr``)."""
+
+    url: str = field(repr=False)
+    secret: str = field(repr=False)
+    timeout: float
+    connections: int
 
 
 def env_name(field: str) -> str:

@@ -54,6 +54,8 @@ class DemoOptions:
     producers: int = 4
     #: events/s offered in the steady phase (half the events); the other half is a burst
     rate: float = 200.0
+    #: None: the reservation flow; "nats": events routed to JetStream (devtools/demo_nats.py)
+    sink: str | None = None
 
 
 @dataclass
@@ -75,6 +77,10 @@ def say(text: str = "") -> None:
 
 async def run_demo(options: DemoOptions) -> int:
     """Run the demo; 0 when every check passed."""
+    if options.sink == "nats":
+        from outbox_relay.devtools.demo_nats import run_nats_demo
+
+        return await run_nats_demo(options.events, options.workers)
     workdir = Path(tempfile.mkdtemp(prefix="outbox-relay-demo-"))
     say("outbox_relay demo: embedded PostgreSQL (logical replication) + Redis, relay and workers")
     started = time.monotonic()

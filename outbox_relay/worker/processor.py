@@ -18,7 +18,7 @@ import time
 
 from outbox_relay.db import Pool
 from outbox_relay.events import OutboxEvent
-from outbox_relay.exceptions import PermanentError
+from outbox_relay.exceptions import PermanentError, TransientError
 from outbox_relay.handlers import HandlerRegistry
 from outbox_relay.logs import describe
 from outbox_relay.queue import Job, Outcome
@@ -61,6 +61,7 @@ class RowProcessor:
     async def process(self, row_id: int, delivery: int = 1) -> Outcome:
         """Apply row ``row_id``: ``finished``, ``failed``, ``duplicate``, ``missing``, or a retry."""
         timeout = self.config.job_timeout
+        retry_after: float | None = None
         try:
             async with asyncio.timeout(timeout):
                 if self._fast_path is not None:
@@ -70,9 +71,13 @@ class RowProcessor:
                 return await self._apply(row_id)
         except PermanentError as exc:
             error, permanent = str(exc), True
+        except TransientError as exc:  # a handler's own "not now", perhaps with a Retry-After
+            error, permanent, retry_after = str(exc), False, exc.retry_after
         except Exception as exc:  # transient: database, timeouts, handler bugs
             error, permanent = describe(exc), False
-        return await self._record_failure(row_id, delivery, error, permanent=permanent)
+        return await self._record_failure(
+            row_id, delivery, error, permanent=permanent, retry_after=retry_after
+        )
 
     async def _apply_fast(self, row_ids: list[int]) -> dict[int, Outcome]:
         """The one statement: the outcome of every row among ``row_ids`` it finished."""
@@ -96,7 +101,9 @@ class RowProcessor:
         assert done is not None
         return Outcome("finished", kind=done["kind"], commit_to_finish=done["commit_to_finish"])
 
-    async def _record_failure(self, row_id: int, delivery: int, error: str, *, permanent: bool) -> Outcome:
+    async def _record_failure(
+        self, row_id: int, delivery: int, error: str, *, permanent: bool, retry_after: float | None = None
+    ) -> Outcome:
         try:
             async with asyncio.timeout(self.config.job_timeout):
                 if permanent:
@@ -116,7 +123,7 @@ class RowProcessor:
                 extra={"row_id": row_id, "attempts": row["attempts"], "error": error},
             )
             return Outcome("failed", kind=row["kind"])
-        delay = self._backoff(row["attempts"])
+        delay = max(self._backoff(row["attempts"]), retry_after or 0.0)
         logger.info(
             "row attempt failed; retrying",
             extra={

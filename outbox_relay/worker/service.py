@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from contextlib import AsyncExitStack
 
 from outbox_relay.db import Pool, create_pool
 from outbox_relay.handlers import HandlerRegistry
@@ -40,13 +41,22 @@ async def run_worker(
         with hooks.waiting("the service database and Redis"):
             await _wait_for_database(pool, handlers, stop)
             await consumer.wait_until_ready(stop)
-        hooks.ready()
-        logger.info(
-            "worker started",
-            extra={"concurrency": config.concurrency, "kinds": ",".join(handlers.kinds()), "burst": burst},
-        )
-        processor = hooks.instrument(RowProcessor(config, pool, handlers))
-        stats = await consumer.run(processor, stop, burst=burst, observer=hooks)
+        async with AsyncExitStack() as lifespans:  # the plugins' long-lived connections
+            for plugin in handlers.plugins():
+                if plugin.lifespan is not None:
+                    await lifespans.enter_async_context(plugin.lifespan())
+            hooks.ready()
+            logger.info(
+                "worker started",
+                extra={
+                    "concurrency": config.concurrency,
+                    "kinds": ",".join(handlers.kinds()),
+                    "routes": ",".join(handlers.routes()),
+                    "burst": burst,
+                },
+            )
+            processor = hooks.instrument(RowProcessor(config, pool, handlers))
+            stats = await consumer.run(processor, stop, burst=burst, observer=hooks)
     except asyncio.CancelledError:
         if not stop.is_set():
             raise

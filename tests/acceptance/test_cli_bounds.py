@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tests.acceptance.test_cli import UNREACHABLE, assert_settings_error, cli, describe
-from tests.helpers import cli_env
+from tests.helpers import cli_env, run_cli
 
 
 @pytest.mark.parametrize(
@@ -37,3 +37,22 @@ async def test_prune_older_than_1e12_is_a_usage_error() -> None:
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, describe(result)
     assert "--older-than" in lines[0], describe(result)
+
+
+@pytest.mark.parametrize(
+    ("routes", "needle"),
+    [("ev.*=kafka", "unknown sink 'kafka'"), ("ev.*", "is not KIND_PATTERN=SINK")],
+)
+def test_worker_with_bad_routes_exits_2_naming_the_variable(routes: str, needle: str) -> None:
+    """`worker` with an unknown sink or a malformed ROUTES entry exits 2, one line naming ROUTES."""
+    env = cli_env(
+        {
+            "OUTBOX_RELAY_DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none",
+            "OUTBOX_RELAY_ROUTES": routes,
+        }
+    )
+    result = run_cli("worker", env=env, timeout=30)
+    assert result.returncode == 2
+    assert "OUTBOX_RELAY_ROUTES" in result.stderr
+    assert needle in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

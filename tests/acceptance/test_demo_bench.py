@@ -41,3 +41,12 @@ def test_bench_quick_writes_the_results_with_the_ratio_to_the_arq_ceiling(tmp_pa
     assert set(data["cpu_seconds_per_1000_events"]) >= {"relay", "workers", "postgresql", "redis"}
     assert "arq no-op ceiling" in result.stdout
     assert "latency commit -> finished" in result.stdout
+
+
+def test_demo_sink_nats_shows_messages_arriving_and_every_event_once() -> None:
+    """`demo --sink nats` routes events into an embedded nats-server and its checks all pass."""
+    result = run_cli("demo", "--sink", "nats", "--events", "300", env=cli_env({}), timeout=240)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "← outbox.demo.order_" in result.stdout
+    assert "[ok] 300 rows finished, 300 messages in the stream" in result.stdout
+    assert "FAILED" not in result.stdout

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from outbox_relay import sql
+from outbox_relay import sinks, sql
 from outbox_relay.db import quote_ident, quote_literal
 from outbox_relay.domains.reservation import handler as reservation_handler
 from outbox_relay.observability import sql as observability_sql
@@ -18,7 +18,12 @@ PACKAGE_DIR = Path(sql.__file__).resolve().parent
 RESERVATION_DIR = PACKAGE_DIR / "domains" / "reservation"
 OBSERVABILITY_DIR = PACKAGE_DIR / "observability"
 #: Rooms with a query file of their own, and that file.
-OWN_QUERY_FILES = {RESERVATION_DIR: reservation_handler.query, OBSERVABILITY_DIR: observability_sql.query}
+SINKS_DIR = PACKAGE_DIR / "sinks"
+OWN_QUERY_FILES = {
+    RESERVATION_DIR: reservation_handler.query,
+    OBSERVABILITY_DIR: observability_sql.query,
+    SINKS_DIR: sinks.query,
+}
 
 #: Functions of the package whose first argument is the name of a query in queries.sql.
 QUERY_FUNCTIONS = {"query", "_ddl"}
@@ -98,6 +103,14 @@ def test_every_query_name_a_room_uses_exists_in_its_own_file(room: Path, expecte
     own = OWN_QUERY_FILES[room].queries
     missing = {name: where for name, where in used.items() if name not in own}
     assert not missing, f"queries used but not in {room.name}/queries.sql: {missing}"
+
+
+def test_every_query_name_the_sinks_use_exists_in_their_own_file() -> None:
+    """The sinks' query() calls name blocks of outbox_relay/sinks/queries.sql."""
+    used = used_query_names(sorted(SINKS_DIR.glob("*.py")))
+    assert {"delivered_sinks", "record_deliveries"} <= set(used)
+    missing = {name: where for name, where in used.items() if name not in sinks.query.queries}
+    assert not missing, f"queries used but not in sinks/queries.sql: {missing}"
 
 
 def test_query_names_in_queries_sql_are_unique_and_bodies_non_empty() -> None:

@@ -1,0 +1,142 @@
+"""The `nats` sink: publish each event to NATS JetStream, finish the row on the stream's PubAck.
+
+Subject: ``OUTBOX_RELAY_NATS_SUBJECT_PREFIX`` + the kind. Header ``Nats-Msg-Id``:
+the delivery id (the correlation id, ``<id>#<n>`` after the row's n-th
+requeue), so that the stream drops a second publish of the same event within
+its duplicate window. Needs the extra ``outbox-relay[nats]`` (nats-py), imported
+only when a route names this sink.
+
+One client per worker process, connected on first use and again on the first
+delivery after it lost its server: while the server is away every delivery
+fails fast (transient) and is retried by the worker's backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
+
+from outbox_relay.events import OutboxEvent
+from outbox_relay.exceptions import PermanentError, TransientError
+from outbox_relay.logs import describe
+from outbox_relay.settings import NatsConfig, Settings
+from outbox_relay.sinks import SinkPlugin
+
+if TYPE_CHECKING:
+    from nats.aio.client import Client
+    from nats.js import JetStreamContext
+
+logger = logging.getLogger(__name__)
+
+NAME = "nats"
+
+
+def subject_for(prefix: str, kind: str) -> str:
+    """The subject of an event of ``kind``; a kind that cannot be one is a :class:`PermanentError`."""
+    subject = prefix + kind
+    tokens = subject.split(".")
+    if not all(t and t.isprintable() and not any(c.isspace() or c in "*>" for c in t) for t in tokens):
+        raise PermanentError(
+            f"kind {kind!r} does not make a NATS subject (no blanks, wildcards or empty tokens)"
+        )
+    return subject
+
+
+class NatsSink:
+    """JetStream publisher of one worker process."""
+
+    name = NAME
+
+    def __init__(self, config: NatsConfig) -> None:
+        import nats  # noqa: F401  (fail at the edge when the extra is missing)
+
+        self.config = config
+        self._client: Client | None = None
+        self._js: JetStreamContext | None = None
+        self._connecting = asyncio.Lock()
+
+    @asynccontextmanager
+    async def lifespan(self) -> AsyncIterator[None]:
+        """Nothing to open up front (the client connects on first use); close it on exit."""
+        try:
+            yield
+        finally:
+            client, self._client, self._js = self._client, None, None
+            if client is not None and not client.is_closed:
+                try:
+                    await asyncio.wait_for(client.close(), 5.0)
+                except Exception as exc:
+                    logger.debug("closing the NATS client failed", extra={"error": describe(exc)})
+
+    async def _jetstream(self) -> JetStreamContext:
+        client, js = self._client, self._js
+        if client is not None and js is not None and not client.is_closed:
+            return js
+        async with self._connecting:
+            if self._client is None or self._client.is_closed or self._js is None:
+                import nats
+
+                try:
+                    # One attempt per call, bounded: while the server is away each delivery fails
+                    # fast (transient) and the worker's backoff paces the next try. The client
+                    # does not reconnect by itself: a lost connection closes it, and the next
+                    # delivery connects afresh (so no publish is buffered across an outage).
+                    client = await nats.connect(
+                        servers=list(self.config.servers),
+                        connect_timeout=min(self.config.timeout, 2.0),
+                        allow_reconnect=False,
+                        # nats-py tries each server until it has failed more than this (0 would
+                        # mean forever): two quick tries, then NoServersError.
+                        max_reconnect_attempts=1,
+                        reconnect_time_wait=0.1,
+                        error_cb=_on_error,
+                        disconnected_cb=_on_disconnected,
+                    )
+                except Exception as exc:
+                    raise TransientError(f"NATS server unreachable: {describe(exc)}") from None
+                self._client = client
+                self._js = client.jetstream(timeout=self.config.timeout)
+                logger.info("connected to NATS")
+            assert self._js is not None
+            return self._js
+
+    async def deliver(self, event: OutboxEvent, body: bytes, delivery_id: str) -> None:
+        """Publish and wait for the stream's PubAck."""
+        from nats.errors import Error as NatsError
+        from nats.js.errors import APIError, NoStreamResponseError
+
+        subject = subject_for(self.config.subject_prefix, event.kind)
+        js = await self._jetstream()
+        try:
+            ack = await js.publish(
+                subject, body, timeout=self.config.timeout, headers={"Nats-Msg-Id": delivery_id}
+            )
+        except NoStreamResponseError:
+            raise PermanentError(f"no JetStream stream for subject {subject!r}") from None
+        except APIError as exc:  # the stream answered with an error (storage full, limits)
+            raise TransientError(f"JetStream refused the publish to {subject!r}: {describe(exc)}") from None
+        except (NatsError, TimeoutError, OSError) as exc:
+            raise TransientError(f"NATS publish to {subject!r} not acknowledged: {describe(exc)}") from None
+        if ack.duplicate:
+            logger.debug(
+                "JetStream dropped a duplicate",
+                extra={"row_id": event.id, "stream": ack.stream, "seq": ack.seq},
+            )
+
+
+async def _on_error(exc: Exception) -> None:
+    logger.debug("NATS client error", extra={"error": describe(exc)})
+
+
+async def _on_disconnected() -> None:
+    logger.warning("NATS server disconnected; the next delivery reconnects")
+
+
+def _make(settings: Settings) -> NatsSink:
+    return NatsSink(settings.nats_config())
+
+
+plugin = SinkPlugin(NAME, handlers={}, make=_make)

@@ -1,0 +1,130 @@
+"""The `webhook` sink: POST each event to one URL, signed per Standard Webhooks.
+
+Headers: ``webhook-id`` (the delivery id: the correlation id, ``<id>#<n>`` after
+the row's n-th requeue), ``webhook-timestamp`` (unix seconds) and
+``webhook-signature`` (``v1,`` + base64 HMAC-SHA256 of ``id.timestamp.body``
+with the ``whsec_`` secret, by the ``standardwebhooks`` reference package).
+2xx finishes the row; 408, 429, 5xx, timeouts and connection errors are
+transient (a ``Retry-After`` sets the least delay before the retry); any other
+status is permanent, its code in ``last_error``. Redirects are not followed.
+Needs the extra ``outbox-relay[webhook]`` (aiohttp, standardwebhooks).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from typing import TYPE_CHECKING
+
+from outbox_relay.events import OutboxEvent
+from outbox_relay.exceptions import PermanentError, TransientError
+from outbox_relay.logs import describe
+from outbox_relay.settings import HOUR, Settings, WebhookConfig
+from outbox_relay.sinks import SinkPlugin
+
+if TYPE_CHECKING:
+    import aiohttp
+
+logger = logging.getLogger(__name__)
+
+NAME = "webhook"
+#: The longest Retry-After honoured (seconds): a longer one is cut to this.
+MAX_RETRY_AFTER = HOUR
+TRANSIENT_STATUSES = frozenset({408, 429})
+
+
+def retry_after(value: str | None, now: datetime | None = None) -> float | None:
+    """A ``Retry-After`` header (seconds or an HTTP date) as seconds from now, capped; None if absent
+    or unreadable."""
+    if not value:
+        return None
+    value = value.strip()
+    seconds: float
+    if value.isdigit():
+        seconds = float(value)
+    else:
+        try:
+            when = parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        seconds = (when - (now or datetime.now(UTC))).total_seconds()
+    if not math.isfinite(seconds):
+        return None
+    return min(max(seconds, 0.0), MAX_RETRY_AFTER)
+
+
+class WebhookSink:
+    """One pooled HTTP client per worker process."""
+
+    name = NAME
+
+    def __init__(self, config: WebhookConfig) -> None:
+        import aiohttp  # noqa: F401  (fail at the edge when the extra is missing)
+        from standardwebhooks import Webhook
+
+        self.config = config
+        self._signer = Webhook(config.secret)
+        self._session: aiohttp.ClientSession | None = None
+
+    @asynccontextmanager
+    async def lifespan(self) -> AsyncIterator[None]:
+        """Open the connection pool; close it on exit."""
+        import aiohttp
+
+        session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=self.config.connections),
+            timeout=aiohttp.ClientTimeout(total=self.config.timeout),
+        )
+        self._session = session
+        try:
+            yield
+        finally:
+            self._session = None
+            await session.close()
+
+    def headers(self, body: bytes, delivery_id: str, now: datetime) -> dict[str, str]:
+        """The request's headers, the Standard Webhooks ones signed over ``body``."""
+        return {
+            "content-type": "application/json",
+            "webhook-id": delivery_id,
+            "webhook-timestamp": str(math.floor(now.timestamp())),
+            "webhook-signature": self._signer.sign(delivery_id, now, body.decode()),
+        }
+
+    async def deliver(self, event: OutboxEvent, body: bytes, delivery_id: str) -> None:
+        """POST the event; return on 2xx, raise by the status rules otherwise."""
+        import aiohttp
+
+        if self._session is None:
+            raise TransientError("the webhook sink is not open (worker starting or stopping)")
+        headers = self.headers(body, delivery_id, datetime.now(UTC))
+        try:
+            async with self._session.post(
+                self.config.url, data=body, headers=headers, allow_redirects=False
+            ) as response:
+                status = response.status
+                wait = retry_after(response.headers.get("Retry-After"))
+                await response.read()  # the connection goes back to the pool
+        except TimeoutError:
+            raise TransientError(f"webhook timed out after {self.config.timeout:g} s") from None
+        except aiohttp.ClientError as exc:
+            raise TransientError(f"webhook unreachable: {describe(exc)}") from None
+        if 200 <= status < 300:
+            return
+        if status in TRANSIENT_STATUSES or status >= 500:
+            suffix = f" (Retry-After {wait:g} s)" if wait is not None else ""
+            raise TransientError(f"webhook answered {status}{suffix}", retry_after=wait)
+        raise PermanentError(f"webhook answered {status}")
+
+
+def _make(settings: Settings) -> WebhookSink:
+    return WebhookSink(settings.webhook_config())
+
+
+plugin = SinkPlugin(NAME, handlers={}, make=_make)

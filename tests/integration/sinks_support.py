@@ -1,0 +1,139 @@
+"""Shared pieces of the sink tests: a real nats-server, a real aiohttp receiver, routed registries."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+import nats
+from aiohttp import web
+from nats.js.api import StreamConfig
+
+from outbox_relay.devtools.embedded import free_port
+from outbox_relay.handlers import HandlerRegistry, load_plugins
+from outbox_relay.migrate import migrate
+from outbox_relay.settings import Settings
+from outbox_relay.sinks import enable_routes
+
+SECRET = "whsec_" + base64.b64encode(b"outbox-relay-test-secret-32bytes").decode()
+
+
+def routed_registry(settings: Settings) -> HandlerRegistry:
+    """What the CLI's edge builds: the installed plugins, then ROUTES' sinks."""
+    registry = load_plugins(HandlerRegistry())
+    enable_routes(registry, settings)
+    return registry
+
+
+async def migrate_sinks(service_url: str, registry: HandlerRegistry) -> None:
+    """Apply the sinks' migration set (the core's and the reservation set are there already)."""
+    conn = await asyncpg.connect(service_url)
+    try:
+        await migrate(conn, "service", registry.plugins())
+    finally:
+        await conn.close()
+
+
+@contextlib.asynccontextmanager
+async def jetstream(url: str) -> AsyncIterator[Any]:
+    """A JetStream context of the test's own client."""
+    client = await nats.connect(url, connect_timeout=5, max_reconnect_attempts=0)
+    try:
+        yield client.jetstream(timeout=10)
+    finally:
+        await client.close()
+
+
+async def make_stream(url: str, subjects: list[str]) -> str:
+    """Create a stream for ``subjects``; its name."""
+    name = f"T{uuid.uuid4().hex[:12]}"
+    async with jetstream(url) as js:
+        await js.add_stream(StreamConfig(name=name, subjects=subjects))
+    return name
+
+
+async def stream_messages(url: str, stream: str) -> int:
+    """How many messages the stream holds."""
+    async with jetstream(url) as js:
+        info = await js.stream_info(stream)
+        return int(info.state.messages)
+
+
+async def stream_contents(url: str, stream: str) -> list[tuple[str, dict[str, str], bytes]]:
+    """Every message of the stream: subject, headers, data."""
+    found = []
+    async with jetstream(url) as js:
+        info = await js.stream_info(stream)
+        for seq in range(info.state.first_seq, info.state.last_seq + 1):
+            msg = await js.get_msg(stream, seq)
+            found.append((msg.subject, dict(msg.headers or {}), msg.data or b""))
+    return found
+
+
+@dataclass
+class Receiver:
+    """A real HTTP server: records every request; answers by ``script`` (per webhook-id) or 200."""
+
+    port: int = field(default_factory=free_port)
+    requests: list[tuple[float, dict[str, str], bytes]] = field(default_factory=list)
+    #: webhook-id -> statuses (with optional Retry-After) for its first requests, then 200.
+    script: dict[str, list[tuple[int, str | None]]] = field(default_factory=dict)
+    #: webhook-id -> seconds to stall its first request (a timeout)
+    stall: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/hook"
+
+    def for_id(self, webhook_id: str) -> list[tuple[float, dict[str, str], bytes]]:
+        return [r for r in self.requests if r[1].get("webhook-id") == webhook_id]
+
+    async def handle(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        wid = headers.get("webhook-id", "")
+        self.requests.append((asyncio.get_running_loop().time(), headers, body))
+        delay = self.stall.pop(wid, None)
+        if delay is not None:
+            await asyncio.sleep(delay)  # the server being slow: the client's timeout is under test
+        steps = self.script.get(wid)
+        if steps:
+            status, retry_after = steps.pop(0)
+            extra = {"Retry-After": retry_after} if retry_after else {}
+            return web.Response(status=status, headers=extra)
+        return web.Response(status=200)
+
+
+@contextlib.asynccontextmanager
+async def receiving() -> AsyncIterator[Receiver]:
+    """Run a :class:`Receiver` on 127.0.0.1 for the block."""
+    receiver = Receiver()
+    app = web.Application()
+    app.router.add_post("/hook", receiver.handle)
+    runner = web.AppRunner(app, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", receiver.port)
+    await site.start()
+    try:
+        yield receiver
+    finally:
+        await runner.cleanup()
+
+
+async def insert_events(conn: Any, prefix: str, n: int, kind: str = "ev.created") -> list[str]:
+    """Insert ``n`` rows of ``kind`` straight into the service outbox (the direct shape); their ids."""
+    cids = [f"{prefix}-{i}" for i in range(n)]
+    await conn.execute(
+        "INSERT INTO outbox_relay.outbox (correlation_id, kind, outcome, payload)"
+        " SELECT c, $2, 'success', jsonb_build_object('n', i)"
+        " FROM unnest($1::text[]) WITH ORDINALITY AS t(c, i)",
+        cids,
+        kind,
+    )
+    return cids

@@ -1,0 +1,176 @@
+"""The `nats` sink against a real nats-server (JetStream) started by these tests."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import datetime
+from typing import Any
+
+import pytest
+
+from outbox_relay.devtools.nats_server import EmbeddedNats
+from tests.conftest import OutboxEnv
+from tests.helpers import Services, cli_env, count_status, running_relay, running_worker, wait_until
+from tests.integration.sinks_support import (
+    insert_events,
+    make_stream,
+    migrate_sinks,
+    routed_registry,
+    stream_contents,
+    stream_messages,
+)
+
+
+@pytest.fixture(scope="module")
+def nats_server() -> Iterator[EmbeddedNats]:
+    """A nats-server with JetStream on a port of its own (not the machine's 4222)."""
+    server = EmbeddedNats()
+    server.start()
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture
+def prefix() -> str:
+    """A subject prefix of this test's own."""
+    return f"t{uuid.uuid4().hex[:10]}."
+
+
+def nats_settings(env: OutboxEnv, server: EmbeddedNats, prefix: str, **overrides: Any) -> Any:
+    values = {"routes": "ev.*=nats", "nats_url": server.url, "nats_subject_prefix": prefix}
+    values["nats_timeout"] = 1.0
+    return env.settings(**{**values, **overrides})
+
+
+async def test_n_rows_make_exactly_n_messages_in_the_stream(
+    outbox_env: OutboxEnv, service: Any, nats_server: EmbeddedNats, prefix: str
+) -> None:
+    """200 routed rows finish, and the stream holds exactly 200 messages: the event JSON, on
+    prefix + kind, with Nats-Msg-Id = the correlation id."""
+    stream = await make_stream(nats_server.url, [f"{prefix}>"])
+    settings = nats_settings(outbox_env, nats_server, prefix)
+    registry = routed_registry(settings)
+    await migrate_sinks(outbox_env.service_url, registry)
+    cids = await insert_events(service, "n", 200)
+    async with running_worker(settings, registry), running_relay(settings):
+        await wait_until(lambda: _all_finished(service, 200), timeout=60, message="200 rows finished")
+    assert await stream_messages(nats_server.url, stream) == 200
+    contents = await stream_contents(nats_server.url, stream)
+    assert sorted(h["Nats-Msg-Id"] for _, h, _ in contents) == sorted(cids)
+    subject, headers, data = contents[0]
+    assert subject == f"{prefix}ev.created"
+    event = json.loads(data)
+    assert set(event) == {"correlation_id", "kind", "outcome", "payload", "created_at"}
+    assert event["correlation_id"] == headers["Nats-Msg-Id"]
+    assert event["kind"] == "ev.created"
+    assert event["outcome"] == "success"
+    assert datetime.fromisoformat(event["created_at"]).utcoffset() is not None
+
+
+async def test_no_stream_for_the_subject_is_a_permanent_failure_naming_it(
+    outbox_env: OutboxEnv, service: Any, nats_server: EmbeddedNats, prefix: str
+) -> None:
+    """A routed kind whose subject no stream binds fails at once, last_error naming the subject."""
+    await make_stream(nats_server.url, [f"{prefix}ev.>"])
+    settings = nats_settings(outbox_env, nats_server, prefix, routes="ev.*=nats,other=nats")
+    registry = routed_registry(settings)
+    await migrate_sinks(outbox_env.service_url, registry)
+    await insert_events(service, "nostream", 1, kind="other")
+    async with running_worker(settings, registry), running_relay(settings):
+        await wait_until(lambda: count_status(service, "failed"), timeout=30, message="row failed")
+    row = await service.fetchrow("SELECT attempts, last_error FROM outbox_relay.outbox")
+    assert row["attempts"] == 1
+    assert f"{prefix}other" in row["last_error"]
+    assert "no JetStream stream" in row["last_error"]
+
+
+async def test_a_broker_down_for_30_s_loses_nothing(outbox_env: OutboxEnv, service: Any, prefix: str) -> None:
+    """With the nats-server SIGKILLed for 30 s mid-flow, attempts fail transiently; once it is back
+    (same port, same store) every row finishes and the stream holds each event exactly once."""
+    server = EmbeddedNats()
+    server.start()
+    try:
+        stream = await make_stream(server.url, [f"{prefix}>"])
+        settings = nats_settings(
+            outbox_env, server, prefix, max_attempts=100, retry_backoff=0.2, retry_backoff_max=2.0
+        )
+        registry = routed_registry(settings)
+        await migrate_sinks(outbox_env.service_url, registry)
+        await insert_events(service, "before", 50)
+        async with running_worker(settings, registry), running_relay(settings):
+            await wait_until(lambda: _all_finished(service, 50), timeout=60, message="first 50 finished")
+            server.kill()
+            await insert_events(service, "during", 50)
+            down_since = time.monotonic()
+            await wait_until(
+                lambda: service.fetchval(
+                    "SELECT count(*) >= 10 FROM outbox_relay.outbox"
+                    " WHERE status = 'queued' AND last_error LIKE '%NATS%'"
+                ),
+                timeout=30,
+                message="attempts failing transiently while the broker is down",
+            )
+            # The outage itself lasts 30 s (this is the fault, not a synchronisation).
+            await asyncio.sleep(max(0.0, 30.0 - (time.monotonic() - down_since)))
+            assert await count_status(service, "failed") == 0
+            server.start()
+            await wait_until(lambda: _all_finished(service, 100), timeout=90, message="all 100 finished")
+        assert await count_status(service, "failed") == 0
+        assert await stream_messages(server.url, stream) == 100
+    finally:
+        server.cleanup()
+
+
+async def _all_finished(service: Any, n: int) -> bool:
+    return await count_status(service, "finished") == n
+
+
+@pytest.mark.slow
+async def test_a_worker_sigkilled_mid_stream_leaves_exactly_n_messages(
+    outbox_env: OutboxEnv, service: Any, nats_server: EmbeddedNats, prefix: str, tmp_path: Any
+) -> None:
+    """A `worker` process SIGKILLed while publishing: its jobs run again in another worker, every
+    row finishes, and the stream holds each event exactly once (Nats-Msg-Id deduplication)."""
+    stream = await make_stream(nats_server.url, [f"{prefix}>"])
+    settings = nats_settings(outbox_env, nats_server, prefix, requeue_after=3.0, job_timeout=2.0)
+    registry = routed_registry(settings)
+    await migrate_sinks(outbox_env.service_url, registry)
+    n = 400
+    await insert_events(service, "kill", n)
+    env = cli_env(
+        outbox_env.env(
+            ROUTES="ev.*=nats",
+            NATS_URL=nats_server.url,
+            NATS_SUBJECT_PREFIX=prefix,
+            JOB_TIMEOUT="2",
+            WORKER_CONCURRENCY="4",
+            LOG_LEVEL="WARNING",
+        )
+    )
+    services = Services(tmp_path)
+    try:
+        async with running_relay(settings):
+            first = services.start("worker-1", "worker", env=env)
+            await services.wait(
+                lambda: _at_least(nats_server.url, stream, 50), timeout=60, message="50 messages published"
+            )
+            first.proc.kill()
+            first.proc.wait(10)
+            finished_at_kill = await count_status(service, "finished")
+            assert finished_at_kill < n, "the worker finished everything before it was killed"
+            services.start("worker-2", "worker", env=env)
+            await services.wait(lambda: _all_finished(service, n), timeout=120, message="all rows finished")
+    finally:
+        services.kill_all()
+    assert await count_status(service, "failed") == 0
+    assert await stream_messages(nats_server.url, stream) == n
+    ids = [h["Nats-Msg-Id"] for _, h, _ in await stream_contents(nats_server.url, stream)]
+    assert len(set(ids)) == n
+
+
+async def _at_least(url: str, stream: str, n: int) -> bool:
+    return await stream_messages(url, stream) >= n
