@@ -16,8 +16,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
-from outbox_relay.exceptions import QueueError
-from outbox_relay.lifecycle import raise_if_cancelling
+from outbox_relay.exceptions import QueueError, QueueUnavailable
+from outbox_relay.lifecycle import raise_if_cancelling, stopped_within
 from outbox_relay.queue import HandOver, Queue
 from outbox_relay.relay.store import PendingRow
 from outbox_relay.retry import Backoff, retry
@@ -163,13 +163,35 @@ class Dispatcher:
             self.depth = await self._queue(self.queue.depth)
 
     async def _queue(self, operation: Callable[[], Awaitable[T]]) -> T:
-        """Run a queue operation, retrying forever (one log line per attempt)."""
+        """Run a queue operation, retrying forever (one log line per attempt).
+
+        An unreachable server is logged as "cannot reach Redis"; a refusal as what
+        it is ("Redis refused: WRONGTYPE ..."), retried all the same.
+        """
+        backoff = Backoff(0.1, 5.0)
+
+        async def refusals_logged() -> T:
+            while True:
+                try:
+                    return await operation()
+                except QueueUnavailable:
+                    raise
+                except QueueError as exc:
+                    delay = backoff.next_delay()
+                    logger.warning(
+                        "%s, retrying",
+                        exc,
+                        extra={"retry_in": round(delay, 2), "attempt": backoff.attempt},
+                    )
+                    if await stopped_within(self.stop, delay):
+                        raise asyncio.CancelledError from None
+
         return await retry(
-            operation,
+            refusals_logged,
             what=self.queue.server,
             logger=logger,
             give_up_after=None,
             stop=self.stop,
-            backoff=Backoff(0.1, 5.0),
-            retry_on=(QueueError,),
+            backoff=backoff,
+            retry_on=(QueueUnavailable,),
         )
