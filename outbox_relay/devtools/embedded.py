@@ -44,6 +44,20 @@ DEFAULT_PG_SETTINGS: Mapping[str, str] = {
     "wal_retrieve_retry_interval": "200ms",
 }
 
+#: What users run: every commit flushed to disk (the bench's default mode).
+DURABLE_PG_SETTINGS: Mapping[str, str] = {
+    "fsync": "on",
+    "full_page_writes": "on",
+    "synchronous_commit": "on",
+}
+
+#: The throw-away mode (``bench --fsync-off``): commits never wait for the disk.
+FSYNC_OFF_PG_SETTINGS: Mapping[str, str] = {
+    "fsync": "off",
+    "full_page_writes": "off",
+    "synchronous_commit": "off",
+}
+
 
 def free_port() -> int:
     """Return a TCP port on 127.0.0.1 that is free right now."""
