@@ -589,6 +589,10 @@ class Ledger:
                    1000 * extract(epoch FROM percentile_cont(0.99)
                                   WITHIN GROUP (ORDER BY finished_at - created_at))::float8 AS p99,
                    1000 * extract(epoch FROM max(finished_at - created_at))::float8 AS max,
+                   1000 * extract(epoch FROM percentile_cont(0.50)
+                                  WITHIN GROUP (ORDER BY queued_at - created_at))::float8 AS p50_queued,
+                   1000 * extract(epoch FROM percentile_cont(0.99)
+                                  WITHIN GROUP (ORDER BY queued_at - created_at))::float8 AS p99_queued,
                    count(*) FILTER (WHERE status <> 'finished') AS not_finished
               FROM outbox_relay.outbox
              WHERE correlation_id = ANY($1::text[])
@@ -644,7 +648,8 @@ async def _latency(
     await ledger.produce(ids, producers=producers, rate=rate)
     await ledger.wait_finished(ids, fleet)
     stats = await ledger.stats(ids)
-    return {key: float(stats[key]) for key in ("p50", "p95", "p99", "max")}
+    keys = ("p50", "p95", "p99", "max", "p50_queued", "p99_queued")
+    return {key: float(stats[key]) if stats[key] is not None else float("nan") for key in keys}
 
 
 async def _backlog(ledger: Ledger, fleet: Fleet, rows: int, workers: int) -> dict[str, float]:
@@ -955,11 +960,11 @@ def render(results: Results) -> str:
             f"{ratio if ratio is not None else float('nan'):>5.2f}"
         )
     lines.append("")
-    lines.append("latency commit -> finished (ms)   p50     p95     p99     max")
+    lines.append("latency commit -> finished (ms)   p50     p95     p99     max   (to queued: p50, p99)")
     for rate, lat in data["latency_ms"].items():
         lines.append(
             f"  at {rate:>4} events/s offered   {lat['p50']:>6.1f}  {lat['p95']:>6.1f}  "
-            f"{lat['p99']:>6.1f}  {lat['max']:>6.1f}"
+            f"{lat['p99']:>6.1f}  {lat['max']:>6.1f}   ({lat['p50_queued']:.1f}, {lat['p99_queued']:.1f})"
         )
     b = data["backlog"]
     if b:
