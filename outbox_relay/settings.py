@@ -115,6 +115,14 @@ class Settings(BaseSettings):
     batch_size: int = Field(
         default=500, ge=1, le=10_000, description="rows the relay enqueues per round trip"
     )
+    hand_over_interval: float = Field(
+        default=0.005,
+        ge=0,
+        le=1.0,
+        allow_inf_nan=False,
+        description="least time between two hand-overs of notified rows (seconds): under a steady "
+        "stream, rows arriving meanwhile join the next batch; a row after a quiet spell goes at once",
+    )
     job_batch_size: int = Field(
         default=50,
         ge=1,
@@ -224,6 +232,7 @@ class Settings(BaseSettings):
             requeue_after=self.requeue_after,
             batch_size=self.batch_size,
             max_queue_depth=self.max_queue_depth,
+            hand_over_interval=self.hand_over_interval,
         )
 
     def worker_config(self) -> WorkerConfig:
@@ -254,6 +263,7 @@ class RelayConfig:
     requeue_after: float
     batch_size: int
     max_queue_depth: int
+    hand_over_interval: float = 0.0
 
 
 @dataclass(frozen=True)

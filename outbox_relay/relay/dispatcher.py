@@ -3,8 +3,12 @@
 Ids from notifications are looked up by primary key in coalesced batches;
 every SWEEP_INTERVAL (and at once after a reconnect, a ``sweep`` notification
 or a change of the queue's epoch) the sweep pages through the partial indexes.
-Each batch is handed over in one queue round trip (a known job is not added
-twice), then moved to ``queued`` by one compare-and-set UPDATE.
+Each batch is handed over in one queue round trip (a known row is not added
+twice; the queue packs the rows into batch jobs), then moved to ``queued`` by
+one compare-and-set UPDATE. Notified rows are handed over at once after a
+quiet spell, and at most every HAND_OVER_INTERVAL under a steady stream, so
+that the rows arriving meanwhile travel together (the batch size adapts to
+the load: one row at low load, many under a backlog).
 """
 
 from __future__ import annotations
@@ -70,6 +74,7 @@ class Dispatcher:
         batch_size: int,
         max_queue_depth: int,
         stop: asyncio.Event,
+        hand_over_interval: float = 0.0,
     ) -> None:
         self.queue = queue
         self.stats = stats
@@ -77,6 +82,8 @@ class Dispatcher:
         self.batch_size = batch_size
         self.max_queue_depth = max_queue_depth
         self.stop = stop
+        self.hand_over_interval = hand_over_interval
+        self._last_hand_over = -1e9
         self.depth = 0
         self._pending: set[int] = set()
         self._sweep_requested = True
@@ -109,6 +116,11 @@ class Dispatcher:
                     await asyncio.wait_for(self._wake.wait(), max(0.0, next_sweep - loop.time()))
             self._wake.clear()
             while self._pending:
+                # Under a steady stream, let the rows arriving meanwhile join this batch:
+                # fewer, larger jobs. After a quiet spell the wait is zero.
+                linger = self._last_hand_over + self.hand_over_interval - loop.time()
+                if linger > 0 and len(self._pending) < self.batch_size:
+                    await asyncio.sleep(linger)
                 ids = [self._pending.pop() for _ in range(min(self.batch_size, len(self._pending)))]
                 await self._hand_over(store, await store.new_by_ids(ids))
             if self._sweep_requested or loop.time() >= next_sweep:
@@ -148,6 +160,7 @@ class Dispatcher:
             return await self.queue.hand_over(rows)
 
         result = await self._queue(hand_over)
+        self._last_hand_over = asyncio.get_running_loop().time()
         self.depth = result.depth
         await store.mark_queued([row.id for row in rows])
         self.stats.handed_over += len(rows)

@@ -69,6 +69,7 @@ class Relay:
             batch_size=config.batch_size,
             max_queue_depth=config.max_queue_depth,
             stop=stop,
+            hand_over_interval=config.hand_over_interval,
         )
         self._while_active = list(while_active)
 
