@@ -248,3 +248,35 @@ async def test_a_refusal_is_logged_as_what_the_server_said_not_as_unreachable(
     messages = [r.getMessage() for r in caplog.records]
     assert any(m.startswith("Redis refused: WRONGTYPE") for m in messages), messages
     assert not any("cannot reach" in m for m in messages), messages
+
+
+async def test_rows_notified_within_the_hand_over_interval_travel_together_a_lone_row_at_once() -> None:
+    """Adaptive batches: after a quiet spell a row is handed over at once (a job of one row);
+    rows notified while the interval since the last hand-over runs join one batch."""
+    queue, store = InMemoryQueue(), MemoryStore()
+    dispatcher = Dispatcher(
+        queue,
+        RelayStats(),
+        sweep_interval=3600,
+        batch_size=10,
+        max_queue_depth=1000,
+        stop=asyncio.Event(),
+        hand_over_interval=0.2,
+    )
+    serving = asyncio.create_task(dispatcher.serve(store))
+    try:
+        await _until(lambda: dispatcher.stats.sweeps == 1)
+        loop = asyncio.get_running_loop()
+        store.add(1)
+        started = loop.time()
+        dispatcher.notified("1")
+        await _until(lambda: store.rows[1][1] == "queued")
+        assert loop.time() - started < 0.1, "a lone row waited for the interval"
+        for i in (2, 3, 4):  # a stream: 20 ms apart, inside the 200 ms interval
+            store.add(i)
+            dispatcher.notified(str(i))
+            await asyncio.sleep(0.02)
+        await _until(lambda: all(store.rows[i][1] == "queued" for i in (2, 3, 4)))
+        assert queue.batches == [[1], [2, 3, 4]]
+    finally:
+        serving.cancel()
