@@ -383,6 +383,11 @@ def configure_bench(parser: argparse.ArgumentParser) -> None:
         help="finished rows for the table-scale check (1000000)",
     )
     parser.add_argument(
+        "--fsync-off",
+        action="store_true",
+        help="run the embedded PostgreSQL with fsync and synchronous_commit off (default: durable)",
+    )
+    parser.add_argument(
         "--use-settings",
         action="store_true",
         help="run on the servers of OUTBOX_RELAY_DATABASE_URL and _REDIS_URL (it creates and "
@@ -396,7 +401,9 @@ async def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
     if args.use_settings:
         settings.require_database_url()
     if args.quick:
-        options = BenchOptions.quick(json_path=args.json, use_settings=args.use_settings)
+        options = BenchOptions.quick(
+            json_path=args.json, use_settings=args.use_settings, fsync_off=args.fsync_off
+        )
     else:
         options = BenchOptions(
             events=args.events,
@@ -405,6 +412,7 @@ async def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
             table_rows=args.table_rows,
             json_path=args.json,
             use_settings=args.use_settings,
+            fsync_off=args.fsync_off,
         )
     _quiet_logs()
     return await run_bench(options, settings)

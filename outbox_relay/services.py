@@ -27,7 +27,12 @@ from outbox_relay.worker import run_worker
 
 def queue_config(settings: Settings) -> QueueConfig:
     """The producer side of the queue, as the relay uses it."""
-    return QueueConfig(settings.redis_url.get_secret_value(), settings.queue_name, settings.job_namespace)
+    return QueueConfig(
+        settings.redis_url.get_secret_value(),
+        settings.queue_name,
+        settings.job_namespace,
+        batch_size=settings.job_batch_size,
+    )
 
 
 def consumer_config(settings: Settings) -> ConsumerConfig:
@@ -38,6 +43,7 @@ def consumer_config(settings: Settings) -> ConsumerConfig:
         concurrency=settings.worker_concurrency,
         poll_delay=settings.worker_poll_delay,
         job_timeout=settings.job_timeout,
+        idle_wait=settings.worker_idle_wait,
     )
 
 

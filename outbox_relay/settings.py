@@ -142,16 +142,41 @@ class Settings(BaseSettings):
         gt=0,
         le=60.0,
         allow_inf_nan=False,
-        description="how often a worker polls Redis for jobs (seconds): a latency floor",
+        description="how often a busy worker polls Redis for its next job (seconds); an idle "
+        "one blocks on the relay's wake-up instead",
     )
     batch_size: int = Field(
         default=500, ge=1, le=10_000, description="rows the relay enqueues per round trip"
+    )
+    hand_over_interval: float = Field(
+        default=0.005,
+        ge=0,
+        le=1.0,
+        allow_inf_nan=False,
+        description="least time between two hand-overs of notified rows (seconds): under a steady "
+        "stream, rows arriving meanwhile join the next batch; a row after a quiet spell goes at once",
+    )
+    job_batch_size: int = Field(
+        default=50,
+        ge=1,
+        le=1000,
+        description="rows one queue job carries at most (a hand-over of fewer rows makes smaller "
+        "jobs: one row at low load)",
+    )
+    worker_idle_wait: float = Field(
+        default=1.0,
+        ge=0.01,
+        le=4.0,
+        allow_inf_nan=False,
+        description="longest time an idle worker blocks on the relay's wake-up before it looks "
+        "at the queue again (seconds)",
     )
     max_queue_depth: int = Field(
         default=20_000,
         ge=1,
         le=10_000_000,
-        description="the relay stops enqueueing while the arq queue holds this many jobs",
+        description="the relay stops enqueueing while the arq queue holds this many jobs "
+        "(each of up to JOB_BATCH_SIZE rows)",
     )
     retention: float | None = Field(
         default=None,
@@ -309,6 +334,7 @@ class Settings(BaseSettings):
             requeue_after=self.requeue_after,
             batch_size=self.batch_size,
             max_queue_depth=self.max_queue_depth,
+            hand_over_interval=self.hand_over_interval,
         )
 
     def worker_config(self) -> WorkerConfig:
@@ -360,6 +386,7 @@ class RelayConfig:
     requeue_after: float
     batch_size: int
     max_queue_depth: int
+    hand_over_interval: float = 0.0
 
 
 @dataclass(frozen=True)

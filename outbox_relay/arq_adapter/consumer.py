@@ -10,8 +10,15 @@ arq settings, chosen for fast recovery (see the field notes in the README):
   backstop, because arq treats a timeout as terminal. It also sets the
   in-progress key's life (timeout + 10 s): a SIGKILLed worker's job is run by
   another worker after JOB_TIMEOUT + 15 s (25 s by default) instead of arq's 310 s.
-* ``poll_delay = WORKER_POLL_DELAY`` (10 ms): arq polls Redis; its default of
-  0.5 s would be the latency floor.
+* no idle polling: an idle worker blocks on the queue's wake-up list (the relay
+  pushes one element per job it adds; BLPOP with a timeout of WORKER_IDLE_WAIT,
+  shortened to the next deferred retry's due time), so it costs no CPU and still
+  starts a new job within a Redis round trip. While it runs jobs it polls every
+  ``WORKER_POLL_DELAY`` (10 ms), to take the next job as soon as a slot frees.
+* a job is a batch of rows (``outbox_relay.process_rows``, JSON, see
+  enqueue.lua); after the processor ran it, one call (settle.lua) drops the
+  markers of the rows that ended and enqueues the rows to retry, each alone
+  (or the rows put off, together) as a new deferred job.
 * ``max_tries = 1000``: attempts are counted in the database (MAX_ATTEMPTS);
   arq's own count only bounds retries that could not be recorded there.
 """
@@ -20,10 +27,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import pickle
 import random
+import time
+import uuid
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, cast
 
 from arq import Retry
 from arq.connections import ArqRedis
@@ -31,10 +44,17 @@ from arq.typing import WorkerCoroutine
 from arq.worker import Worker, func
 from redis.exceptions import RedisError
 
-from outbox_relay.arq_adapter.producer import FUNCTION_NAME, redis_client
+from outbox_relay.arq_adapter.producer import (
+    BATCH_FUNCTION_NAME,
+    FUNCTION_NAME,
+    JOB_TTL_MS,
+    redis_client,
+    translated_errors,
+    wake_key,
+)
 from outbox_relay.lifecycle import cancel_and_wait, stopped_within
 from outbox_relay.logs import describe
-from outbox_relay.queue import ConsumerObserver, ConsumerStats, Job, JobFunction
+from outbox_relay.queue import ConsumerObserver, ConsumerStats, Job, JobFunction, Outcome
 from outbox_relay.retry import Backoff, retry
 
 logger = logging.getLogger(__name__)
@@ -46,6 +66,19 @@ ARQ_TIMEOUT_MARGIN = 5.0
 CONTEXT_KEY = "outbox_relay.job_function"
 #: Key of the consumer's observer (health) in arq's worker context.
 OBSERVER_KEY = "outbox_relay.observer"
+#: Key of the stats object in arq's worker context.
+STATS_KEY = "outbox_relay.stats"
+
+_SETTLE = (Path(__file__).resolve().parent / "settle.lua").read_text()
+
+
+def deserialize_job(data: bytes) -> dict[str, Any]:
+    """Batch jobs are JSON (written by Lua); 0.1.0's one-row jobs and arq's own are pickles."""
+    if data[:1] == b"{":
+        decoded: dict[str, Any] = json.loads(data)
+        return decoded
+    unpickled: dict[str, Any] = pickle.loads(data)  # noqa: S301 - our own Redis, arq's format
+    return unpickled
 
 
 @dataclass(frozen=True)
@@ -57,14 +90,16 @@ class ConsumerConfig:
     concurrency: int
     poll_delay: float
     job_timeout: float
+    #: Longest block on the wake-up list while idle (seconds).
+    idle_wait: float = 1.0
 
     def __repr__(self) -> str:
         return f"ConsumerConfig(queue_name={self.queue_name!r}, concurrency={self.concurrency})"
 
 
 class OutboxWorker(Worker):
-    """arq's Worker, skipping the jobs it runs itself and claiming the rest of each
-    read window in random order.
+    """arq's Worker, woken by the relay instead of polling while idle, skipping the jobs
+    it runs itself and claiming the rest of each read window in random order.
 
     arq workers read the same head of the queue and claim its jobs one by one
     (WATCH/MULTI per job): with several workers, all but one pay round trips
@@ -73,6 +108,9 @@ class OutboxWorker(Worker):
     ``queue_read_limit`` jobs is not kept (outbox_relay promises no order).
     """
 
+    idle_wait: float = 1.0
+    _started_now: int = 0
+
     async def start_jobs(self, job_ids: list[bytes]) -> None:
         # The jobs this worker is running stay in the queue until they finish, so
         # every poll reads them again; arq would spend a WATCH/MULTI round trip on
@@ -80,6 +118,7 @@ class OutboxWorker(Worker):
         running = self.tasks
         fresh = [job_id for job_id in job_ids if job_id.decode() not in running]
         random.shuffle(fresh)
+        self._started_now = len(fresh)
         await super().start_jobs(fresh)
 
     async def heart_beat(self) -> None:
@@ -89,12 +128,89 @@ class OutboxWorker(Worker):
         if observer is not None:
             observer.beat()
 
+    async def main(self) -> None:
+        """arq's main loop, with a block on the wake-up list in place of each idle poll."""
+        assert self._pool is not None, "built with a Redis pool"
+        self.ctx["redis"] = self.pool
+        wake = wake_key(self.queue_name)
+        while True:
+            self._started_now = 0
+            await self._poll_iteration()
+            if self.burst and await self.pool.zcard(self.queue_name) == 0:
+                await asyncio.gather(*self.tasks.values())
+                return
+            busy = self.job_counter > 0 or self._started_now > 0 or not self.allow_pick_jobs
+            if busy:
+                await asyncio.sleep(self.poll_delay_s)
+            else:
+                await self._wait_for_wake_up(wake)
+
+    async def _wait_for_wake_up(self, wake: str) -> None:
+        """Block until the relay adds a job, the next deferred job is due, or ``idle_wait``."""
+        timeout = self.idle_wait
+        now_ms = time.time() * 1000
+        upcoming = await self.pool.zrangebyscore(
+            self.queue_name, min=now_ms, max="+inf", start=0, num=1, withscores=True
+        )
+        if upcoming:
+            timeout = min(timeout, max(0.0, (float(upcoming[0][1]) - now_ms) / 1000))
+        if timeout <= 0.001:
+            return
+        # Redis takes a fractional timeout; redis-py's annotation says int.
+        await cast(Awaitable[Any], self.pool.blpop([wake], timeout=timeout))  # type: ignore[arg-type]
+
+
+async def _run_batch(ctx: dict[str, Any], rows: list[list[Any]]) -> str:
+    """The arq function of a batch job (``outbox_relay.process_rows``): apply the rows,
+    then drop the markers of those that ended and schedule the others again."""
+    function: JobFunction = ctx[CONTEXT_KEY]
+    extra = int(ctx.get("job_try", 1)) - 1  # arq ran this job before (its worker died)
+    jobs = [Job(int(row_id), int(delivery) + extra) for row_id, _marker, delivery in rows]
+    outcomes = await function(jobs)
+    stats: ConsumerStats | None = ctx.get(STATS_KEY)
+    if stats is not None:
+        stats.rows += len(jobs)
+    await _settle(ctx["redis"], ctx["queue_name"], ctx["job_id"], rows, jobs, outcomes)
+    return "done"
+
+
+async def _settle(
+    redis: ArqRedis,
+    queue_name: str,
+    own_id: str,
+    rows: list[list[Any]],
+    jobs: Sequence[Job],
+    outcomes: Sequence[Outcome],
+) -> None:
+    done: list[str] = []
+    groups: dict[float, list[list[Any]]] = {}
+    for (row_id, marker, _), job, outcome in zip(rows, jobs, outcomes, strict=True):
+        if outcome.retry_in is None:
+            done.append(marker)
+        else:
+            delivery = job.delivery + 1 if outcome.counted else job.delivery
+            groups.setdefault(outcome.retry_in, []).append([row_id, marker, delivery])
+    again = []
+    for delay, group in groups.items():
+        # A counted retry runs alone: it never holds back (or re-applies) another row.
+        chunks = [[row] for row in group] if delay > 0 else [group]
+        for chunk in chunks:
+            again_id = f"{own_id.rsplit(':again-', 1)[0]}:again-{uuid.uuid4().hex[:12]}"
+            again.append({"id": again_id, "defer_ms": int(delay * 1000), "rows": chunk})
+    plan = json.dumps({"done": done, "again": again})
+    script = redis.register_script(_SETTLE)
+    async with translated_errors():
+        await script(
+            keys=[queue_name, wake_key(queue_name)],
+            args=[own_id, JOB_TTL_MS, int(time.time() * 1000), BATCH_FUNCTION_NAME, plan],
+        )
+
 
 async def _run_job(ctx: dict[str, Any], row_id: int, *_legacy: Any) -> str:
-    """The arq function (registered as ``outbox_relay.process_row``); jobs enqueued by
-    0.1.0 also carry the row's kind, which is no longer needed."""
+    """The arq function of 0.1.0's one-row jobs (``outbox_relay.process_row``, still in
+    a queue after an upgrade); they also carry the row's kind, no longer needed."""
     function: JobFunction = ctx[CONTEXT_KEY]
-    outcome = await function(Job(row_id, int(ctx.get("job_try", 1))))
+    [outcome] = await function([Job(row_id, int(ctx.get("job_try", 1)))])
     if outcome.retry_in is not None:
         raise Retry(defer=outcome.retry_in)
     return outcome.result
@@ -106,36 +222,44 @@ def build_arq_worker(
     ctx: dict[str, Any],
     *,
     burst: bool = False,
-    coroutine: WorkerCoroutine = _run_job,
+    coroutine: WorkerCoroutine | None = None,
     worker_class: type[Worker] = OutboxWorker,
 ) -> Worker:
     """An arq Worker with outbox_relay's settings (see the module docstring).
 
     The bench's no-op ceiling is built by the same function with a no-op
-    ``coroutine`` and arq's plain ``Worker``, so that both run identical settings.
+    ``coroutine`` (registered under the one-row name) and arq's plain ``Worker``,
+    so that both run identical arq settings.
     """
-    function = func(
-        coroutine,
-        name=FUNCTION_NAME,
-        timeout=config.job_timeout + ARQ_TIMEOUT_MARGIN,
-        keep_result=0,
-        max_tries=ARQ_MAX_TRIES,
+    timeout = config.job_timeout + ARQ_TIMEOUT_MARGIN
+    coroutines: dict[str, WorkerCoroutine] = (
+        {FUNCTION_NAME: coroutine}
+        if coroutine is not None
+        else {FUNCTION_NAME: _run_job, BATCH_FUNCTION_NAME: _run_batch}
     )
-    return worker_class(
-        functions=[function],
+    functions = [
+        func(c, name=name, timeout=timeout, keep_result=0, max_tries=ARQ_MAX_TRIES)
+        for name, c in coroutines.items()
+    ]
+    worker = worker_class(
+        functions=functions,
         queue_name=config.queue_name,
         redis_pool=redis,
         burst=burst,
         max_jobs=config.concurrency,
-        job_timeout=config.job_timeout + ARQ_TIMEOUT_MARGIN,
+        job_timeout=timeout,
         keep_result=0,
         poll_delay=config.poll_delay,
         max_tries=ARQ_MAX_TRIES,
         handle_signals=False,
         health_check_interval=60,
-        ctx=ctx,
+        ctx={**ctx, "queue_name": config.queue_name},
         log_results=False,
+        job_deserializer=deserialize_job,
     )
+    if isinstance(worker, OutboxWorker):
+        worker.idle_wait = config.idle_wait
+    return worker
 
 
 class ArqConsumer:
@@ -176,7 +300,9 @@ class ArqConsumer:
         backoff = Backoff(0.2, 5.0)
         ctx = {CONTEXT_KEY: function, OBSERVER_KEY: observer}
         while not stop.is_set():
-            worker = build_arq_worker(self.config, self.redis, ctx, burst=burst)
+            worker = build_arq_worker(
+                self.config, self.redis, {**ctx, STATS_KEY: stats}, burst=burst
+            )
             finished = await _run_until_stopped(worker, stop, self.config.job_timeout + ARQ_TIMEOUT_MARGIN)
             stats.complete += worker.jobs_complete
             stats.failed += worker.jobs_failed

@@ -1,29 +1,85 @@
--- Enqueue many arq jobs in one round trip, with arq's own dedupe rule: a job
--- id is skipped while arq:job:<id> or arq:result:<id> exists (what
--- ArqRedis.enqueue_job checks with WATCH/EXISTS/MULTI, one job at a time).
+-- Hand rows over as batch jobs, in one round trip, all or nothing.
 --
--- KEYS[1]           the queue (sorted set)
--- KEYS[2i], KEYS[2i+1]  arq:job:<id_i>, arq:result:<id_i>   for i = 1..n
--- ARGV[1]           score (enqueue time, ms)
--- ARGV[2]           job key time-to-live (ms)
--- ARGV[2+i]         serialized job i
--- ARGV[2+n+i]       job id i
--- Returns n flags (1 added, 0 already known) followed by the queue's length.
-local queue = KEYS[1]
-local score = ARGV[1]
-local ttl = ARGV[2]
-local n = (#KEYS - 1) / 2
-local result = {}
-for i = 1, n do
-    local job_key = KEYS[2 * i]
-    local result_key = KEYS[2 * i + 1]
-    if redis.call('EXISTS', job_key, result_key) == 0 then
-        redis.call('PSETEX', job_key, ttl, ARGV[2 + i])
-        redis.call('ZADD', queue, score, ARGV[2 + n + i])
-        result[i] = 1
-    else
-        result[i] = 0
+-- Each row has a dedupe marker (a string key, value: the arq job id that holds
+-- the row). A row is skipped while its marker names a job that is waiting in
+-- the queue or running (arq:in-progress:<id>); a marker naming anything else
+-- (a lost job, a job never fully written, junk, a key of another type) is
+-- orphaned and replaced. The surviving rows are packed into ceil(k / B) jobs of
+-- even size, serialized as JSON (arq's job fields f, a, k, t, et).
+--
+-- Everything is checked before anything is written, so that a refusal
+-- (WRONGTYPE on the queue or its wake-up list) leaves no marker behind.
+--
+-- KEYS[1]        the queue (sorted set)
+-- KEYS[2]        the queue's wake-up list (one element per job added)
+-- KEYS[2+i]      the marker of row i, i = 1..n
+-- ARGV[1]        score (enqueue time, ms)
+-- ARGV[2]        key time-to-live (ms)
+-- ARGV[3]        batch size B
+-- ARGV[4]        job id prefix (unique per call)
+-- ARGV[5]        function name
+-- ARGV[5+i]      row id i
+-- Returns {rows added, jobs added, queue length}.
+local queue, wake = KEYS[1], KEYS[2]
+local score, ttl, size = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
+local prefix, fname = ARGV[4], ARGV[5]
+local n = #KEYS - 2
+
+for _, key in ipairs({queue, wake}) do
+    local kind = redis.call('TYPE', key).ok
+    local wanted = (key == queue) and 'zset' or 'list'
+    if kind ~= 'none' and kind ~= wanted then
+        return redis.error_reply('WRONGTYPE ' .. key .. ' holds a ' .. kind .. ', not a ' .. wanted)
     end
 end
-result[n + 1] = redis.call('ZCARD', queue)
-return result
+
+local function known(marker)
+    if redis.call('TYPE', marker).ok ~= 'string' then
+        return false
+    end
+    local holder = redis.call('GET', marker)
+    return redis.call('ZSCORE', queue, holder) ~= false
+        or redis.call('EXISTS', 'arq:in-progress:' .. holder) == 1
+end
+
+local fresh = {}
+for i = 1, n do
+    if not known(KEYS[2 + i]) then
+        fresh[#fresh + 1] = i
+    end
+end
+local k = #fresh
+if k == 0 then
+    return {0, 0, redis.call('ZCARD', queue)}
+end
+local jobs = math.ceil(k / size)
+local base, extra = math.floor(k / jobs), k % jobs
+for j = 1, jobs do
+    if redis.call('EXISTS', 'arq:job:' .. prefix .. j) == 1 then
+        return redis.error_reply('job id ' .. prefix .. j .. ' exists already')
+    end
+end
+
+-- Writes (nothing above wrote).
+local at = 1
+for j = 1, jobs do
+    local jid = prefix .. j
+    local count = base + ((j <= extra) and 1 or 0)
+    local rows = {}
+    for r = 1, count do
+        local i = fresh[at + r - 1]
+        rows[r] = {tonumber(ARGV[5 + i]), KEYS[2 + i], 1}
+    end
+    local payload = cjson.encode({t = 1, f = fname, a = {rows}, k = {}, et = score})
+    redis.call('PSETEX', 'arq:job:' .. jid, ttl, payload)
+    redis.call('ZADD', queue, score, jid)
+    -- Markers last: a write failing above leaves none naming a job that is not queued.
+    for r = 1, count do
+        redis.call('SET', KEYS[2 + fresh[at + r - 1]], jid, 'PX', ttl)
+    end
+    at = at + count
+    redis.call('RPUSH', wake, 1)
+end
+redis.call('LTRIM', wake, -1000, -1)
+redis.call('PEXPIRE', wake, 60000)
+return {k, jobs, redis.call('ZCARD', queue)}

@@ -1,8 +1,15 @@
-"""The producer side: job ids, the Redis client and batched, deduplicating enqueue."""
+"""The producer side: row keys, the Redis client and batched, deduplicating, all-or-nothing enqueue.
+
+A hand-over is one Redis call (enqueue.lua): rows whose dedupe marker names a
+job still waiting or running are skipped, the others are packed into batch
+jobs of up to ``batch_size`` rows (JSON, arq's job fields), each job pushes one
+element on the queue's wake-up list (workers block on it instead of polling).
+"""
 
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -10,25 +17,39 @@ from pathlib import Path
 from typing import Any
 
 from arq.connections import ArqRedis
-from arq.constants import job_key_prefix, result_key_prefix
+from arq.constants import job_key_prefix
 from arq.jobs import serialize_job
 from redis.asyncio import ConnectionPool
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from outbox_relay.exceptions import QueueError, QueueUnavailable
-from outbox_relay.logs import describe
+from outbox_relay.logs import describe, scrub
 from outbox_relay.queue import HandOver, PendingJob
 
-#: The arq function every outbox job runs (see consumer.py).
+#: The arq function of 0.1.0's one-row jobs (still run, see consumer.py).
 FUNCTION_NAME = "outbox_relay.process_row"
+#: The arq function of a batch job: ``rows`` is ``[[row id, marker key, delivery], ...]``.
+BATCH_FUNCTION_NAME = "outbox_relay.process_rows"
+#: Prefix of a row's dedupe marker key (followed by the row's job id, :func:`job_id`).
+MARKER_PREFIX = "outbox_relay:row:"
 
 #: How long an enqueued job stays valid in Redis if no worker starts it. The
 #: sweep enqueues a row again long before this matters.
 JOB_TTL_MS = 24 * 3600 * 1000
 
 _SCRIPT = (Path(__file__).resolve().parent / "enqueue.lua").read_text()
+
+
+def wake_key(queue_name: str) -> str:
+    """The list a worker blocks on: the relay pushes one element per job it adds."""
+    return f"outbox_relay:wake:{queue_name}"
+
+
+def marker_key(namespace: str, correlation_id: str, generation: int = 0) -> str:
+    """The dedupe marker of a row: it names the job holding the row while one does."""
+    return MARKER_PREFIX + job_id(namespace, correlation_id, generation)
 
 
 @dataclass(frozen=True)
@@ -39,13 +60,16 @@ class QueueConfig:
     queue_name: str
     namespace: str
     max_connections: int = 20
+    #: Rows per batch job at most (a hand-over of fewer rows makes smaller jobs).
+    batch_size: int = 50
 
     def __repr__(self) -> str:
         return f"QueueConfig(queue_name={self.queue_name!r}, namespace={self.namespace!r})"
 
 
 def job_id(namespace: str, correlation_id: str, generation: int = 0) -> str:
-    """The arq job id of a row: made from its correlation id, so it is never queued twice.
+    """The id of a row in the queue: made from its correlation id, so it is never queued twice
+    (its dedupe marker is :func:`marker_key`; 0.1.0 used it as the arq job id).
 
     ``namespace`` (``outbox_relay:<queue name>``) keeps services that share one
     Redis apart; a requeued row (``generation`` > 0) gets a new id so that it
@@ -78,6 +102,10 @@ async def translated_errors() -> AsyncIterator[None]:
         yield
     except (RedisConnectionError, RedisTimeoutError, OSError, TimeoutError) as exc:
         raise QueueUnavailable(f"cannot reach Redis: {describe(exc)}") from exc
+    except ResponseError as exc:
+        # An error reply says what it is itself ("WRONGTYPE ...", "OOM ...").
+        reply = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise QueueError(f"Redis refused: {scrub(reply)}") from exc
     except RedisError as exc:
         raise QueueError(f"Redis refused: {describe(exc)}") from exc
 
@@ -95,24 +123,23 @@ class ArqQueue:
         self._script = self.redis.register_script(_SCRIPT)
 
     async def hand_over(self, rows: Sequence[PendingJob]) -> HandOver:
-        """Enqueue ``rows``, with arq's own dedupe rule (see enqueue.lua).
+        """Enqueue ``rows`` as batch jobs, all or nothing (see enqueue.lua).
 
-        A row whose job id is already known to arq is not added again (it is
-        waiting, running, or being retried); it counts as handed over all the same.
+        A row whose marker names a job that waits or runs is not added again (it
+        counts as handed over all the same); an orphaned marker is replaced.
+        ``added`` counts rows.
         """
         if not rows:
             return HandOver(0, await self.depth())
         now_ms = int(time.time() * 1000)
-        ids = [job_id(self.config.namespace, row.correlation_id, row.generation) for row in rows]
-        keys: list[str] = [self.config.queue_name]
-        for jid in ids:
-            keys.append(job_key_prefix + jid)
-            keys.append(result_key_prefix + jid)
-        payloads: list[Any] = [serialize_job(FUNCTION_NAME, (row.id,), {}, None, now_ms) for row in rows]
+        keys = [self.config.queue_name, wake_key(self.config.queue_name)]
+        keys += [marker_key(self.config.namespace, row.correlation_id, row.generation) for row in rows]
+        prefix = f"{self.config.namespace}:batch:{uuid.uuid4().hex}:"
+        args: list[Any] = [now_ms, JOB_TTL_MS, self.config.batch_size, prefix, BATCH_FUNCTION_NAME]
+        args += [row.id for row in rows]
         async with translated_errors():
-            result = await self._script(keys=keys, args=[now_ms, JOB_TTL_MS, *payloads, *ids])
-        flags, depth = result[:-1], int(result[-1])
-        return HandOver(sum(int(flag) for flag in flags), depth)
+            added, _jobs, depth = await self._script(keys=keys, args=args)
+        return HandOver(int(added), int(depth))
 
     async def depth(self) -> int:
         """Jobs waiting in the queue (including deferred retries)."""
@@ -128,3 +155,23 @@ class ArqQueue:
     async def close(self) -> None:
         """Close the Redis connections."""
         await self.redis.aclose(close_connection_pool=True)
+
+
+async def enqueue_raw_jobs(config: QueueConfig, first: int, count: int) -> None:
+    """Plain arq jobs, one per id (``outbox_relay.process_row``, pickled as arq writes them):
+    the bench's no-op ceiling, arq at its own game."""
+    redis = redis_client(config.redis_url, queue_name=config.queue_name)
+    try:
+        now_ms = int(time.time() * 1000)
+        async with translated_errors():
+            for start in range(first, first + count, 500):
+                async with redis.pipeline(transaction=False) as pipe:
+                    for i in range(start, min(first + count, start + 500)):
+                        jid = f"{config.namespace}:{i}"
+                        payload = serialize_job(FUNCTION_NAME, (i,), {}, None, now_ms)
+                        pipe.psetex(job_key_prefix + jid, JOB_TTL_MS, payload)
+                        pipe.zadd(config.queue_name, {jid: now_ms})
+                    pipe.rpush(wake_key(config.queue_name), 1)
+                    await pipe.execute()
+    finally:
+        await redis.aclose(close_connection_pool=True)

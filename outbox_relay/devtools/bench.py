@@ -5,22 +5,32 @@ database (in one embedded PostgreSQL cluster by default), Redis, the relay and
 worker processes (the real CLI). Absolute numbers drift on shared machines;
 the ratios within one run are what to compare.
 
+The embedded cluster is durable by default (``fsync``, ``synchronous_commit``
+on: what users run); ``--fsync-off`` shows the throw-away mode.
+
+0. physical anchor: the commit rate of single-row outbox inserts (with the
+   notify trigger) from 1 and from 4 producer connections;
 1. ceiling: raw arq no-op jobs, same Redis, same worker count and settings;
 2. throughput: rows committed on the primary as fast as producers can, until
-   all are finished on the service database (end to end), and the ratio to 1;
-3. latency at fixed offered loads (open loop): commit -> finished percentiles;
+   all are finished on the service database (end to end), and the ratio to 1
+   and to 0;
+3. latency at fixed offered loads (open loop): commit -> finished percentiles,
+   at 100 events/s and at half the measured capacity;
 4. backlog drain: rows committed while relay and workers are stopped, then
-   drained; relay peak RSS meanwhile;
+   drained, with batch jobs and with one row per job (JOB_BATCH_SIZE=1, the
+   shape before batching); relay and worker peak RSS meanwhile;
 5. table scale: sweep and hot-path query cost with 0 and with many finished
    rows (and that no hot-path plan scans the table), and the cost of pruning;
 6. scaling: throughput with 1, 2 and 4 worker processes;
-7. CPU seconds per 1,000 events for relay, workers, PostgreSQL and Redis.
+7. CPU seconds per 1,000 events for relay, workers, PostgreSQL and Redis;
+8. idle CPU: percent of a core a relay and each worker use with nothing to do.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import platform
@@ -39,14 +49,19 @@ from typing import Any
 import psutil
 from pydantic import SecretStr
 
-from outbox_relay.arq_adapter import ArqQueue, QueueConfig
+from outbox_relay.arq_adapter import ArqQueue, QueueConfig, enqueue_raw_jobs
 from outbox_relay.db import Connection, connect, quote_ident
 from outbox_relay.devtools import processes
-from outbox_relay.devtools.embedded import EmbeddedPostgres, EmbeddedRedis
+from outbox_relay.devtools.embedded import (
+    DURABLE_PG_SETTINGS,
+    FSYNC_OFF_PG_SETTINGS,
+    EmbeddedPostgres,
+    EmbeddedRedis,
+)
 from outbox_relay.domains.reservation import plugin as reservation
 from outbox_relay.exceptions import BenchError
 from outbox_relay.migrate import migrate
-from outbox_relay.relay.store import PendingRow, RelayStore
+from outbox_relay.relay.store import RelayStore
 from outbox_relay.replication import subscribe, unsubscribe
 from outbox_relay.settings import Settings
 from outbox_relay.sql import query
@@ -63,15 +78,24 @@ class BenchOptions:
     workers: int = 2
     scaling: tuple[int, ...] = (1, 2, 4)
     producers: int = 4
-    latency_rates: tuple[float, ...] = (100.0, 500.0)
+    latency_rates: tuple[float, ...] = (100.0,)
     latency_seconds: float = 6.0
+    #: Also measure latency at this fraction of the measured capacity (0: not).
+    latency_at_capacity: float = 0.5
     backlog: int = 50_000
     table_rows: int = 1_000_000
     json_path: Path | None = None
     use_settings: bool = False
+    fsync_off: bool = False
+    anchor_seconds: float = 5.0
+    idle_seconds: float = 30.0
+    #: Also drain the backlog with one row per job (the shape before batching).
+    backlog_per_row: bool = True
 
     @classmethod
-    def quick(cls, json_path: Path | None = None, use_settings: bool = False) -> BenchOptions:
+    def quick(
+        cls, json_path: Path | None = None, use_settings: bool = False, fsync_off: bool = False
+    ) -> BenchOptions:
         """A smoke run of a few seconds (what CI runs)."""
         return cls(
             events=300,
@@ -80,10 +104,15 @@ class BenchOptions:
             producers=2,
             latency_rates=(100.0,),
             latency_seconds=1.0,
+            latency_at_capacity=0.0,
             backlog=1_000,
             table_rows=10_000,
             json_path=json_path,
             use_settings=use_settings,
+            fsync_off=fsync_off,
+            anchor_seconds=1.0,
+            idle_seconds=3.0,
+            backlog_per_row=False,
         )
 
 
@@ -99,16 +128,63 @@ class Results:
     table: dict[str, Any] = field(default_factory=dict)
     cpu_per_1000: dict[str, float | None] = field(default_factory=dict)
     workers: int = 2
+    durable: bool = True
+    #: Single-row outbox insert commits per second, by producer connections.
+    commit_rate: dict[int, float] = field(default_factory=dict)
+    #: Percent of one core with nothing to do: relay, and each worker.
+    idle_cpu: dict[str, float] = field(default_factory=dict)
+    backlog_per_row: dict[str, float] = field(default_factory=dict)
+    job_batch_size: int = 0
+
+    def targets(self) -> list[tuple[str, float | None, str, bool | None]]:
+        """(measure, value, target, met) for each target of issue 8."""
+
+        def ratio(a: float | None, b: float | None) -> float | None:
+            return a / b if a is not None and b else None
+
+        out: list[tuple[str, float | None, str, bool | None]] = []
+        for n in (1, 2):
+            r = ratio(self.throughput.get(n), self.ceiling.get(n))
+            out.append((f"end to end / arq no-op ceiling, {n} worker(s)", r, ">= 1.5", _met(r, 1.5)))
+        ns = sorted(self.throughput)
+        if len(ns) > 1:
+            rates = [self.throughput[n] for n in ns]
+            ok = all(a <= b for a, b in itertools.pairwise(rates))
+            label = " >= ".join(str(n) for n in reversed(ns)) + " workers in events/s"
+            out.append((label, None, "monotone", ok))
+        best = max(self.throughput.values()) if self.throughput else None
+        r = ratio(best, self.commit_rate.get(4))
+        out.append(("end to end / commit rate with notify trigger (4 producers)", r, ">= 0.5", _met(r, 0.5)))
+        for rate, lat in self.latency.items():
+            limit = 50.0 if rate == 100.0 else 100.0
+            if rate == 100.0:
+                out.append(("p50 ms at 100 events/s", lat["p50"], "<= 10", lat["p50"] <= 10))
+            out.append((f"p99 ms at {rate:.0f} events/s", lat["p99"], f"<= {limit:.0f}", lat["p99"] <= limit))
+        drain = self.backlog.get("drain_events_per_s")
+        r = ratio(drain, self.backlog_per_row.get("drain_events_per_s"))
+        out.append(("backlog drain / one-row-per-job drain", r, ">= 3", _met(r, 3.0)))
+        for key, value in self.idle_cpu.items():
+            limit = 1.0 if key == "relay" else 2.0
+            out.append((f"idle CPU % of a core, {key}", value, f"<= {limit:.0f}", value <= limit))
+        return out
 
     def as_json(self) -> dict[str, Any]:
         w = self.workers
         ratio = self.throughput.get(w, 0.0) / self.ceiling[w] if self.ceiling.get(w) else None
         return {
             "machine": self.machine,
+            "durable": self.durable,
+            "job_batch_size": self.job_batch_size,
             "workers": w,
             "arq_noop_ceiling_jobs_per_s": self.ceiling.get(w),
             "throughput_events_per_s": self.throughput.get(w),
             "ratio_to_arq_ceiling": ratio,
+            "commit_rate_with_notify_trigger_per_s": {str(k): v for k, v in self.commit_rate.items()},
+            "idle_cpu_percent_of_a_core": self.idle_cpu,
+            "backlog_one_row_per_job": self.backlog_per_row,
+            "targets": [
+                {"measure": m, "value": v, "target": t, "met": ok} for m, v, t, ok in self.targets()
+            ],
             "latency_ms": {str(int(rate)): v for rate, v in self.latency.items()},
             "backlog": self.backlog,
             "table_scale": self.table,
@@ -126,6 +202,10 @@ class Results:
         }
 
 
+def _met(value: float | None, at_least: float) -> bool | None:
+    return None if value is None else value >= at_least
+
+
 def say(text: str = "") -> None:
     """Progress lines go to stderr, the results table to stdout."""
     print(text, file=sys.stderr, flush=True)
@@ -137,11 +217,12 @@ def say(text: str = "") -> None:
 class Servers:
     """The servers the bench runs on: embedded (default) or given by the settings."""
 
-    def __init__(self, settings: Settings | None, workdir: Path) -> None:
+    def __init__(self, settings: Settings | None, workdir: Path, *, fsync_off: bool = False) -> None:
         self.pg: EmbeddedPostgres | None = None
         self.redis: EmbeddedRedis | None = None
         if settings is None:
-            self.pg = EmbeddedPostgres(workdir / "pg", settings={"max_wal_size": "4GB"})
+            durability = FSYNC_OFF_PG_SETTINGS if fsync_off else DURABLE_PG_SETTINGS
+            self.pg = EmbeddedPostgres(workdir / "pg", settings={"max_wal_size": "4GB", **durability})
             (workdir / "pg").mkdir()
             self.pg.start()
             self.redis = EmbeddedRedis(workdir / "redis")
@@ -195,6 +276,13 @@ def _tree_cpu(pid: int, *, include_reaped: bool) -> float:
         return 0.0
 
 
+def _rss(pid: int) -> int:
+    try:
+        return int(psutil.Process(pid).memory_info().rss)
+    except psutil.NoSuchProcess:
+        return 0
+
+
 class Fleet:
     """Relay and worker processes (the real CLI), started and stopped by the bench."""
 
@@ -225,10 +313,23 @@ class Fleet:
     def relay_rss(self) -> int:
         if self.relay is None:
             return 0
-        try:
-            return int(psutil.Process(self.relay.pid).memory_info().rss)
-        except psutil.NoSuchProcess:
-            return 0
+        return _rss(self.relay.pid)
+
+    def worker_rss(self) -> int:
+        """The largest worker's resident memory."""
+        return max((_rss(p.pid) for p in self.workers), default=0)
+
+    def idle_cpu(self, seconds: float) -> dict[str, float]:
+        """Percent of one core the relay and each worker use over ``seconds`` (nothing to do)."""
+        procs = {"relay": self.relay} if self.relay is not None else {}
+        procs.update({f"worker {i}": p for i, p in enumerate(self.workers)})
+        before = {k: _tree_cpu(p.pid, include_reaped=False) for k, p in procs.items()}
+        start = time.monotonic()
+        time.sleep(seconds)
+        elapsed = time.monotonic() - start
+        return {
+            k: 100 * (_tree_cpu(p.pid, include_reaped=False) - before[k]) / elapsed for k, p in procs.items()
+        }
 
     def check_alive(self) -> None:
         for proc in [p for p in [self.relay, *self.workers] if p is not None]:
@@ -251,7 +352,7 @@ async def run_bench(options: BenchOptions, settings: Settings | None) -> int:
     """Run every measurement, print the table, write JSON if asked; 0 on success."""
     workdir = Path(tempfile.mkdtemp(prefix="outbox-relay-bench-"))
     say("starting servers" + (" (embedded)" if not options.use_settings else " (from settings)"))
-    servers = Servers(settings if options.use_settings else None, workdir)
+    servers = Servers(settings if options.use_settings else None, workdir, fsync_off=options.fsync_off)
     try:
         results = await _bench(options, servers, workdir)
     finally:
@@ -267,7 +368,7 @@ async def run_bench(options: BenchOptions, settings: Settings | None) -> int:
 
 
 async def _bench(options: BenchOptions, servers: Servers, workdir: Path) -> Results:
-    results = Results(workers=options.workers, machine=_machine())
+    results = Results(workers=options.workers, machine=_machine(), durable=not options.fsync_off)
     tag = uuid.uuid4().hex[:8]
     service_db, primary_db = f"bench_service_{tag}", f"bench_primary_{tag}"
     admin = await connect(servers.admin_url)
@@ -283,8 +384,19 @@ async def _bench(options: BenchOptions, servers: Servers, workdir: Path) -> Resu
         queue_name=f"bench_{tag}",
         subscription_name=f"bench_{tag}",
     )
+    results.job_batch_size = settings.job_batch_size
+    if servers.pg is not None:
+        results.machine["postgresql"] = {
+            key: servers.pg.settings.get(key) for key in ("fsync", "synchronous_commit", "full_page_writes")
+        }
     try:
         await _setup(settings)
+        say(
+            "[0] commit rate of single-row outbox inserts with the notify trigger, "
+            f"{options.anchor_seconds:g} s each"
+        )
+        results.commit_rate = await _commit_rate(servers, tag, options.anchor_seconds)
+        say("    " + ", ".join(f"{n} producer(s) {r:,.0f}/s" for n, r in results.commit_rate.items()))
         fleet = Fleet(processes.service_env(settings), workdir)
         ledger = Ledger(settings)
         await ledger.open()
@@ -305,13 +417,22 @@ async def _bench(options: BenchOptions, servers: Servers, workdir: Path) -> Resu
                     results.cpu_per_1000 = {
                         k: _per_1000(cpu_start[k], cpu_end[k], options.events) for k in cpu_end
                     }
-                    for rate_offered in options.latency_rates:
+                    rates = list(options.latency_rates)
+                    if options.latency_at_capacity:
+                        rates.append(round(rate * options.latency_at_capacity))
+                    for rate_offered in rates:
                         say(f"[3] latency at {rate_offered:.0f} events/s offered, open loop")
                         results.latency[rate_offered] = await _latency(
                             ledger, fleet, rate_offered, options.latency_seconds, options.producers
                         )
                         lat = results.latency[rate_offered]
                         say(f"    p50 {lat['p50']:.1f} ms  p99 {lat['p99']:.1f} ms")
+                    say(f"[8] idle CPU over {options.idle_seconds:g} s, nothing to do")
+                    idle = await asyncio.to_thread(fleet.idle_cpu, options.idle_seconds)
+                    results.idle_cpu = {"relay": idle.get("relay", 0.0)}
+                    workers_idle = [v for k, v in idle.items() if k != "relay"]
+                    results.idle_cpu["worker (max)"] = max(workers_idle, default=0.0)
+                    say("    " + ", ".join(f"{k} {v:.2f} %" for k, v in idle.items()))
                 fleet.stop()
             say(
                 f"[4] backlog of {options.backlog:,} rows, drained by the relay and "
@@ -322,6 +443,14 @@ async def _bench(options: BenchOptions, servers: Servers, workdir: Path) -> Resu
                 f"    {results.backlog['drain_events_per_s']:,.0f} events/s, relay peak RSS "
                 f"{results.backlog['relay_peak_rss_mb']:.0f} MB"
             )
+            if options.backlog_per_row:
+                say("[4b] the same backlog with one row per job (JOB_BATCH_SIZE=1)")
+                fleet.env["OUTBOX_RELAY_JOB_BATCH_SIZE"] = "1"
+                try:
+                    results.backlog_per_row = await _backlog(ledger, fleet, options.backlog, options.workers)
+                finally:
+                    del fleet.env["OUTBOX_RELAY_JOB_BATCH_SIZE"]
+                say(f"    {results.backlog_per_row['drain_events_per_s']:,.0f} events/s")
         finally:
             fleet.stop()
             await ledger.close()
@@ -460,6 +589,10 @@ class Ledger:
                    1000 * extract(epoch FROM percentile_cont(0.99)
                                   WITHIN GROUP (ORDER BY finished_at - created_at))::float8 AS p99,
                    1000 * extract(epoch FROM max(finished_at - created_at))::float8 AS max,
+                   1000 * extract(epoch FROM percentile_cont(0.50)
+                                  WITHIN GROUP (ORDER BY queued_at - created_at))::float8 AS p50_queued,
+                   1000 * extract(epoch FROM percentile_cont(0.99)
+                                  WITHIN GROUP (ORDER BY queued_at - created_at))::float8 AS p99_queued,
                    count(*) FILTER (WHERE status <> 'finished') AS not_finished
               FROM outbox_relay.outbox
              WHERE correlation_id = ANY($1::text[])
@@ -478,10 +611,10 @@ async def _ceiling(settings: Settings, fleet: Fleet, workers: int, jobs: int) ->
     )
     try:
         fleet.start(workers, relay=False, noop=True)
-        await _enqueue_noops(queue, 20, "warm")
+        await enqueue_raw_jobs(queue.config, 0, 20)
         await _wait_drained(queue, fleet)
         start = time.monotonic()
-        await _enqueue_noops(queue, jobs, "run")
+        await enqueue_raw_jobs(queue.config, 20, jobs)
         await _wait_drained(queue, fleet)
         return jobs / (time.monotonic() - start)
     finally:
@@ -489,14 +622,6 @@ async def _ceiling(settings: Settings, fleet: Fleet, workers: int, jobs: int) ->
         fleet.env.clear()
         fleet.env.update(saved)
         await queue.close()
-
-
-async def _enqueue_noops(queue: ArqQueue, count: int, label: str) -> int:
-    batch = 100
-    for first in range(0, count, batch):
-        rows = [PendingRow(i, f"{label}-{i}") for i in range(first, min(count, first + batch))]
-        await queue.hand_over(rows)
-    return count
 
 
 async def _wait_drained(queue: ArqQueue, fleet: Fleet, timeout: float = 600) -> None:
@@ -523,7 +648,8 @@ async def _latency(
     await ledger.produce(ids, producers=producers, rate=rate)
     await ledger.wait_finished(ids, fleet)
     stats = await ledger.stats(ids)
-    return {key: float(stats[key]) for key in ("p50", "p95", "p99", "max")}
+    keys = ("p50", "p95", "p99", "max", "p50_queued", "p99_queued")
+    return {key: float(stats[key]) if stats[key] is not None else float("nan") for key in keys}
 
 
 async def _backlog(ledger: Ledger, fleet: Fleet, rows: int, workers: int) -> dict[str, float]:
@@ -554,8 +680,10 @@ async def _backlog(ledger: Ledger, fleet: Fleet, rows: int, workers: int) -> dic
     fleet.start(workers)
     peak = 0
     waiting = asyncio.create_task(ledger.wait_finished(ids, fleet))
+    worker_peak = 0
     while not waiting.done():
         peak = max(peak, fleet.relay_rss())
+        worker_peak = max(worker_peak, fleet.worker_rss())
         await asyncio.sleep(0.05)
     await waiting
     elapsed = time.monotonic() - start
@@ -565,7 +693,59 @@ async def _backlog(ledger: Ledger, fleet: Fleet, rows: int, workers: int) -> dic
         "drain_seconds": elapsed,
         "drain_events_per_s": rows / elapsed,
         "relay_peak_rss_mb": peak / 2**20,
+        "worker_peak_rss_mb": worker_peak / 2**20,
     }
+
+
+async def _commit_rate(servers: Servers, tag: str, seconds: float) -> dict[int, float]:
+    """The physical anchor: single-row INSERTs into a service outbox (its notify trigger
+    fires; nobody listens), each its own commit, from 1 and from 4 connections."""
+    name = f"bench_commits_{tag}"
+    admin = await connect(servers.admin_url)
+    try:
+        await admin.execute(f"CREATE DATABASE {quote_ident(name)}")
+    finally:
+        await admin.close()
+    out: dict[int, float] = {}
+    try:
+        setup = await connect(servers.url(name))
+        try:
+            await migrate(setup, "service", [reservation])
+        finally:
+            await setup.close()
+        for producers in (1, 4):
+            conns = [await connect(servers.url(name)) for _ in range(producers)]
+            start = time.monotonic()
+            try:
+                counts = await asyncio.gather(
+                    *(
+                        _insert_until(c, f"anchor-{producers}-{i}", start + seconds)
+                        for i, c in enumerate(conns)
+                    )
+                )
+            finally:
+                for conn in conns:
+                    await conn.close()
+            out[producers] = sum(counts) / (time.monotonic() - start)
+    finally:
+        admin = await connect(servers.admin_url)
+        try:
+            await admin.execute(f"DROP DATABASE IF EXISTS {quote_ident(name)} WITH (FORCE)")
+        finally:
+            await admin.close()
+    return out
+
+
+async def _insert_until(conn: Connection, prefix: str, deadline: float) -> int:
+    """Single-row INSERTs, each its own commit, until ``deadline``; how many."""
+    insert = await conn.prepare(
+        "INSERT INTO outbox_relay.outbox (correlation_id, outcome) VALUES ($1, 'success')"
+    )
+    count = 0
+    while time.monotonic() < deadline:
+        await insert.fetch(f"{prefix}-{count}")
+        count += 1
+    return count
 
 
 async def _table_scale(servers: Servers, rows: int, tag: str) -> dict[str, Any]:
@@ -757,11 +937,19 @@ def _machine() -> dict[str, Any]:
 def render(results: Results) -> str:
     """The results as a plain-text table."""
     data = results.as_json()
+    mode = "durable (fsync on, synchronous_commit on)" if data["durable"] else "fsync off"
     lines = [
         f"outbox_relay bench  ({data['machine']['cpus']} CPUs, {data['machine']['memory_gb']} GB, "
-        f"Python {data['machine']['python']})",
+        f"Python {data['machine']['python']}; PostgreSQL {mode}; JOB_BATCH_SIZE {data['job_batch_size']})",
         "",
     ]
+    commits = data["commit_rate_with_notify_trigger_per_s"]
+    if commits:
+        lines.append(
+            "commit rate, single-row outbox inserts with the notify trigger: "
+            + ", ".join(f"{n} producer(s) {r:,.0f}/s" for n, r in commits.items())
+        )
+        lines.append("")
     lines.append("workers  arq no-op ceiling  end-to-end  ratio")
     for n, row in data["scaling"].items():
         ceiling = row["ceiling_jobs_per_s"]
@@ -772,19 +960,26 @@ def render(results: Results) -> str:
             f"{ratio if ratio is not None else float('nan'):>5.2f}"
         )
     lines.append("")
-    lines.append("latency commit -> finished (ms)   p50     p95     p99     max")
+    lines.append("latency commit -> finished (ms)   p50     p95     p99     max   (to queued: p50, p99)")
     for rate, lat in data["latency_ms"].items():
         lines.append(
             f"  at {rate:>4} events/s offered   {lat['p50']:>6.1f}  {lat['p95']:>6.1f}  "
-            f"{lat['p99']:>6.1f}  {lat['max']:>6.1f}"
+            f"{lat['p99']:>6.1f}  {lat['max']:>6.1f}   ({lat['p50_queued']:.1f}, {lat['p99_queued']:.1f})"
         )
     b = data["backlog"]
     if b:
         lines.append("")
         lines.append(
             f"backlog: {int(b['rows']):,} rows drained in {b['drain_seconds']:.1f} s "
-            f"({b['drain_events_per_s']:,.0f}/s); relay peak RSS {b['relay_peak_rss_mb']:.0f} MB"
+            f"({b['drain_events_per_s']:,.0f}/s); peak RSS relay {b['relay_peak_rss_mb']:.0f} MB, "
+            f"worker {b['worker_peak_rss_mb']:.0f} MB"
         )
+        per_row = data["backlog_one_row_per_job"]
+        if per_row:
+            lines.append(
+                f"  with one row per job: {per_row['drain_seconds']:.1f} s "
+                f"({per_row['drain_events_per_s']:,.0f}/s)"
+            )
     t = data["table_scale"]
     if t:
         lines.append("")
@@ -806,4 +1001,13 @@ def render(results: Results) -> str:
         parts = [f"{k} {v:.2f}" if v is not None else f"{k} n/a" for k, v in cpu.items()]
         lines.append("")
         lines.append("CPU seconds per 1,000 events: " + ", ".join(parts))
+    idle = data["idle_cpu_percent_of_a_core"]
+    if idle:
+        lines.append("idle CPU, % of a core: " + ", ".join(f"{k} {v:.2f}" for k, v in idle.items()))
+    lines.append("")
+    lines.append("targets (issue 8)                                            value   target   met")
+    for t in data["targets"]:
+        value = "" if t["value"] is None else f"{t['value']:.2f}"
+        met = {True: "yes", False: "NO", None: "n/a"}[t["met"]]
+        lines.append(f"  {t['measure']:<58} {value:>7}  {t['target']:>7}  {met}")
     return "\n".join(lines)

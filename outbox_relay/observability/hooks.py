@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterator, Sequence
 
 from outbox_relay.observability.health import Health
 from outbox_relay.observability.metrics import Metrics
@@ -166,30 +166,34 @@ class WorkerHooks:
         return kind if kind is not None and kind in self.kinds else OTHER_KIND
 
     def instrument(self, function: JobFunction) -> JobFunction:
-        """``function`` (the queue port's job function), counting outcomes by kind, timing
-        attempts, and observing commit→finished of each row it finished (the processor
-        reports both in its :class:`~outbox_relay.queue.Outcome`: no extra query)."""
+        """``function`` (the queue port's job function, a batch of rows), counting each row's
+        outcome by kind, timing attempts (a batch's time shared evenly among its rows), and
+        observing commit→finished of each row it finished (the processor reports both in
+        its :class:`~outbox_relay.queue.Outcome`: no extra query)."""
         metrics = self.metrics
         if metrics is None:
             return function
 
-        async def observed(job: Job) -> Outcome:
-            metrics.jobs_in_flight.inc()
+        async def observed(jobs: Sequence[Job]) -> list[Outcome]:
+            metrics.jobs_in_flight.inc(len(jobs))
             started = time.perf_counter()
-            outcome: Outcome | None = None
             try:
-                outcome = await function(job)
+                outcomes = await function(jobs)
             finally:
-                label = self.label(outcome.kind if outcome is not None else None)
-                metrics.handler_duration.labels(kind=label).observe(time.perf_counter() - started)
-                metrics.jobs_in_flight.dec()
-            if outcome.retry_in is not None:
-                metrics.events.labels(kind=label, result="retried").inc()
-                metrics.retries.labels(kind=label).inc()
-            elif outcome.result in ("finished", "failed"):
-                metrics.events.labels(kind=label, result=outcome.result).inc()
-            if outcome.result == "finished" and outcome.commit_to_finish is not None:
-                metrics.commit_to_finish.labels(kind=label).observe(max(0.0, outcome.commit_to_finish))
-            return outcome
+                metrics.jobs_in_flight.dec(len(jobs))
+            per_row = (time.perf_counter() - started) / max(1, len(jobs))
+            for outcome in outcomes:
+                label = self.label(outcome.kind)
+                if not outcome.counted:
+                    continue  # put off unstarted: no attempt was made
+                metrics.handler_duration.labels(kind=label).observe(per_row)
+                if outcome.retry_in is not None:
+                    metrics.events.labels(kind=label, result="retried").inc()
+                    metrics.retries.labels(kind=label).inc()
+                elif outcome.result in ("finished", "failed"):
+                    metrics.events.labels(kind=label, result=outcome.result).inc()
+                if outcome.result == "finished" and outcome.commit_to_finish is not None:
+                    metrics.commit_to_finish.labels(kind=label).observe(max(0.0, outcome.commit_to_finish))
+            return outcomes
 
         return observed

@@ -1,14 +1,19 @@
 """The queue port: what the relay and the worker need of a job queue, and nothing more.
 
-The relay *hands over* pending rows (one job per row, deduplicated by
-correlation id and generation: a row is never scheduled twice while its job
-waits or runs), reads the queue's *depth* for backpressure, and watches its
-*epoch*, a token that changes whenever the queue may have lost jobs (its
-server restarted empty): then every ``queued`` row is handed over again.
+The relay *hands over* pending rows: the queue packs them into **batches** (one
+queue job carries up to ``batch_size`` rows; a hand-over of one row is a job of
+one row, so latency at low load is unchanged) and deduplicates each row by
+correlation id and generation: a row is never scheduled twice while a job
+holding it waits or runs. A row whose earlier job is gone (neither waiting nor
+running: lost, or never fully written) is *orphaned* and scheduled again. The
+relay reads the queue's *depth* for backpressure and watches its *epoch*, a
+token that changes whenever the queue may have lost jobs (its server
+restarted empty): then every ``queued`` row is handed over again.
 
-The worker *consumes*: the queue calls a :data:`JobFunction` with a
-:class:`Job` and acts on the :class:`Outcome` it returns — done, or run again
-after a delay. Attempts are counted in the database, not by the queue.
+The worker *consumes*: the queue calls a :data:`JobFunction` with a batch of
+:class:`Job` (one per row) and acts on the :class:`Outcome` it returns for each
+— done (the row's dedupe marker goes), or run that row alone again after a
+delay. Attempts are counted in the database, not by the queue.
 
 One adapter implements this port for arq and Redis (``outbox_relay.arq_adapter``,
 the only place those libraries are imported); :mod:`outbox_relay.queue.memory`
@@ -46,7 +51,7 @@ class HandOver:
 
 @dataclass(frozen=True, slots=True)
 class Job:
-    """One delivery of a row's job to a worker: the row, and the how-many-th delivery."""
+    """One delivery of a row to a worker (within a batch): the row, and the how-many-th delivery."""
 
     row_id: int
     delivery: int = 1
@@ -62,15 +67,23 @@ class Outcome:
     retry_in: float | None = None
     kind: str | None = None
     commit_to_finish: float | None = None
+    #: For a retry: whether this delivery counts (False: the row was put off unstarted).
+    counted: bool = True
 
     @classmethod
     def retry(cls, delay: float, kind: str | None = None) -> Outcome:
-        """Run the job again after ``delay`` seconds."""
+        """Run the row again after ``delay`` seconds."""
         return cls("retried", delay, kind)
 
+    @classmethod
+    def put_off(cls) -> Outcome:
+        """The batch ran out of time before this row started: run it again at once."""
+        return cls("put off", 0.0, counted=False)
 
-#: The job-function contract: the worker's processor applies one row.
-JobFunction = Callable[[Job], Awaitable[Outcome]]
+
+#: The job-function contract: the worker's processor applies a batch of rows and
+#: returns one outcome per row, in order.
+JobFunction = Callable[[Sequence[Job]], Awaitable[list[Outcome]]]
 
 
 class Queue(Protocol):
@@ -80,11 +93,12 @@ class Queue(Protocol):
     server: str
 
     async def hand_over(self, rows: Sequence[PendingJob]) -> HandOver:
-        """Enqueue one job per row in one round trip; a row whose job is known is not added again."""
+        """Enqueue ``rows`` as batches in one round trip, all or nothing; a row whose job is
+        known (waiting or running) is not added again. ``added`` counts rows."""
         ...
 
     async def depth(self) -> int:
-        """Jobs waiting (including deferred retries)."""
+        """Jobs waiting (including deferred retries); a job holds up to ``batch_size`` rows."""
         ...
 
     async def epoch(self) -> str:
@@ -103,6 +117,8 @@ class ConsumerStats:
     complete: int = 0
     failed: int = 0
     retried: int = 0
+    #: Rows applied (a job is a batch of rows).
+    rows: int = 0
 
 
 class ConsumerObserver(Protocol):
@@ -133,3 +149,13 @@ class Consumer(Protocol):
     async def close(self) -> None:
         """Release connections."""
         ...
+
+
+def split_batches(count: int, batch_size: int) -> list[int]:
+    """Sizes of the batches ``count`` rows are packed into: as few as ``batch_size``
+    allows, as even as possible (``count`` 1 gives one batch of 1)."""
+    if count <= 0:
+        return []
+    batches = -(-count // batch_size)
+    base, extra = divmod(count, batches)
+    return [base + 1 if i < extra else base for i in range(batches)]

@@ -1,9 +1,13 @@
 """The queue port in memory: for fast tests of the relay's and the worker's logic.
 
-Same rules as the arq adapter: a job is known from hand-over until its last
-delivery ends (hand-over of a known job adds nothing); a retry runs again after
-its delay; :meth:`InMemoryQueue.lose_everything` plays a server restarted empty
-(the epoch changes).
+Same rules as the arq adapter: a hand-over packs the rows that are not known
+into batch jobs of up to ``batch_size`` rows (as even as possible); a row is
+known while its marker names a job that waits or runs; a marker naming
+anything else is orphaned and replaced. After a job ran, the rows that ended
+lose their marker and each row to retry runs again alone after its delay (rows
+put off run again together at once). :meth:`InMemoryQueue.lose_everything`
+plays a server restarted empty (the epoch changes); :meth:`InMemoryQueue.orphan`
+plays a job lost while its markers stayed.
 """
 
 from __future__ import annotations
@@ -11,16 +15,26 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from outbox_relay.queue import ConsumerObserver, ConsumerStats, HandOver, Job, JobFunction, PendingJob
+from outbox_relay.queue import (
+    ConsumerObserver,
+    ConsumerStats,
+    HandOver,
+    Job,
+    JobFunction,
+    PendingJob,
+    split_batches,
+)
 
 
 @dataclass
 class _Entry:
-    row_id: int
-    delivery: int = 0
+    rows: list[tuple[int, str, int]]  # row id, marker, delivery
     not_before: float = 0.0
+    tries: int = 0
+    running: bool = False
+    marker_keys: list[str] = field(default_factory=list)
 
 
 class InMemoryQueue:
@@ -28,16 +42,22 @@ class InMemoryQueue:
     :class:`~outbox_relay.queue.Consumer`."""
 
     _epochs = itertools.count(1)
+    _job_ids = itertools.count(1)
     server = "the in-memory queue"
 
-    def __init__(self, namespace: str = "memory") -> None:
+    def __init__(self, namespace: str = "memory", *, batch_size: int = 50) -> None:
         self.namespace = namespace
+        self.batch_size = batch_size
         self._jobs: dict[str, _Entry] = {}
         self._waiting: list[str] = []
+        #: Marker key -> id of the job holding that row.
+        self.markers: dict[str, str] = {}
         self._epoch = str(next(self._epochs))
         self._changed = asyncio.Event()
-        #: Every job id ever added, in order (tests read it).
+        #: Every row key ever added, in order (tests read it).
         self.added: list[str] = []
+        #: The row ids of every job ever added, in order (tests read it).
+        self.batches: list[list[int]] = []
         self.available = True
 
     # -- producer side ---------------------------------------------------------------
@@ -48,21 +68,34 @@ class InMemoryQueue:
 
             raise QueueUnavailable("the in-memory queue is switched off")
 
+    def _known(self, marker: str) -> bool:
+        holder = self.markers.get(marker)
+        return holder is not None and holder in self._jobs
+
+    def _add_job(self, rows: list[tuple[int, str, int]], delay: float = 0.0) -> None:
+        job_id = f"job-{next(self._job_ids)}"
+        not_before = asyncio.get_running_loop().time() + delay if delay else 0.0
+        self._jobs[job_id] = _Entry(rows, not_before)
+        self._waiting.append(job_id)
+        for _, marker, _ in rows:
+            self.markers[marker] = job_id
+        self.batches.append([row_id for row_id, _, _ in rows])
+        self._changed.set()
+
     async def hand_over(self, rows: Sequence[PendingJob]) -> HandOver:
-        """Add one job per row whose job is not known yet."""
+        """Pack the rows that are not known into batch jobs."""
         self._check()
-        added = 0
+        fresh = []
         for row in rows:
-            key = f"{self.namespace}:{row.correlation_id}#{row.generation}"
-            if key in self._jobs:
-                continue
-            self._jobs[key] = _Entry(row.id)
-            self._waiting.append(key)
-            self.added.append(key)
-            added += 1
-        if added:
-            self._changed.set()
-        return HandOver(added, len(self._waiting))
+            marker = f"{self.namespace}:{row.correlation_id}#{row.generation}"
+            if not self._known(marker):
+                fresh.append((row.id, marker, 1))
+                self.added.append(marker)
+        at = 0
+        for size in split_batches(len(fresh), self.batch_size):
+            self._add_job(fresh[at : at + size])
+            at += size
+        return HandOver(len(fresh), len(self._waiting))
 
     async def depth(self) -> int:
         """Jobs waiting (deferred retries included)."""
@@ -75,10 +108,18 @@ class InMemoryQueue:
         return self._epoch
 
     def lose_everything(self) -> None:
-        """Forget every job, as a server restarted empty would."""
+        """Forget every job and marker, as a server restarted empty would."""
         self._jobs.clear()
         self._waiting.clear()
+        self.markers.clear()
         self._epoch = str(next(self._epochs))
+
+    def orphan(self) -> None:
+        """Lose every waiting job but keep the markers (what a half-written enqueue leaves)."""
+        for job_id in list(self._waiting):
+            if not self._jobs[job_id].running:
+                self._waiting.remove(job_id)
+                del self._jobs[job_id]
 
     async def close(self) -> None:
         """Nothing to release."""
@@ -115,15 +156,26 @@ class InMemoryQueue:
                 stopper.cancel()
                 changed.cancel()
                 continue
-            key = ready[0]
-            entry = self._jobs[key]
-            entry.delivery += 1
-            outcome = await function(Job(entry.row_id, entry.delivery))
-            if outcome.retry_in is not None:
-                stats.retried += 1
-                entry.not_before = loop.time() + outcome.retry_in
-                continue
-            self._waiting.remove(key)
-            del self._jobs[key]
+            job_id = ready[0]
+            entry = self._jobs[job_id]
+            entry.running = True
+            jobs = [Job(row_id, delivery) for row_id, _, delivery in entry.rows]
+            outcomes = await function(jobs)
+            stats.rows += len(jobs)
+            self._waiting.remove(job_id)
+            del self._jobs[job_id]
             stats.complete += 1
+            put_off: list[tuple[int, str, int]] = []
+            for (row_id, marker, delivery), outcome in zip(entry.rows, outcomes, strict=True):
+                if self.markers.get(marker) != job_id:
+                    continue  # scheduled meanwhile by another job
+                if outcome.retry_in is None:
+                    del self.markers[marker]
+                elif not outcome.counted:
+                    put_off.append((row_id, marker, delivery))
+                else:
+                    stats.retried += 1
+                    self._add_job([(row_id, marker, delivery + 1)], outcome.retry_in)
+            if put_off:
+                self._add_job(put_off)
         return stats

@@ -3,8 +3,12 @@
 Ids from notifications are looked up by primary key in coalesced batches;
 every SWEEP_INTERVAL (and at once after a reconnect, a ``sweep`` notification
 or a change of the queue's epoch) the sweep pages through the partial indexes.
-Each batch is handed over in one queue round trip (a known job is not added
-twice), then moved to ``queued`` by one compare-and-set UPDATE.
+Each batch is handed over in one queue round trip (a known row is not added
+twice; the queue packs the rows into batch jobs), then moved to ``queued`` by
+one compare-and-set UPDATE. Notified rows are handed over at once after a
+quiet spell, and at most every HAND_OVER_INTERVAL under a steady stream, so
+that the rows arriving meanwhile travel together (the batch size adapts to
+the load: one row at low load, many under a backlog).
 """
 
 from __future__ import annotations
@@ -16,8 +20,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
-from outbox_relay.exceptions import QueueError
-from outbox_relay.lifecycle import raise_if_cancelling
+from outbox_relay.exceptions import QueueError, QueueUnavailable
+from outbox_relay.lifecycle import raise_if_cancelling, stopped_within
 from outbox_relay.observability.hooks import RelayHooks
 from outbox_relay.queue import HandOver, Queue
 from outbox_relay.relay.store import PendingRow
@@ -72,6 +76,7 @@ class Dispatcher:
         max_queue_depth: int,
         stop: asyncio.Event,
         hooks: RelayHooks | None = None,
+        hand_over_interval: float = 0.0,
     ) -> None:
         self.queue = queue
         self.stats = stats
@@ -80,6 +85,8 @@ class Dispatcher:
         self.max_queue_depth = max_queue_depth
         self.stop = stop
         self.hooks = hooks or RelayHooks()
+        self.hand_over_interval = hand_over_interval
+        self._last_hand_over = -1e9
         self.depth = 0
         self._pending: set[int] = set()
         self._sweep_requested = True
@@ -113,6 +120,11 @@ class Dispatcher:
                     await asyncio.wait_for(self._wake.wait(), max(0.0, next_sweep - loop.time()))
             self._wake.clear()
             while self._pending:
+                # Under a steady stream, let the rows arriving meanwhile join this batch:
+                # fewer, larger jobs. After a quiet spell the wait is zero.
+                linger = self._last_hand_over + self.hand_over_interval - loop.time()
+                if linger > 0 and len(self._pending) < self.batch_size:
+                    await asyncio.sleep(linger)
                 ids = [self._pending.pop() for _ in range(min(self.batch_size, len(self._pending)))]
                 await self._hand_over(store, await store.new_by_ids(ids), path="notify")
             if self._sweep_requested or loop.time() >= next_sweep:
@@ -153,6 +165,7 @@ class Dispatcher:
             return await self.queue.hand_over(rows)
 
         result = await self._queue(hand_over)
+        self._last_hand_over = asyncio.get_running_loop().time()
         self.depth = result.depth
         await store.mark_queued([row.id for row in rows])
         self.stats.handed_over += len(rows)
@@ -171,14 +184,36 @@ class Dispatcher:
             self.depth = await self._queue(self.queue.depth)
 
     async def _queue(self, operation: Callable[[], Awaitable[T]]) -> T:
-        """Run a queue operation, retrying forever (one log line per attempt)."""
+        """Run a queue operation, retrying forever (one log line per attempt).
+
+        An unreachable server is logged as "cannot reach Redis"; a refusal as what
+        it is ("Redis refused: WRONGTYPE ..."), retried all the same.
+        """
+        backoff = Backoff(0.1, 5.0)
+
+        async def refusals_logged() -> T:
+            while True:
+                try:
+                    return await operation()
+                except QueueUnavailable:
+                    raise
+                except QueueError as exc:
+                    delay = backoff.next_delay()
+                    logger.warning(
+                        "%s, retrying",
+                        exc,
+                        extra={"retry_in": round(delay, 2), "attempt": backoff.attempt},
+                    )
+                    if await stopped_within(self.stop, delay):
+                        raise asyncio.CancelledError from None
+
         with self.hooks.waiting(self.queue.server):
             return await retry(
-                operation,
+                refusals_logged,
                 what=self.queue.server,
                 logger=logger,
                 give_up_after=None,
                 stop=self.stop,
-                backoff=Backoff(0.1, 5.0),
-                retry_on=(QueueError,),
+                backoff=backoff,
+                retry_on=(QueueUnavailable,),
             )

@@ -73,6 +73,7 @@ class Relay:
             max_queue_depth=config.max_queue_depth,
             stop=stop,
             hooks=self.hooks,
+            hand_over_interval=config.hand_over_interval,
         )
         self._while_active = list(while_active)
 

@@ -39,7 +39,16 @@ def test_bench_quick_writes_the_results_with_the_ratio_to_the_arq_ceiling(tmp_pa
     scale = data["table_scale"]
     assert not any(scale["hot_path_plans_scan_table"].values()), scale["hot_path_plans_scan_table"]
     assert set(data["cpu_seconds_per_1000_events"]) >= {"relay", "workers", "postgresql", "redis"}
+    assert data["durable"] is True, "the bench's headline must be the durable mode"
+    assert data["machine"]["postgresql"]["fsync"] == "on"
+    assert set(data["commit_rate_with_notify_trigger_per_s"]) == {"1", "4"}
+    assert all(rate > 0 for rate in data["commit_rate_with_notify_trigger_per_s"].values())
+    idle = data["idle_cpu_percent_of_a_core"]
+    assert set(idle) == {"relay", "worker (max)"}
+    assert all(0 <= v < 100 for v in idle.values())
+    assert {t["measure"] for t in data["targets"]} >= {"p50 ms at 100 events/s"}
     assert "arq no-op ceiling" in result.stdout
+    assert "targets (issue 8)" in result.stdout
     assert "latency commit -> finished" in result.stdout
 
 

@@ -10,12 +10,14 @@ from typing import Any
 
 import asyncpg
 import pytest
-from arq.constants import job_key_prefix, result_key_prefix
+from arq.constants import in_progress_key_prefix, job_key_prefix, result_key_prefix
 from arq.jobs import Job
 
 from outbox_relay.admin import requeue
 from outbox_relay.arq_adapter import ArqQueue, QueueConfig, job_id
-from outbox_relay.arq_adapter.producer import FUNCTION_NAME
+from outbox_relay.arq_adapter.consumer import deserialize_job
+from outbox_relay.arq_adapter.producer import BATCH_FUNCTION_NAME, MARKER_PREFIX, marker_key, wake_key
+from outbox_relay.exceptions import QueueError, QueueUnavailable
 from outbox_relay.queue import HandOver
 from outbox_relay.relay import Relay
 from outbox_relay.relay.store import PendingRow
@@ -219,6 +221,7 @@ async def test_requeue_works_at_once_whatever_redis_kept_of_earlier_attempts(
     queue = ArqQueue(QueueConfig(settings.redis_url.get_secret_value(), settings.queue_name, "unused"))
     redis = queue.redis
     old_id = job_id(settings.job_namespace, "late")  # generation 0: the id of its earlier attempts
+    next_marker = marker_key(settings.job_namespace, "late", 1)
     try:
         async with running_worker(settings), running_relay(settings) as relay:
             await wait_until(
@@ -231,6 +234,7 @@ async def test_requeue_works_at_once_whatever_redis_kept_of_earlier_attempts(
             assert row["generation"] == 0
             await redis.set(job_key_prefix + old_id, b"junk")
             await redis.set(result_key_prefix + old_id, b"junk")
+            await redis.set(next_marker, b"junk")  # names no job: orphaned, replaced
 
             await reserve(service, "acc", 100, "late")
             started = time.monotonic()
@@ -246,45 +250,81 @@ async def test_requeue_works_at_once_whatever_redis_kept_of_earlier_attempts(
         state = await service.fetchval("SELECT state FROM ledger.reservations WHERE correlation_id = 'late'")
         assert state == "burned"
     finally:
-        await redis.delete(job_key_prefix + old_id, result_key_prefix + old_id)
+        await redis.delete(job_key_prefix + old_id, result_key_prefix + old_id, next_marker)
         await queue.close()
 
 
-async def test_job_queue_adds_each_job_once(outbox_env: OutboxEnv) -> None:
-    """ArqQueue.hand_over adds a job id once, honours arq's result keys and gives requeued rows new ids."""
+async def test_job_queue_adds_each_row_once_in_batches_and_gives_requeued_rows_new_markers(
+    outbox_env: OutboxEnv,
+) -> None:
+    """ArqQueue.hand_over packs rows into batch jobs, adds a row once while its job waits, and a
+    requeued row (next generation) is scheduled anew."""
+    settings = outbox_env.settings()
+    namespace, queue_name = settings.job_namespace, settings.queue_name
+    async with _job_queue(settings.redis_url.get_secret_value(), queue_name, namespace, 2) as (queue, redis):
+        rows = [PendingRow(i, f"cid-{i}") for i in range(1, 6)]
+        assert await queue.hand_over(rows) == HandOver(5, 3), "5 rows in batches of 2 are 3 jobs"
+        assert await queue.hand_over(rows) == HandOver(0, 3), "the same rows were enqueued twice"
+        assert await queue.hand_over([*rows[:2], PendingRow(6, "cid-6")]) == HandOver(1, 4)
+        assert await queue.hand_over([PendingRow(1, "cid-1", 1)]) == HandOver(1, 5)
+        assert await queue.depth() == 5
+
+        holder = (await redis.get(marker_key(namespace, "cid-3"))).decode()
+        info = await Job(holder, redis, _queue_name=queue_name, _deserializer=deserialize_job).info()
+        assert info is not None
+        assert info.function == BATCH_FUNCTION_NAME
+        [batch] = info.args
+        assert [row[0] for row in batch] == [3, 4]
+        assert await redis.llen(wake_key(queue_name)) == 5, "one wake-up per job added"
+
+
+async def test_a_refused_hand_over_writes_nothing_and_says_what_redis_said(outbox_env: OutboxEnv) -> None:
+    """Issue 7.3: a WRONGTYPE queue key refuses the whole hand-over (QueueError naming it), leaves
+    no marker behind, and the rows are scheduled once the key is fixed."""
     settings = outbox_env.settings()
     namespace, queue_name = settings.job_namespace, settings.queue_name
     async with _job_queue(settings.redis_url.get_secret_value(), queue_name, namespace) as (queue, redis):
-        rows = [PendingRow(i, f"cid-{i}") for i in range(1, 6)]
-        assert await queue.hand_over(rows) == HandOver(5, 5)
-        assert await queue.hand_over(rows) == HandOver(0, 5), "the same rows were enqueued twice"
-        assert await queue.hand_over([*rows[:2], PendingRow(6, "cid-6")]) == HandOver(1, 6)
-        # arq's own enqueue follows the same rule for the same id.
-        arq_job = await redis.enqueue_job(
-            FUNCTION_NAME, 1, _job_id=job_id(namespace, "cid-1"), _queue_name=queue_name
-        )
-        assert arq_job is None
-        # A kept result blocks the id, as in arq.
-        await redis.set(result_key_prefix + job_id(namespace, "cid-7"), b"kept")
-        assert await queue.hand_over([PendingRow(7, "cid-7")]) == HandOver(0, 6)
-        # A requeued row (next generation) gets a new id.
-        assert await queue.hand_over([PendingRow(1, "cid-1", 1)]) == HandOver(1, 7)
-        assert await queue.depth() == 7
+        await redis.set(queue_name, b"not a sorted set")
+        rows = [PendingRow(i, f"cid-{i}") for i in range(1, 4)]
+        with pytest.raises(QueueError, match="Redis refused: WRONGTYPE") as refused:
+            await queue.hand_over(rows)
+        assert not isinstance(refused.value, QueueUnavailable)
+        assert [key async for key in redis.scan_iter(match=f"{MARKER_PREFIX}{namespace}:*")] == []
+        await redis.delete(queue_name)
+        assert await queue.hand_over(rows) == HandOver(3, 1)
 
-        info = await Job(job_id(namespace, "cid-3"), redis, _queue_name=queue_name).info()
-        assert info is not None
-        assert (info.function, info.args[0]) == (FUNCTION_NAME, 3)
+
+async def test_a_marker_naming_no_waiting_or_running_job_is_orphaned_and_replaced(
+    outbox_env: OutboxEnv,
+) -> None:
+    """Issue 7.3: a marker whose job is gone, holds junk, or is a key of another type does not
+    block its row: the next hand-over schedules the row; a marker of a running job does."""
+    settings = outbox_env.settings()
+    namespace, queue_name = settings.job_namespace, settings.queue_name
+    async with _job_queue(settings.redis_url.get_secret_value(), queue_name, namespace) as (queue, redis):
+        await redis.set(marker_key(namespace, "lost"), b"a-job-nobody-has")
+        await redis.hset(marker_key(namespace, "hash"), "x", "y")  # type: ignore[misc]
+        await redis.set(marker_key(namespace, "running"), b"busy-job")
+        await redis.set(in_progress_key_prefix + "busy-job", b"1")
+        rows = [PendingRow(1, "lost"), PendingRow(2, "hash"), PendingRow(3, "running")]
+        assert await queue.hand_over(rows) == HandOver(2, 1)
+        holder = (await redis.get(marker_key(namespace, "hash"))).decode()
+        assert await redis.zscore(queue_name, holder) is not None
+        assert (await redis.get(marker_key(namespace, "running"))) == b"busy-job"
+        await redis.delete(in_progress_key_prefix + "busy-job")
 
 
 @contextlib.asynccontextmanager
-async def _job_queue(url: str, queue_name: str, namespace: str) -> AsyncIterator[tuple[ArqQueue, Any]]:
-    queue = ArqQueue(QueueConfig(url, queue_name, namespace))
+async def _job_queue(
+    url: str, queue_name: str, namespace: str, batch_size: int = 50
+) -> AsyncIterator[tuple[ArqQueue, Any]]:
+    queue = ArqQueue(QueueConfig(url, queue_name, namespace, batch_size=batch_size))
     redis = queue.redis
     try:
         yield queue, redis
     finally:
-        keys = [key async for key in redis.scan_iter(match=f"arq:*{namespace}:*")]
-        await redis.delete(queue_name, *keys)
+        keys = [key async for key in redis.scan_iter(match=f"*{namespace}:*")]
+        await redis.delete(queue_name, wake_key(queue_name), *keys)
         await queue.close()
 
 

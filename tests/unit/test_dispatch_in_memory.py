@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from outbox_relay.queue import Job, Outcome
+from outbox_relay.queue import HandOver, Job, Outcome
 from outbox_relay.queue.memory import InMemoryQueue
 from outbox_relay.relay.dispatcher import Dispatcher, RelayStats
 from outbox_relay.relay.store import PendingRow
@@ -94,7 +94,8 @@ async def test_a_new_queue_epoch_hands_every_queued_row_over_again() -> None:
     queue.lose_everything()
     await dispatcher.sweep(store)
     assert len(queue.added) == 6
-    assert await queue.depth() == 3
+    assert await queue.depth() == 1, "the three rows were not handed over again as one batch"
+    assert queue.batches[-1] == [1, 2, 3]
 
 
 async def test_an_unavailable_queue_is_retried_until_it_answers() -> None:
@@ -114,7 +115,7 @@ async def test_an_unavailable_queue_is_retried_until_it_answers() -> None:
 
 async def test_backpressure_holds_hand_over_until_the_queue_drains() -> None:
     """With the queue at MAX_QUEUE_DEPTH the dispatcher waits until it is below half of it."""
-    queue, store = InMemoryQueue(), MemoryStore()
+    queue, store = InMemoryQueue(batch_size=1), MemoryStore()
     for i in range(1, 5):
         store.add(i)
     dispatcher = _dispatcher(queue, max_queue_depth=4)
@@ -125,8 +126,8 @@ async def test_backpressure_holds_hand_over_until_the_queue_drains() -> None:
     assert store.rows[5][1] == "new", "handed over into a full queue"
     stop = asyncio.Event()
 
-    async def finish(job: Job) -> Outcome:
-        return Outcome("finished")
+    async def finish(jobs: Sequence[Job]) -> list[Outcome]:
+        return [Outcome("finished") for _ in jobs]
 
     consumer = asyncio.create_task(queue.run(finish, stop, burst=True))
     await asyncio.wait_for(sweep, 5)
@@ -139,16 +140,79 @@ async def test_in_memory_consumer_retries_after_the_delay_and_forgets_finished_j
     queue = InMemoryQueue()
     deliveries: list[tuple[int, int]] = []
 
-    async def flaky(job: Job) -> Outcome:
-        deliveries.append((job.row_id, job.delivery))
-        return Outcome.retry(0.05) if job.delivery == 1 else Outcome("finished")
+    async def flaky(jobs: Sequence[Job]) -> list[Outcome]:
+        deliveries.extend((job.row_id, job.delivery) for job in jobs)
+        return [Outcome.retry(0.05) if job.delivery == 1 else Outcome("finished") for job in jobs]
 
     await queue.hand_over([PendingRow(1, "a")])
     assert (await queue.hand_over([PendingRow(1, "a")])).added == 0, "a known job was added twice"
     stats = await asyncio.wait_for(queue.run(flaky, asyncio.Event(), burst=True), 5)
     assert deliveries == [(1, 1), (1, 2)]
-    assert (stats.complete, stats.retried) == (1, 1)
+    assert (stats.complete, stats.retried) == (2, 1)
     assert (await queue.hand_over([PendingRow(1, "a")])).added == 1
+
+
+@pytest.mark.parametrize(
+    ("rows", "size", "expected"),
+    [(1, 50, [1]), (50, 50, [50]), (51, 50, [26, 25]), (120, 50, [40, 40, 40]), (3, 1, [1, 1, 1])],
+)
+async def test_a_hand_over_packs_rows_into_as_few_even_batches_as_the_batch_size_allows(
+    rows: int, size: int, expected: list[int]
+) -> None:
+    """One row is a job of one row (latency unchanged); a backlog becomes even jobs of at most B rows."""
+    queue = InMemoryQueue(batch_size=size)
+    result = await queue.hand_over([PendingRow(i, f"cid-{i}") for i in range(rows)])
+    assert result.added == rows
+    assert [len(batch) for batch in queue.batches] == expected
+    assert sorted(row for batch in queue.batches for row in batch) == list(range(rows))
+
+
+async def test_known_rows_are_left_out_of_a_batch_and_orphaned_ones_are_scheduled_again() -> None:
+    """A row whose job waits is not packed again; a row whose marker names a lost job is."""
+    queue = InMemoryQueue()
+    await queue.hand_over([PendingRow(1, "a"), PendingRow(2, "b")])
+    result = await queue.hand_over([PendingRow(1, "a"), PendingRow(2, "b"), PendingRow(3, "c")])
+    assert (result.added, queue.batches) == (1, [[1, 2], [3]])
+    queue.orphan()  # the jobs are gone, their markers stay
+    assert set(queue.markers) == {"memory:a#0", "memory:b#0", "memory:c#0"}
+    result = await queue.hand_over([PendingRow(1, "a"), PendingRow(2, "b"), PendingRow(3, "c")])
+    assert (result.added, queue.batches[-1]) == (3, [1, 2, 3])
+    assert await queue.depth() == 1
+
+
+async def test_a_retry_in_a_batch_runs_that_row_alone_again_and_no_finished_row_twice() -> None:
+    """Failures stay per row: one row of a batch retried runs again alone; the others ran once."""
+    queue = InMemoryQueue()
+    runs: list[list[tuple[int, int]]] = []
+
+    async def one_flaky(jobs: Sequence[Job]) -> list[Outcome]:
+        runs.append([(job.row_id, job.delivery) for job in jobs])
+        return [
+            Outcome.retry(0.01) if (job.row_id, job.delivery) == (2, 1) else Outcome("finished")
+            for job in jobs
+        ]
+
+    await queue.hand_over([PendingRow(i, f"cid-{i}") for i in (1, 2, 3)])
+    stats = await asyncio.wait_for(queue.run(one_flaky, asyncio.Event(), burst=True), 5)
+    assert runs == [[(1, 1), (2, 1), (3, 1)], [(2, 2)]]
+    assert (stats.rows, stats.retried) == (4, 1)
+    assert queue.markers == {}, "a finished row kept its dedupe marker"
+
+
+async def test_rows_put_off_run_again_together_at_once_without_counting_a_delivery() -> None:
+    """Rows a batch had no time for run again at once, together, with the same delivery number."""
+    queue = InMemoryQueue()
+    runs: list[list[tuple[int, int]]] = []
+
+    async def first_only(jobs: Sequence[Job]) -> list[Outcome]:
+        runs.append([(job.row_id, job.delivery) for job in jobs])
+        if len(runs) == 1:
+            return [Outcome("finished")] + [Outcome.put_off() for _ in jobs[1:]]
+        return [Outcome("finished") for _ in jobs]
+
+    await queue.hand_over([PendingRow(i, f"cid-{i}") for i in (1, 2, 3)])
+    await asyncio.wait_for(queue.run(first_only, asyncio.Event(), burst=True), 5)
+    assert runs == [[(1, 1), (2, 1), (3, 1)], [(2, 1), (3, 1)]]
 
 
 @pytest.mark.parametrize("payload", ["sweep", "x1", ""])
@@ -159,3 +223,60 @@ async def test_a_payload_that_is_not_a_row_id_asks_for_a_sweep(payload: str) -> 
     dispatcher.notified(payload)
     assert dispatcher._sweep_requested
     assert not dispatcher._pending
+
+
+async def test_a_refusal_is_logged_as_what_the_server_said_not_as_unreachable(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Issue 7.3: a QueueError (an error reply) is retried and logged as the refusal, not "cannot reach"."""
+    from outbox_relay.exceptions import QueueError
+
+    class RefusingOnce(InMemoryQueue):
+        refused = False
+
+        async def hand_over(self, rows: Sequence[PendingRow]) -> HandOver:  # type: ignore[override]
+            if not self.refused:
+                self.refused = True
+                raise QueueError("Redis refused: WRONGTYPE q holds a string, not a zset")
+            return await super().hand_over(rows)
+
+    queue, store = RefusingOnce(), MemoryStore()
+    store.add(1)
+    with caplog.at_level("WARNING"):
+        await asyncio.wait_for(_dispatcher(queue).sweep(store), 5)
+    assert store.rows[1][1] == "queued"
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("Redis refused: WRONGTYPE") for m in messages), messages
+    assert not any("cannot reach" in m for m in messages), messages
+
+
+async def test_rows_notified_within_the_hand_over_interval_travel_together_a_lone_row_at_once() -> None:
+    """Adaptive batches: after a quiet spell a row is handed over at once (a job of one row);
+    rows notified while the interval since the last hand-over runs join one batch."""
+    queue, store = InMemoryQueue(), MemoryStore()
+    dispatcher = Dispatcher(
+        queue,
+        RelayStats(),
+        sweep_interval=3600,
+        batch_size=10,
+        max_queue_depth=1000,
+        stop=asyncio.Event(),
+        hand_over_interval=0.2,
+    )
+    serving = asyncio.create_task(dispatcher.serve(store))
+    try:
+        await _until(lambda: dispatcher.stats.sweeps == 1)
+        loop = asyncio.get_running_loop()
+        store.add(1)
+        started = loop.time()
+        dispatcher.notified("1")
+        await _until(lambda: store.rows[1][1] == "queued")
+        assert loop.time() - started < 0.1, "a lone row waited for the interval"
+        for i in (2, 3, 4):  # a stream: 20 ms apart, inside the 200 ms interval
+            store.add(i)
+            dispatcher.notified(str(i))
+            await asyncio.sleep(0.02)
+        await _until(lambda: all(store.rows[i][1] == "queued" for i in (2, 3, 4)))
+        assert queue.batches == [[1], [2, 3, 4]]
+    finally:
+        serving.cancel()

@@ -1,0 +1,136 @@
+"""Batch jobs (issue 8): one transaction for the fast path of a batch, failures per row, markers."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+from outbox_relay.arq_adapter.producer import MARKER_PREFIX
+from outbox_relay.db import Connection, create_pool
+from outbox_relay.events import OutboxEvent
+from outbox_relay.handlers import HandlerRegistry, registry
+from outbox_relay.queue import Job
+from outbox_relay.worker import RowProcessor
+from tests.conftest import OutboxEnv
+from tests.helpers import (
+    count_status,
+    money_total,
+    open_account,
+    reserve,
+    running_relay,
+    running_worker,
+    wait_until,
+)
+
+
+async def _insert(conn: Any, cid: str, outcome: str | None, *, kind: str = "reservation") -> int:
+    return int(
+        await conn.fetchval(
+            "INSERT INTO outbox_relay.outbox (correlation_id, kind, outcome)"
+            " VALUES ($1, $2, $3) RETURNING id",
+            cid,
+            kind,
+            outcome,
+        )
+    )
+
+
+async def _equals(value: Any, expected: Any) -> bool:
+    return bool(await value == expected)
+
+
+def _with_flaky(calls: Counter[str], fail_times: int) -> HandlerRegistry:
+    """The shipped handlers plus a ``flaky`` kind that fails transiently ``fail_times`` times."""
+    handlers = HandlerRegistry()
+    for plugin in registry.plugins():
+        handlers.add_plugin(plugin)
+
+    @handlers.register("flaky")
+    async def flaky(conn: Connection, event: OutboxEvent) -> None:
+        calls[event.correlation_id] += 1
+        if calls[event.correlation_id] <= fail_times:
+            raise ConnectionError("not yet")
+
+    return handlers
+
+
+async def test_a_batch_commits_its_fast_path_once_and_keeps_failures_per_row(
+    outbox_env: OutboxEnv, service: Any
+) -> None:
+    """The well-formed rows of a batch finish in ONE transaction (one finished_at); a poison row fails
+    alone, a transient one asks for its own retry; delivered again, the batch changes nothing."""
+    await open_account(service, "acc", 10_000)
+    good = [f"b-{i}" for i in range(8)]
+    for cid in good:
+        await reserve(service, "acc", 100, cid)
+    total = await money_total(service)
+    ids = [await _insert(service, cid, "success" if i % 2 else "failure") for i, cid in enumerate(good)]
+    poison = await _insert(service, "b-poison", "success")  # no reservation: permanent
+    flaky = await _insert(service, "b-flaky", "success", kind="flaky")
+    calls: Counter[str] = Counter()
+    pool = await create_pool(outbox_env.service_url, max_size=4)
+    try:
+        processor = RowProcessor(outbox_env.settings().worker_config(), pool, _with_flaky(calls, 1))
+        jobs = [Job(row_id) for row_id in [flaky, *ids, poison]]
+        outcomes = await processor(jobs)
+        results = [o.result for o in outcomes]
+        assert results == ["retried", *["finished"] * len(ids), "failed"]
+        assert outcomes[0].retry_in is not None
+        assert outcomes[0].counted
+        finished_at = await service.fetch(
+            "SELECT DISTINCT finished_at FROM outbox_relay.outbox WHERE id = ANY($1::bigint[])", ids
+        )
+        assert len(finished_at) == 1, "the fast path of the batch took more than one transaction"
+        again = await processor([Job(row_id, 2) for row_id in [*ids, poison]])
+        assert [o.result for o in again] == ["duplicate"] * (len(ids) + 1)
+    finally:
+        await pool.close()
+    states = await service.fetch("SELECT state FROM ledger.reservations ORDER BY correlation_id")
+    assert {r["state"] for r in states} == {"burned", "reclaimed"}
+    assert await money_total(service) == total
+    attempts = await service.fetch(
+        "SELECT attempts FROM outbox_relay.outbox WHERE id = ANY($1::bigint[])", [*ids, poison]
+    )
+    assert {r["attempts"] for r in attempts} == {1}, "a finished row was applied again"
+
+
+async def test_through_relay_and_worker_a_retry_reruns_only_its_row_and_leaves_no_marker(
+    outbox_env: OutboxEnv, service: Any
+) -> None:
+    """Rows committed together travel as one batch job; the transient row alone runs again (twice in
+    all), the others once; when everything is done no dedupe marker stays in Redis."""
+    settings = outbox_env.settings(sweep_interval=3600, max_attempts=5)
+    await open_account(service, "acc", 10_000)
+    good = [f"t-{i}" for i in range(10)]
+    for cid in good:
+        await reserve(service, "acc", 100, cid)
+    total = await money_total(service)
+    calls: Counter[str] = Counter()
+    async with running_worker(settings, _with_flaky(calls, 1)), running_relay(settings) as relay:
+        await wait_until(lambda: _equals(_active(relay), True), message="relay active")
+        async with service.transaction():
+            for cid in good:
+                await _insert(service, cid, "success")
+            await _insert(service, "t-flaky", "success", kind="flaky")
+        await wait_until(
+            lambda: _equals(count_status(service, "finished"), len(good) + 1),
+            timeout=30,
+            message="every row finished",
+        )
+        assert relay.stats.enqueued == len(good) + 1
+    assert calls["t-flaky"] == 2
+    rows = await service.fetch("SELECT correlation_id, attempts FROM outbox_relay.outbox")
+    assert {r["correlation_id"]: r["attempts"] for r in rows} == {**dict.fromkeys(good, 1), "t-flaky": 2}
+    assert await money_total(service) == total
+    from outbox_relay.arq_adapter.producer import redis_client
+
+    redis = redis_client(settings.redis_url.get_secret_value(), queue_name=settings.queue_name)
+    try:
+        markers = [k async for k in redis.scan_iter(match=f"{MARKER_PREFIX}{settings.job_namespace}:*")]
+    finally:
+        await redis.aclose(close_connection_pool=True)
+    assert markers == [], "ended rows kept their dedupe markers"
+
+
+async def _active(relay: Any) -> bool:
+    return bool(relay.active.is_set())
