@@ -141,8 +141,9 @@ async def stream(url: str, rows: list[tuple[str, str]], deadline: float) -> None
         try:
             if conn is None or conn.is_closed():
                 conn = await asyncpg.connect(url, timeout=3)
-            await conn.execute(UPSERT, [c for c, _ in batch], [o for _, o in batch])
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
+            await conn.execute(UPSERT, [c for c, _ in batch], [o for _, o in batch], timeout=5)
+        except Exception:  # any client error during an outage: reconnect and retry
+            # (asyncpg can raise InternalClientError on a connection cut mid-statement)
             if conn is not None:
                 conn.terminate()
             conn = None
