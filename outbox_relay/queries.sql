@@ -22,6 +22,15 @@ SELECT id, correlation_id, generation
 -- $1 seconds ago by the database's own clock (the sweep's and prune's cut-offs).
 SELECT now() - make_interval(secs => $1::float8);
 
+-- name: select_stale_queued
+-- Rows handed to the queue before $1 and still not done (the first page of the
+-- relay's select_stale_queued_page, as the benchmark measures it).
+SELECT id, correlation_id, generation
+  FROM outbox_relay.outbox
+ WHERE status = 'queued' AND queued_at < $1
+ ORDER BY queued_at
+ LIMIT $2;
+
 -- name: mark_queued
 -- Compare-and-set: a row a worker has already finished stays finished. Fenced:
 -- it acts only while the lease is unexpired and of epoch $2 (the lease row is
@@ -320,7 +329,7 @@ SELECT to_regclass('outbox_relay.outbox') IS NOT NULL AS has_outbox,
                   AND attname = 'status'
                   AND NOT attisdropped) AS has_status;
 
--- name: select_stale_queued
+-- name: select_stale_queued_page
 -- Rows handed to the queue before $1 and still not done: the queue may have
 -- lost them (Redis restarted empty, a job expired, a worker gave up). Keyset
 -- paging on (queued_at, id) after ($3, $4), from the start when $3 is NULL: a row mark_queued skipped (a

@@ -60,7 +60,7 @@ class RelayStore:
         after: tuple[datetime | None, int] = (None, 0)
         while True:
             records = await self.pool.fetch(
-                query("select_stale_queued"), cutoff, self.batch_size, after[0], after[1]
+                query("select_stale_queued_page"), cutoff, self.batch_size, after[0], after[1]
             )
             if not records:
                 return

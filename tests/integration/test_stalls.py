@@ -108,6 +108,7 @@ async def test_a_standby_takes_over_from_a_frozen_relay_and_the_resumed_one_chan
         with contextlib.suppress(asyncio.CancelledError):
             await producer
 
+    print(f"takeover after SIGSTOP: {takeover:.1f} s")
     assert takeover < 20.0, f"the standby took {takeover:.1f} s to take over\n{services.tails()}"
     await services.wait(
         at_least_finished(outbox_env.service_url, len(load.rows)), timeout=60, message="every row finished"
