@@ -128,9 +128,18 @@ class RequeueResult:
 
 
 async def requeue(
-    conn: Connection, *, correlation_ids: list[str] | None = None, all_failed: bool = False
+    conn: Connection,
+    *,
+    correlation_ids: list[str] | None = None,
+    all_failed: bool = False,
+    requeue_after: float | None = None,
 ) -> RequeueResult:
-    """Put failed rows back to ``new`` (attempts reset) and wake the relay at once."""
+    """Put failed rows back to ``new`` (attempts reset) and wake the relay at once.
+
+    With ``requeue_after`` (REQUEUE_AFTER), a named row ``queued`` for longer
+    than that goes back to ``new`` too, under a new generation: it gets a new
+    job id, whatever the queue holds under its old one (contract section 3).
+    """
     await require_shape(conn, "service", "requeue")
     async with conn.transaction():
         if all_failed:
@@ -139,6 +148,10 @@ async def requeue(
         else:
             wanted = list(dict.fromkeys(correlation_ids or []))
             done = {r["correlation_id"] for r in await conn.fetch(query("requeue_ids"), wanted)}
+            if requeue_after is not None and len(done) < len(wanted):
+                rest = [cid for cid in wanted if cid not in done]
+                stale = await conn.fetch(query("requeue_stale_ids"), rest, requeue_after)
+                done.update(r["correlation_id"] for r in stale)
             count = len(done)
             missing = [cid for cid in wanted if cid not in done]
         if count:

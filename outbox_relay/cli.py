@@ -246,12 +246,17 @@ async def cmd_requeue(args: argparse.Namespace, settings: Settings) -> int:
         raise UsageError("requeue takes --correlation-id or --all-failed, not both")
     conn = await _connect(settings.require_database_url(), "service database")
     try:
-        result = await requeue(conn, correlation_ids=args.correlation_id, all_failed=args.all_failed)
+        result = await requeue(
+            conn,
+            correlation_ids=args.correlation_id,
+            all_failed=args.all_failed,
+            requeue_after=settings.requeue_after,
+        )
     finally:
         await conn.close()
     print(f"requeued {result.requeued} row{'s' if result.requeued != 1 else ''}")
     for cid in result.not_failed:
-        print(f"not a failed row: {cid}", file=sys.stderr)
+        print(f"not a failed row (nor queued for longer than REQUEUE_AFTER): {cid}", file=sys.stderr)
     return 1 if result.not_failed else 0
 
 

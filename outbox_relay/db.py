@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 import asyncpg
@@ -69,16 +70,20 @@ async def create_pool(
     *,
     max_size: int,
     application_name: str = "outbox_relay",
+    session_settings: Mapping[str, str] | None = None,
     **kwargs: Any,
 ) -> Pool:
-    """A lazily connecting pool: it can be made while the database is down."""
+    """A lazily connecting pool: it can be made while the database is down.
+
+    ``session_settings`` are set on each of its connections (e.g. ``lock_timeout``).
+    """
     pool = asyncpg.create_pool(
         url,
         reset=_rollback_if_needed,
         min_size=0,
         max_size=max_size,
         max_inactive_connection_lifetime=60.0,
-        server_settings={"application_name": application_name},
+        server_settings={**(session_settings or {}), "application_name": application_name},
         timeout=5.0,
         **kwargs,
     )

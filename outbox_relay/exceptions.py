@@ -52,6 +52,10 @@ class ConnectionLostError(UnavailableError):
     """The relay's listener connection is gone (or stopped answering); notifications may be lost."""
 
 
+class LeadershipLostError(OutboxRelayError):
+    """This relay's lease expired or another relay took it over: it must stop writing and stand by."""
+
+
 class QueueError(OutboxRelayError):
     """The queue refused an operation (its server answered with an error)."""
 

@@ -71,10 +71,20 @@ def _kv(value: Any) -> str:
     return json.dumps(text) if (" " in text or not text) else text
 
 
+def _plain_library_lines(record: logging.LogRecord) -> bool:
+    """arq logs a job it gave up on (its own timeout, e.g. after the process was
+    stopped and resumed) with a traceback: keep its one line, which names the error."""
+    if record.name == "arq" or record.name.startswith("arq."):
+        record.exc_info = None
+        record.exc_text = None
+    return True
+
+
 def configure(level: str = "INFO", fmt: str = "text") -> None:
     """Install one stderr handler on the root logger (the CLI calls this once)."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else KeyValueFormatter())
+    handler.addFilter(_plain_library_lines)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

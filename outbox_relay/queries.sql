@@ -23,8 +23,8 @@ SELECT id, correlation_id, generation
 SELECT now() - make_interval(secs => $1::float8);
 
 -- name: select_stale_queued
--- Rows handed to the queue before $1 and still not done: the queue may have
--- lost them (Redis restarted empty, a job expired, a worker gave up).
+-- Rows handed to the queue before $1 and still not done (the first page of the
+-- relay's select_stale_queued_page, as the benchmark measures it).
 SELECT id, correlation_id, generation
   FROM outbox_relay.outbox
  WHERE status = 'queued' AND queued_at < $1
@@ -32,10 +32,30 @@ SELECT id, correlation_id, generation
  LIMIT $2;
 
 -- name: mark_queued
--- Compare-and-set: a row a worker has already finished stays finished.
-UPDATE outbox_relay.outbox
-   SET status = 'queued', queued_at = now()
- WHERE id = ANY($1::bigint[]) AND status IN ('new', 'queued');
+-- Compare-and-set: a row a worker has already finished stays finished. Fenced:
+-- it acts only while the lease is unexpired and of epoch $2 (the lease row is
+-- locked FOR SHARE, so a takeover committing meanwhile is seen, and waits for
+-- this statement). It never waits on a row lock: a row a worker holds is
+-- skipped (it stays as it is; the next sweep finds it if it is still pending).
+WITH lease AS (
+    SELECT epoch
+      FROM outbox_relay.relay_lease
+     WHERE singleton AND epoch = $2 AND expires_at > now()
+       FOR SHARE
+), target AS (
+    SELECT o.id
+      FROM outbox_relay.outbox AS o
+     WHERE o.id = ANY($1::bigint[]) AND o.status IN ('new', 'queued')
+       AND EXISTS (SELECT 1 FROM lease)
+       FOR UPDATE SKIP LOCKED
+), queued AS (
+    UPDATE outbox_relay.outbox AS o
+       SET status = 'queued', queued_at = now(), queued_epoch = $2
+      FROM target AS t
+     WHERE o.id = t.id
+    RETURNING o.id
+)
+SELECT EXISTS (SELECT 1 FROM lease) AS leading, (SELECT count(*) FROM queued) AS queued;
 
 -- name: claim_row
 -- Locks the row for the handler's transaction: a second delivery of the same
@@ -310,3 +330,55 @@ SELECT to_regclass('outbox_relay.outbox') IS NOT NULL AS has_outbox,
                 WHERE attrelid = to_regclass('outbox_relay.outbox')
                   AND attname = 'status'
                   AND NOT attisdropped) AS has_status;
+
+-- name: select_stale_queued_page
+-- Rows handed to the queue before $1 and still not done: the queue may have
+-- lost them (Redis restarted empty, a job expired, a worker gave up). Keyset
+-- paging on (queued_at, id) after ($3, $4), from the start when $3 is NULL: a row mark_queued skipped (a
+-- worker holds it) keeps its queued_at and is not seen again in this sweep.
+SELECT id, correlation_id, generation, queued_at
+  FROM outbox_relay.outbox
+ WHERE status = 'queued' AND queued_at < $1
+   AND ($3::timestamptz IS NULL OR queued_at > $3 OR (queued_at = $3 AND id > $4))
+ ORDER BY queued_at, id
+ LIMIT $2;
+
+-- name: take_lease
+-- Leadership (relay/leadership.py). Run by the relay holding the leadership
+-- lock, which proves no other relay's listening session is alive: the lease is
+-- taken whatever its expiry, under the next epoch.
+UPDATE outbox_relay.relay_lease
+   SET holder = $1, epoch = epoch + 1, expires_at = now() + make_interval(secs => $2::float8)
+ WHERE singleton
+RETURNING epoch;
+
+-- name: renew_lease
+-- Extends the lease of holder $1, epoch $2 by $3 seconds; no row when it has
+-- expired or another relay holds it (then this relay has lost its leadership).
+UPDATE outbox_relay.relay_lease
+   SET expires_at = now() + make_interval(secs => $3::float8)
+ WHERE singleton AND holder = $1 AND epoch = $2 AND expires_at > now()
+RETURNING epoch;
+
+-- name: lease_state
+SELECT holder, epoch, expires_at, expires_at > now() AS valid
+  FROM outbox_relay.relay_lease
+ WHERE singleton;
+
+-- name: requeue_stale_ids
+-- `requeue --correlation-id` of a row `queued` for longer than $2 seconds (the
+-- queue lost it, or holds something else under its job id): back to `new`
+-- under a new generation, so it gets a new job id whatever the queue holds.
+-- A row a worker holds right now is left alone (it is being run).
+WITH target AS (
+    SELECT id
+      FROM outbox_relay.outbox
+     WHERE correlation_id = ANY($1::text[]) AND status = 'queued'
+       AND queued_at < now() - make_interval(secs => $2::float8)
+       FOR UPDATE SKIP LOCKED
+)
+UPDATE outbox_relay.outbox AS o
+   SET status = 'new', queued_at = NULL, generation = o.generation + 1
+  FROM target AS t
+ WHERE o.id = t.id
+RETURNING o.correlation_id;

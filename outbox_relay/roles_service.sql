@@ -24,8 +24,10 @@ $$;
 -- need no grant.
 GRANT USAGE ON SCHEMA outbox_relay TO outbox_relay_relay;
 GRANT SELECT, DELETE ON outbox_relay.outbox TO outbox_relay_relay;
-GRANT UPDATE (status, queued_at) ON outbox_relay.outbox TO outbox_relay_relay;
+GRANT UPDATE (status, queued_at, queued_epoch) ON outbox_relay.outbox TO outbox_relay_relay;
 GRANT SELECT ON outbox_relay.schema_migrations TO outbox_relay_relay;
+-- the leadership lease (taken, renewed, and locked FOR SHARE by each hand-over)
+GRANT SELECT, UPDATE ON outbox_relay.relay_lease TO outbox_relay_relay;
 
 -- worker (`worker`): claims a row and records its outcome.
 GRANT USAGE ON SCHEMA outbox_relay TO outbox_relay_worker;
@@ -37,7 +39,8 @@ GRANT USAGE ON SCHEMA outbox_relay TO outbox_relay_operator;
 GRANT SELECT, DELETE ON outbox_relay.outbox TO outbox_relay_operator;
 GRANT UPDATE (status, attempts, last_error, queued_at, finished_at, generation)
     ON outbox_relay.outbox TO outbox_relay_operator;
-GRANT SELECT ON outbox_relay.schema_migrations, outbox_relay.replication_slots TO outbox_relay_operator;
+GRANT SELECT ON outbox_relay.schema_migrations, outbox_relay.replication_slots, outbox_relay.relay_lease
+    TO outbox_relay_operator;
 GRANT pg_monitor TO outbox_relay_operator;  -- doctor: subscription and replication statistics
 
 -- subscriber (`subscribe`, `unsubscribe` on this side). PostgreSQL 16 and later:

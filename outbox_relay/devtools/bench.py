@@ -899,7 +899,7 @@ async def _plans(conn: Connection) -> dict[str, bool]:
         "select_new": (query("select_new"), (0, 500)),
         "select_new_by_ids": (query("select_new_by_ids"), ([1, 2, 3],)),
         "select_stale_queued": (query("select_stale_queued"), (datetime(2000, 1, 1, tzinfo=UTC), 500)),
-        "mark_queued": (query("mark_queued"), ([1, 2, 3],)),
+        "mark_queued": (query("mark_queued"), ([1, 2, 3], 1)),
         "claim_row": (query("claim_row"), (1,)),
         "finish_row": (FINISH_ROW, (1,)),
         "oldest_pending_age": (query("oldest_pending_age"), ()),

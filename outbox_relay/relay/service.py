@@ -1,12 +1,14 @@
 """The relay service (`run`): sessions, leadership, and the supervised tasks of an active relay.
 
 One relay per service database is active: the one holding the advisory lock on
-its listening connection (:mod:`~outbox_relay.relay.leadership`). Others stand
-by and retry the lock every second. While active, supervised tasks share the work:
+its listening connection and the lease of the current epoch
+(:mod:`~outbox_relay.relay.leadership`). Others stand by and retry the lock
+every second. While active, supervised tasks share the work:
 
-* ``relay.watch`` pings the listening connection and ends the session when it
-  is lost (notifications sent meanwhile are gone, so the next session starts
-  with a full sweep);
+* ``relay.lease`` renews the lease on the listening connection (its liveness
+  check too) and ends the session when the connection is lost (notifications
+  sent meanwhile are gone, so the next session starts with a full sweep) or
+  the lease is (then this relay stands by);
 * ``relay.dispatch`` hands rows over (:mod:`~outbox_relay.relay.dispatcher`);
 * whatever the command adds to run only while active (the retention loop).
 
@@ -22,6 +24,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from outbox_relay.db import Pool, connect_retrying, create_pool
+from outbox_relay.exceptions import LeadershipLostError
 from outbox_relay.lifecycle import stopped_within, supervise
 from outbox_relay.logs import describe
 from outbox_relay.migrate import check_schema
@@ -37,9 +40,6 @@ logger = logging.getLogger(__name__)
 
 #: Seconds between two attempts of a standby relay to take the lock.
 STANDBY_POLL = 1.0
-#: Liveness check of the listening connection: period and timeout (seconds).
-KEEPALIVE_INTERVAL = 2.0
-KEEPALIVE_TIMEOUT = 3.0
 
 #: Work the command adds to an active relay: called with the relay's pool, it runs
 #: until cancelled (the relay cancels it when its session ends).
@@ -86,11 +86,17 @@ class Relay:
             except Exception as exc:  # any failure ends the session; the next one starts clean
                 if self.stop.is_set():
                     break
-                self.hooks.session_ended(describe(_first_leaf(exc)))
+                leaf = _first_leaf(exc)
+                if isinstance(leaf, LeadershipLostError):
+                    # Not a failure to back off from: another relay leads now.
+                    logger.warning("relay lost its leadership; standing by", extra={"reason": str(leaf)})
+                    self.hooks.inactive()
+                    continue
+                self.hooks.session_ended(describe(leaf))
                 delay = backoff.next_delay()
                 logger.warning(
                     "relay session ended, reconnecting",
-                    extra={"error": describe(_first_leaf(exc)), "retry_in": round(delay, 2)},
+                    extra={"error": describe(leaf), "retry_in": round(delay, 2)},
                 )
                 await stopped_within(self.stop, delay)
             else:
@@ -115,10 +121,14 @@ class Relay:
         session = LeaderSession(conn, self.dispatcher.notified)
         try:
             await check_schema(conn)
+            await session.prepare()
             if not await self._await_leadership(session):
                 return
             pool = await create_pool(
-                self.config.database_url, max_size=2, application_name="outbox_relay.relay"
+                self.config.database_url,
+                max_size=2,
+                application_name="outbox_relay.relay",
+                session_settings={"idle_in_transaction_session_timeout": "5000"},
             )
             try:
                 await session.listen()
@@ -126,12 +136,16 @@ class Relay:
                 self.dispatcher.restart()
                 self.active.set()
                 self.hooks.active()
-                logger.info("relay active", extra={"queue": self.config.queue_name})
+                assert session.epoch is not None
+                logger.info("relay active", extra={"queue": self.config.queue_name, "epoch": session.epoch})
                 store = RelayStore(
-                    pool, batch_size=self.config.batch_size, requeue_after=self.config.requeue_after
+                    pool,
+                    batch_size=self.config.batch_size,
+                    requeue_after=self.config.requeue_after,
+                    epoch=session.epoch,
                 )
                 tasks: dict[str, Coroutine[Any, Any, None]] = {
-                    "relay.watch": session.watch(KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT),
+                    "relay.lease": session.keep(),
                     "relay.dispatch": self.dispatcher.serve(store),
                 }
                 tasks.update({name: task(pool) for name, task in self._while_active})

@@ -51,6 +51,13 @@ def compose_fast_path(registry: HandlerRegistry) -> str | None:
     )
 
 
+def lock_timeout_setting(config: WorkerConfig) -> dict[str, str]:
+    """The worker's connections wait for a row lock (a reservation another transaction
+    holds) at most half of JOB_TIMEOUT: the effect's statement then fails
+    (a transient error, retried after a backoff) and frees the outbox row."""
+    return {"lock_timeout": str(max(100, int(config.job_timeout * 500)))}
+
+
 class RowProcessor:
     """Applies outbox rows with the registered handlers."""
 

@@ -17,7 +17,7 @@ from outbox_relay.observability.hooks import WorkerHooks
 from outbox_relay.queue import Consumer, ConsumerStats
 from outbox_relay.retry import Backoff, retry
 from outbox_relay.settings import WorkerConfig
-from outbox_relay.worker.processor import RowProcessor
+from outbox_relay.worker.processor import RowProcessor, lock_timeout_setting
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +34,10 @@ async def run_worker(
     """Run until ``stop`` is set (or, with ``burst``, until the queue is empty)."""
     hooks = hooks or WorkerHooks()
     pool = await create_pool(
-        config.database_url, max_size=config.concurrency, application_name="outbox_relay.worker"
+        config.database_url,
+        max_size=config.concurrency,
+        application_name="outbox_relay.worker",
+        session_settings=lock_timeout_setting(config),
     )
     stats = ConsumerStats()
     try:
