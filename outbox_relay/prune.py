@@ -34,7 +34,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeAlias
@@ -77,20 +77,39 @@ def _range_end(lo: int, batch_size: int) -> int:
 # -- service database ----------------------------------------------------------------
 
 
+#: Called before each DELETE of a prune: raises to stop it (the relay's leadership check).
+Fence = Callable[[], Awaitable[None]]
+
+
 async def prune_service(
-    conn_or_pool: Executor, *, older_than: float, batch_size: int, include_failed: bool = False
+    conn_or_pool: Executor,
+    *,
+    older_than: float,
+    batch_size: int,
+    include_failed: bool = False,
+    fence: Fence | None = None,
 ) -> int:
     """Delete ``finished`` rows (and ``failed`` ones if ``include_failed``) finished more
-    than ``older_than`` seconds ago; return how many. Each batch is its own transaction."""
+    than ``older_than`` seconds ago; return how many. Each batch is its own transaction,
+    and ``fence`` (when given) runs before each one."""
     return (
         await prune_service_stats(
-            conn_or_pool, older_than=older_than, batch_size=batch_size, include_failed=include_failed
+            conn_or_pool,
+            older_than=older_than,
+            batch_size=batch_size,
+            include_failed=include_failed,
+            fence=fence,
         )
     ).deleted
 
 
 async def prune_service_stats(
-    conn_or_pool: Executor, *, older_than: float, batch_size: int, include_failed: bool = False
+    conn_or_pool: Executor,
+    *,
+    older_than: float,
+    batch_size: int,
+    include_failed: bool = False,
+    fence: Fence | None = None,
 ) -> PruneStats:
     """:func:`prune_service`, telling also how many id ranges it visited."""
     statuses = ["finished", "failed"] if include_failed else ["finished"]
@@ -101,6 +120,8 @@ async def prune_service_stats(
     lo: int | None = await conn_or_pool.fetchval(query("prune_first_id"), MIN_ID)
     while last_id is not None and lo is not None and lo <= last_id:
         hi = _range_end(lo, batch_size)
+        if fence is not None:
+            await fence()
         step = await conn_or_pool.fetchrow(query("prune_service_range"), lo, hi, cutoff, statuses)
         assert step is not None
         stats.ranges += 1
@@ -114,11 +135,19 @@ async def prune_service_stats(
 
 
 async def prune_periodically(
-    pool: Pool, config: RetentionConfig, stop: asyncio.Event, *, on_pruned: Callable[[int], None]
+    pool: Pool,
+    config: RetentionConfig,
+    stop: asyncio.Event,
+    *,
+    on_pruned: Callable[[int], None],
+    fence: Fence | None = None,
 ) -> None:
-    """With RETENTION set, the active relay prunes finished rows every PRUNE_INTERVAL, until ``stop``."""
+    """With RETENTION set, the active relay prunes finished rows every PRUNE_INTERVAL, until
+    ``stop``; ``fence`` (its leadership check) runs before every DELETE."""
     while not await stopped_within(stop, config.interval):
-        deleted = await prune_service(pool, older_than=config.retention, batch_size=config.batch_size)
+        deleted = await prune_service(
+            pool, older_than=config.retention, batch_size=config.batch_size, fence=fence
+        )
         on_pruned(deleted)
         if deleted:
             logger.info("pruned finished rows", extra={"rows": deleted})

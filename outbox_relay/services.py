@@ -9,6 +9,7 @@ starts these; the tests start the very same ones in their own event loop.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from outbox_relay.arq_adapter import ArqConsumer, ArqQueue, ConsumerConfig, QueueConfig
@@ -79,14 +80,14 @@ def relay_process(
     while_active: list[tuple[str, ActiveTask]] = []
     if retention is not None:
 
-        async def prune(pool: Pool) -> None:
-            await prune_periodically(pool, retention, stop, on_pruned=relay.stats.count_pruned)
+        async def prune(pool: Pool, fence: Callable[[], Awaitable[None]]) -> None:
+            await prune_periodically(pool, retention, stop, on_pruned=relay.stats.count_pruned, fence=fence)
 
         while_active.append(("relay.prune", prune))
     if metrics is not None:
         primary_url = settings.primary_url.get_secret_value() if settings.primary_url else None
 
-        async def gauges(pool: Pool) -> None:
+        async def gauges(pool: Pool, fence: Callable[[], Awaitable[None]]) -> None:
             assert metrics is not None
             await GaugeRefresher(primary_url, pool, metrics, queue.depth, hooks).run(stop)
 

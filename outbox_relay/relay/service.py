@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any
 
 from outbox_relay.db import Pool, connect_retrying, create_pool
@@ -41,9 +41,10 @@ logger = logging.getLogger(__name__)
 #: Seconds between two attempts of a standby relay to take the lock.
 STANDBY_POLL = 1.0
 
-#: Work the command adds to an active relay: called with the relay's pool, it runs
+#: Work the command adds to an active relay: called with the relay's pool and its fence (an
+#: async check raising LeadershipLostError once the lease is gone: call it before each write), it runs
 #: until cancelled (the relay cancels it when its session ends).
-ActiveTask = Callable[[Pool], Coroutine[Any, Any, None]]
+ActiveTask = Callable[[Pool, Callable[[], Awaitable[None]]], Coroutine[Any, Any, None]]
 
 
 class Relay:
@@ -148,7 +149,8 @@ class Relay:
                     "relay.lease": session.keep(),
                     "relay.dispatch": self.dispatcher.serve(store),
                 }
-                tasks.update({name: task(pool) for name, task in self._while_active})
+                # Their writes are fenced too: the second argument raises once the lease is gone.
+                tasks.update({name: task(pool, store.check_leadership) for name, task in self._while_active})
                 await supervise(tasks, self.stop)
             finally:
                 self.active.clear()

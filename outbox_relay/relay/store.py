@@ -85,5 +85,15 @@ class RelayStore:
             )
 
 
+    async def check_leadership(self) -> None:
+        """Raise :class:`LeadershipLostError` unless this relay's lease is valid and of its
+        epoch: the fence of every write the store does not make itself (the retention loop)."""
+        lease = await self.pool.fetchrow(query("lease_state"))
+        if lease is None or not lease["valid"] or lease["epoch"] != self.epoch:
+            raise LeadershipLostError(
+                f"the lease of epoch {self.epoch} expired or was taken over by another relay"
+            )
+
+
 def _pending(records: list[Record]) -> list[PendingRow]:
     return [PendingRow(r["id"], r["correlation_id"], r["generation"]) for r in records]
