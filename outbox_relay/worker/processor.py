@@ -94,7 +94,10 @@ class RowProcessor:
             async with asyncio.timeout(self.config.job_timeout):
                 if permanent:
                     await self.pool.execute(query("fail_row"), row_id, error)
-                    logger.warning("row failed permanently", extra={"row_id": row_id, "error": error})
+                    logger.warning(
+                        "row failed permanently",
+                        extra={"event": "row_failed", "row_id": row_id, "error": error},
+                    )
                     return Outcome("failed")
                 row = await self.pool.fetchrow(
                     query("record_transient_failure"), row_id, error, self.config.max_attempts
@@ -106,7 +109,7 @@ class RowProcessor:
         if row["status"] == "failed":
             logger.warning(
                 "row failed after its last attempt",
-                extra={"row_id": row_id, "attempts": row["attempts"], "error": error},
+                extra={"event": "row_failed", "row_id": row_id, "attempts": row["attempts"], "error": error},
             )
             return Outcome("failed")
         delay = self._backoff(row["attempts"])
