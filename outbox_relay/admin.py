@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -23,6 +24,8 @@ class FailedRow:
     kind: str
     attempts: int
     last_error: str | None
+    #: The failure history: the last 10 failed attempts, oldest first, each {"at", "attempt", "error"}.
+    errors: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,7 @@ class Status:
                     "kind": f.kind,
                     "attempts": f.attempts,
                     "last_error": f.last_error,
+                    "errors": f.errors,
                 }
                 for f in self.failed
             ],
@@ -62,10 +66,26 @@ class Status:
             # Values from rows are escaped: an id holding ESC or a newline must not reach the terminal.
             lines += [
                 f"  {escape_controls(f.correlation_id)}  kind={escape_controls(f.kind)}  "
-                f"attempts={f.attempts}  error={escape_controls(str(f.last_error))}"
+                f"attempts={f.attempts}  failures={len(f.errors)}  "
+                f"error={escape_controls(str(_last_error(f)))}"
                 for f in self.failed
             ]
         return "\n".join(lines)
+
+
+def _last_error(row: FailedRow) -> str | None:
+    """The newest error of the history, else ``last_error`` (a row failed before the history existed)."""
+    if row.errors:
+        return str(row.errors[-1].get("error"))
+    return row.last_error
+
+
+def failed_row(record: Any) -> FailedRow:
+    """A :class:`FailedRow` from a ``failed_rows`` record (``errors`` comes as JSON text)."""
+    errors = json.loads(record["errors"]) if record["errors"] else []
+    return FailedRow(
+        record["correlation_id"], record["kind"], record["attempts"], record["last_error"], errors
+    )
 
 
 Shape = Literal["service", "primary", "none"]
@@ -112,10 +132,7 @@ async def status(conn: Connection) -> Status:
         for record in await conn.fetch(query("status_counts")):
             counts[record["status"]] = int(record["n"])
         age = await conn.fetchval(query("oldest_pending_age"))
-        failed = [
-            FailedRow(r["correlation_id"], r["kind"], r["attempts"], r["last_error"])
-            for r in await conn.fetch(query("failed_rows"), MAX_FAILED_LISTED)
-        ]
+        failed = [failed_row(r) for r in await conn.fetch(query("failed_rows"), MAX_FAILED_LISTED)]
     return Status(counts, None if age is None else max(0.0, float(age)), failed)
 
 

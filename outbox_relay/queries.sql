@@ -96,18 +96,29 @@ WITH claimed AS (
 SELECT id, kind, commit_to_finish FROM finished;
 
 -- name: fail_row
+-- The attempt also joins the failure history: the last 10 failed attempts,
+-- oldest first (`$[last - 9 to last]` keeps at most ten, fewer as they are).
 UPDATE outbox_relay.outbox
-   SET status = 'failed', attempts = attempts + 1, last_error = $2, finished_at = now()
+   SET status = 'failed', attempts = attempts + 1, last_error = $2, finished_at = now(),
+       errors = jsonb_path_query_array(
+           errors || jsonb_build_array(jsonb_build_object(
+               'at', now(), 'attempt', attempts + 1, 'error', $2::text)),
+           '$[last - 9 to last]')
  WHERE id = $1 AND status IN ('new', 'queued')
 RETURNING kind;
 
 -- name: record_transient_failure
 -- Counts the attempt; the row turns failed once it has had $3 (MAX_ATTEMPTS).
+-- Each attempt joins the failure history, as in fail_row.
 UPDATE outbox_relay.outbox
    SET attempts    = attempts + 1,
        last_error  = $2,
        status      = CASE WHEN attempts + 1 >= $3 THEN 'failed' ELSE status END,
-       finished_at = CASE WHEN attempts + 1 >= $3 THEN now() ELSE finished_at END
+       finished_at = CASE WHEN attempts + 1 >= $3 THEN now() ELSE finished_at END,
+       errors      = jsonb_path_query_array(
+           errors || jsonb_build_array(jsonb_build_object(
+               'at', now(), 'attempt', attempts + 1, 'error', $2::text)),
+           '$[last - 9 to last]')
  WHERE id = $1 AND status IN ('new', 'queued')
 RETURNING status, attempts, kind;
 
@@ -122,7 +133,7 @@ SELECT extract(epoch FROM now() - least(
            (SELECT min(created_at) FROM outbox_relay.outbox WHERE status = 'queued')))::float8;
 
 -- name: failed_rows
-SELECT correlation_id, kind, attempts, last_error
+SELECT correlation_id, kind, attempts, last_error, errors::text AS errors
   FROM outbox_relay.outbox
  WHERE status = 'failed'
  ORDER BY id

@@ -32,7 +32,7 @@ GRANT SELECT, UPDATE ON outbox_relay.relay_lease TO outbox_relay_relay;
 -- worker (`worker`): claims a row and records its outcome.
 GRANT USAGE ON SCHEMA outbox_relay TO outbox_relay_worker;
 GRANT SELECT ON outbox_relay.outbox, outbox_relay.schema_migrations TO outbox_relay_worker;
-GRANT UPDATE (status, attempts, last_error, finished_at) ON outbox_relay.outbox TO outbox_relay_worker;
+GRANT UPDATE (status, attempts, last_error, finished_at, errors) ON outbox_relay.outbox TO outbox_relay_worker;
 
 -- operator (`status`, `requeue`, `prune`, `doctor`).
 GRANT USAGE ON SCHEMA outbox_relay TO outbox_relay_operator;

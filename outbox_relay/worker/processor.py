@@ -154,7 +154,10 @@ class RowProcessor:
             async with asyncio.timeout(self.config.job_timeout):
                 if permanent:
                     kind = await self.pool.fetchval(query("fail_row"), row_id, error)
-                    logger.warning("row failed permanently", extra={"row_id": row_id, "error": error})
+                    logger.warning(
+                        "row failed permanently",
+                        extra={"event": "row_failed", "row_id": row_id, "error": error},
+                    )
                     return Outcome("failed", kind=kind)
                 row = await self.pool.fetchrow(
                     query("record_transient_failure"), row_id, error, self.config.max_attempts
@@ -166,7 +169,7 @@ class RowProcessor:
         if row["status"] == "failed":
             logger.warning(
                 "row failed after its last attempt",
-                extra={"row_id": row_id, "attempts": row["attempts"], "error": error},
+                extra={"event": "row_failed", "row_id": row_id, "attempts": row["attempts"], "error": error},
             )
             return Outcome("failed", kind=row["kind"])
         delay = max(self._backoff(row["attempts"]), retry_after or 0.0)

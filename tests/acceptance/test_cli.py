@@ -439,8 +439,9 @@ async def test_status_json_reports_counts_age_and_failed_rows(
     failed = {row["correlation_id"]: row for row in report["failed"]}
     assert set(failed) == {"orphan-1", "weird-1"}
     for row in report["failed"]:
-        assert set(row) == {"correlation_id", "kind", "attempts", "last_error"}
+        assert set(row) == {"correlation_id", "kind", "attempts", "last_error", "errors"}
         assert row["attempts"] == 1
+        assert [(e["attempt"], e["error"]) for e in row["errors"]] == [(1, row["last_error"])]
     assert failed["weird-1"]["kind"] == "teleport"
     assert "no reservation" in failed["orphan-1"]["last_error"]
     assert "unknown kind" in failed["weird-1"]["last_error"]

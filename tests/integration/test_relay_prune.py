@@ -76,6 +76,7 @@ async def test_the_retention_loop_of_a_relay_that_lost_its_lease_deletes_nothing
             await prune_service(pool, older_than=3600, batch_size=100, fence=stale.check_leadership)
         assert await service.fetchval("SELECT count(*) FROM outbox_relay.outbox") == 20
         current = RelayStore(pool, batch_size=5, requeue_after=60, epoch=theirs)
-        assert await prune_service(pool, older_than=3600, batch_size=100, fence=current.check_leadership) == 20
+        fence = current.check_leadership
+        assert await prune_service(pool, older_than=3600, batch_size=100, fence=fence) == 20
     finally:
         await pool.close()

@@ -44,4 +44,19 @@ def test_status_text_escapes_row_values() -> None:
     assert "\x9b" not in text
     assert "\r" not in text
     failed_line = text.splitlines()[-1]
-    assert failed_line == "  id\\x1b[2J\\nfake: ok  kind=k\\x9bind  attempts=3  error=boom\\r\\nnew line"
+    assert failed_line == (
+        "  id\\x1b[2J\\nfake: ok  kind=k\\x9bind  attempts=3  failures=0  error=boom\\r\\nnew line"
+    )
+
+
+def test_status_text_shows_the_failure_count_and_the_newest_error_escaped() -> None:
+    """status's text shows how many failures the history holds and its newest error, escaped."""
+    history = [
+        {"at": "2026-01-01T00:00:00+00:00", "attempt": 1, "error": "first"},
+        {"at": "2026-01-01T00:00:01+00:00", "attempt": 2, "error": "second\x1b[31m red"},
+    ]
+    row = FailedRow("id-1", "reservation", 2, "second\x1b[31m red", history)
+    text = Status({"new": 0, "queued": 0, "finished": 0, "failed": 1}, None, [row]).as_text()
+    expected = "  id-1  kind=reservation  attempts=2  failures=2  error=second\\x1b[31m red"
+    assert text.splitlines()[-1] == expected
+    assert "\x1b" not in text
