@@ -8,6 +8,15 @@ the producer (:class:`ArqQueue`, used by the relay), the consumer
 from __future__ import annotations
 
 from outbox_relay.arq_adapter.consumer import ArqConsumer, ConsumerConfig, run_noop_worker
+from outbox_relay.arq_adapter.facts import redis_facts
 from outbox_relay.arq_adapter.producer import ArqQueue, QueueConfig, job_id
 
-__all__ = ["ArqConsumer", "ArqQueue", "ConsumerConfig", "QueueConfig", "job_id", "run_noop_worker"]
+__all__ = [
+    "ArqConsumer",
+    "ArqQueue",
+    "ConsumerConfig",
+    "QueueConfig",
+    "job_id",
+    "redis_facts",
+    "run_noop_worker",
+]
