@@ -160,7 +160,7 @@ async def test_disabled_notify_trigger_fails_and_its_fix_works(deployment: Outbo
 
 
 async def test_disabled_subscription_fails_and_its_fix_works(deployment: OutboxEnv) -> None:
-    """A disabled subscription: subscription, apply worker and the primary's inactive slot fail; ENABLE mends."""
+    """A disabled subscription fails subscription and apply worker, the slot goes inactive; ENABLE mends."""
     service = await connect(deployment.service_url)
     try:
         await service.execute(f'ALTER SUBSCRIPTION "{deployment.subscription_name}" DISABLE')
@@ -250,7 +250,8 @@ async def test_schema_behind_or_ahead_fails(deployment: OutboxEnv) -> None:
             "SELECT max(version) FROM outbox_relay.schema_migrations WHERE target = 'service'"
         )
         await service.execute(
-            "UPDATE outbox_relay.schema_migrations SET version = 99 WHERE target = 'service' AND version = $1",
+            "UPDATE outbox_relay.schema_migrations SET version = 99"
+            " WHERE target = 'service' AND version = $1",
             latest,
         )
         check = _by_name(await _doctor(deployment))["schema service"]
@@ -298,11 +299,13 @@ async def test_old_pending_row_warns_then_fails(deployment: OutboxEnv) -> None:
     try:
         await produce(service, "old-1")
         await service.execute(
-            "UPDATE outbox_relay.outbox SET created_at = now() - interval '90 seconds' WHERE correlation_id = 'old-1'"
+            "UPDATE outbox_relay.outbox SET created_at = now() - interval '90 seconds'"
+            " WHERE correlation_id = 'old-1'"
         )
         assert _by_name(await _doctor(deployment))["oldest pending"].status == "warn"
         await service.execute(
-            "UPDATE outbox_relay.outbox SET created_at = now() - interval '1 hour' WHERE correlation_id = 'old-1'"
+            "UPDATE outbox_relay.outbox SET created_at = now() - interval '1 hour'"
+            " WHERE correlation_id = 'old-1'"
         )
         assert _by_name(await _doctor(deployment))["oldest pending"].status == "fail"
     finally:
@@ -338,7 +341,8 @@ async def test_expired_lease_of_the_lock_holder_warns(deployment: OutboxEnv) -> 
             " holder text, epoch bigint NOT NULL DEFAULT 0, expires_at timestamptz NOT NULL)"
         )
         await service.execute(
-            "INSERT INTO outbox_relay.relay_lease (holder, epoch, expires_at) VALUES ('x', 7, now() - interval '1 min')"
+            "INSERT INTO outbox_relay.relay_lease (holder, epoch, expires_at)"
+            " VALUES ('x', 7, now() - interval '1 min')"
         )
         async with running_relay(settings) as relay:
             await wait_until(lambda: _true(relay.active.is_set()), message="relay active")
