@@ -226,6 +226,29 @@ async def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def configure_doctor(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help='print {"checks": [...]} as one JSON object')
+    parser.add_argument("--requeue-after", type=float, help="OUTBOX_RELAY_REQUEUE_AFTER")
+    parser.add_argument("--queue-name", help="OUTBOX_RELAY_QUEUE_NAME")
+
+
+async def cmd_doctor(args: argparse.Namespace, settings: Settings) -> int:
+    from outbox_relay.doctor import DoctorConfig, render_json, run_doctor
+
+    config = DoctorConfig(
+        database_url=settings.require_database_url(),
+        redis_url=settings.redis_url.get_secret_value(),
+        queue_name=settings.queue_name,
+        requeue_after=settings.requeue_after,
+        primary_url=settings.primary_url.get_secret_value() if settings.primary_url is not None else None,
+        subscription_name=settings.subscription_name,
+        plugins=_plugins(settings).plugins(),
+    )
+    report = await run_doctor(config)
+    print(render_json(report) if args.json else report.as_text())
+    return report.exit_code()
+
+
 def configure_requeue(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--correlation-id",
@@ -449,6 +472,12 @@ COMMANDS: tuple[Command, ...] = (
     Command("run", "the relay: LISTEN fast path plus periodic sweep", configure_run, cmd_run),
     Command("worker", "an arq worker that applies the handlers", configure_worker, cmd_worker),
     Command("status", "counts per status, oldest pending row, failed rows", configure_status, cmd_status),
+    Command(
+        "doctor",
+        "check the deployment end to end: schema, trigger, replication, Redis, relay, workers",
+        configure_doctor,
+        cmd_doctor,
+    ),
     Command("requeue", "put failed rows back to new, attempts reset", configure_requeue, cmd_requeue),
     Command(
         "prune",

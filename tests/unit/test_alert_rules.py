@@ -1,0 +1,71 @@
+"""deploy/prometheus/alerts.yml: valid rules over the documented metric names only.
+
+The expressions are checked against the metric names the processes really expose;
+`promtool check rules deploy/prometheus/alerts.yml` (Debian's `prometheus` package)
+also parses the PromQL, by hand.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import yaml
+
+ALERTS = Path(__file__).resolve().parents[2] / "deploy" / "prometheus" / "alerts.yml"
+
+def _exposed_metrics() -> set[str]:
+    """Every sample name the processes really expose (read from the metrics module's registry)."""
+    from outbox_relay.observability import Metrics
+
+    metrics = Metrics()
+    metrics.handed_over.labels(path="notify").inc()  # labelled families expose samples once used
+    metrics.events.labels(kind="reservation", result="finished").inc()
+    metrics.commit_to_finish.labels(kind="reservation").observe(0.01)
+    metrics.rows.labels(status="new").set(0)
+    return {sample.name for family in metrics.registry.collect() for sample in family.samples}
+
+
+#: What the processes expose: a rule over any other name would never fire.
+DOCUMENTED_METRICS = _exposed_metrics()
+WANTED = {
+    "OutboxRelayNoActiveRelay",
+    "OutboxRelayPendingRowsOld",
+    "OutboxRelayFailedRowsIncreasing",
+    "OutboxRelaySubscriptionDisabled",
+    "OutboxRelaySubscriptionErrors",
+    "OutboxRelayNoLiveWorker",
+}
+
+
+def _rules() -> list[dict[str, object]]:
+    doc = yaml.safe_load(ALERTS.read_text())
+    return [rule for group in doc["groups"] for rule in group["rules"]]
+
+
+def test_every_wanted_alert_is_there_with_summary_and_severity() -> None:
+    """The issue's alerts exist, each with an expression, a severity and a summary."""
+    rules = {r["alert"]: r for r in _rules()}
+    assert set(rules) == WANTED
+    for name, rule in rules.items():
+        assert isinstance(rule["expr"], str), name
+        assert rule["labels"]["severity"] in {"warning", "critical"}, name  # type: ignore[index]
+        assert rule["annotations"]["summary"], name  # type: ignore[index]
+    assert rules["OutboxRelayNoActiveRelay"]["for"] == "1m"
+
+
+def test_expressions_use_only_documented_metrics() -> None:
+    """Every outbox_relay_* name in an expression is a metric the processes expose (a typo never alerts);
+    a rule without one watches the workers' scrape target (`up`)."""
+    for rule in _rules():
+        expr = str(rule["expr"])
+        names = set(re.findall(r"\boutbox_relay_[a-z_]+", expr))
+        assert names or "up{" in expr, rule["alert"]
+        assert names <= DOCUMENTED_METRICS, (rule["alert"], names - DOCUMENTED_METRICS)
+
+
+def test_the_exposed_metric_list_is_read_from_the_registry() -> None:
+    """The list the rules are checked against holds the contract's names, counters with _total."""
+    wanted = {"outbox_relay_rows", "outbox_relay_events_total", "outbox_relay_relay_active"}
+    assert wanted <= DOCUMENTED_METRICS
+    assert "outbox_relay_workers_live" not in DOCUMENTED_METRICS
