@@ -12,6 +12,7 @@ import redis.asyncio as aioredis
 from outbox_relay.doctor import DoctorConfig, Report, run_doctor
 from outbox_relay.handlers import registry
 from outbox_relay.replication import subscribe
+from outbox_relay.sql import query
 from tests.conftest import OutboxEnv, create_outbox_env, drop_outbox_env
 from tests.helpers import cli_env, connect, produce, run_cli, running_relay, running_worker, wait_until
 from tests.servers import PgServer, RedisServer, owned_postgres, owned_redis
@@ -332,26 +333,23 @@ async def test_old_transaction_holding_xmin_is_named(
 
 
 async def test_expired_lease_of_the_lock_holder_warns(deployment: OutboxEnv) -> None:
-    """With a relay_lease table (another migration's), a lock holder whose lease expired warns."""
+    """A session holding the relay lock whose lease (migration 0003) has expired warns, naming the
+    epoch (what a frozen relay looks like before the server ends its session); a valid lease is ok."""
     service = await connect(deployment.service_url)
-    settings = deployment.settings()
+    holder = await connect(deployment.service_url)  # holds the lock, renews nothing: frozen
     try:
+        assert await holder.fetchval(query("try_relay_lock"))
         await service.execute(
-            "CREATE TABLE outbox_relay.relay_lease (singleton boolean PRIMARY KEY DEFAULT true,"
-            " holder text, epoch bigint NOT NULL DEFAULT 0, expires_at timestamptz NOT NULL)"
+            "UPDATE outbox_relay.relay_lease"
+            " SET holder = 'x', epoch = 7, expires_at = now() - interval '1 min'"
         )
-        await service.execute(
-            "INSERT INTO outbox_relay.relay_lease (holder, epoch, expires_at)"
-            " VALUES ('x', 7, now() - interval '1 min')"
-        )
-        async with running_relay(settings) as relay:
-            await wait_until(lambda: _true(relay.active.is_set()), message="relay active")
-            check = _by_name(await _doctor(deployment))["relay"]
-            assert check.status == "warn", check
-            assert "epoch 7" in check.detail
-            await service.execute("UPDATE outbox_relay.relay_lease SET expires_at = now() + interval '1 min'")
-            assert _by_name(await _doctor(deployment))["relay"].status == "ok"
+        check = _by_name(await _doctor(deployment))["relay"]
+        assert check.status == "warn", check
+        assert "epoch 7" in check.detail
+        await service.execute("UPDATE outbox_relay.relay_lease SET expires_at = now() + interval '1 min'")
+        assert _by_name(await _doctor(deployment))["relay"].status == "ok"
     finally:
+        await holder.close()
         await service.close()
 
 
