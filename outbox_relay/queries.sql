@@ -22,15 +22,6 @@ SELECT id, correlation_id, generation
 -- $1 seconds ago by the database's own clock (the sweep's and prune's cut-offs).
 SELECT now() - make_interval(secs => $1::float8);
 
--- name: select_stale_queued
--- Rows handed to the queue before $1 and still not done (the first page of the
--- relay's select_stale_queued_page, as the benchmark measures it).
-SELECT id, correlation_id, generation
-  FROM outbox_relay.outbox
- WHERE status = 'queued' AND queued_at < $1
- ORDER BY queued_at
- LIMIT $2;
-
 -- name: mark_queued
 -- Compare-and-set: a row a worker has already finished stays finished. Fenced:
 -- it acts only while the lease is unexpired and of epoch $2 (the lease row is
@@ -204,9 +195,6 @@ SELECT pg_create_logical_replication_slot($1, 'pgoutput');
 SELECT pg_drop_replication_slot(slot_name)
   FROM pg_replication_slots
  WHERE slot_name = $1 AND NOT active;
-
--- name: slot_active
-SELECT active FROM pg_replication_slots WHERE slot_name = $1;
 
 -- name: publication_exists
 SELECT count(*) > 0 FROM pg_publication WHERE pubname = 'outbox_relay';

@@ -975,7 +975,7 @@ async def _buffers(conn: Connection, ids: list[int]) -> dict[str, int]:
     checks = {
         "select_new": (query("select_new"), (0, 500)),
         "select_new_by_ids": (query("select_new_by_ids"), (ids,)),
-        "select_stale_queued": (query("select_stale_queued"), (datetime.now(UTC), 500)),
+        "select_stale_queued": (query("select_stale_queued_page"), (datetime.now(UTC), 500, None, 0)),
         "claim_row": (query("claim_row"), (ids[0],)),
         "finish_row": (FINISH_ROW, (ids[0],)),
         "oldest_pending_age": (query("oldest_pending_age"), ()),
@@ -1005,7 +1005,10 @@ async def _plans(conn: Connection) -> dict[str, bool]:
     checks = {
         "select_new": (query("select_new"), (0, 500)),
         "select_new_by_ids": (query("select_new_by_ids"), ([1, 2, 3],)),
-        "select_stale_queued": (query("select_stale_queued"), (datetime(2000, 1, 1, tzinfo=UTC), 500)),
+        "select_stale_queued": (
+            query("select_stale_queued_page"),
+            (datetime(2000, 1, 1, tzinfo=UTC), 500, None, 0),
+        ),
         "mark_queued": (query("mark_queued"), ([1, 2, 3], 1)),
         "claim_row": (query("claim_row"), (1,)),
         "finish_row": (FINISH_ROW, (1,)),
