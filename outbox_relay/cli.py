@@ -212,17 +212,57 @@ async def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
 
 def configure_status(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument(
+        "--watch",
+        action="store_true",
+        help="refresh in place until Ctrl-C: counts, rates, oldest pending row, replication lag, the last "
+        "failures (one plain line per refresh when stdout is not a terminal)",
+    )
+    parser.add_argument(
+        "--interval",
+        type=float,
+        metavar="SECONDS",
+        help="with --watch: seconds between refreshes (1; from 0.2 to 60)",
+    )
 
 
 async def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     from outbox_relay.admin import status
 
+    if args.watch:
+        return await _watch_status(args, settings)
+    if args.interval is not None:
+        raise UsageError("status --interval applies only with --watch")
     conn = await _connect(settings.require_database_url(), "service database")
     try:
         result = await status(conn)
     finally:
         await conn.close()
     print(json.dumps(result.as_json()) if args.json else result.as_text())
+    return 0
+
+
+async def _watch_status(args: argparse.Namespace, settings: Settings) -> int:
+    from outbox_relay.admin import require_shape
+    from outbox_relay.watch import DEFAULT_INTERVAL, MAX_INTERVAL, MIN_INTERVAL, live_view, watch
+
+    interval = DEFAULT_INTERVAL if args.interval is None else args.interval
+    if not (math.isfinite(interval) and MIN_INTERVAL <= interval <= MAX_INTERVAL):
+        raise UsageError(
+            f"status --interval must be a number of seconds from {MIN_INTERVAL:g} to {MAX_INTERVAL:g}"
+        )
+    if args.json:
+        raise UsageError("status --watch shows a view; for JSON run `status --json` (e.g. in a loop)")
+    url = settings.require_database_url()
+    stop = stop_on_signals()
+    conn = await _connect(url, "service database")
+    try:
+        await require_shape(conn, "service", "status --watch")
+    except BaseException:
+        await conn.close()
+        raise
+    with live_view(sys.stdout) as show:
+        await watch(conn, url, interval=interval, stop=stop, show=show)
     return 0
 
 
@@ -471,7 +511,12 @@ COMMANDS: tuple[Command, ...] = (
     ),
     Command("run", "the relay: LISTEN fast path plus periodic sweep", configure_run, cmd_run),
     Command("worker", "an arq worker that applies the handlers", configure_worker, cmd_worker),
-    Command("status", "counts per status, oldest pending row, failed rows", configure_status, cmd_status),
+    Command(
+        "status",
+        "counts per status, oldest pending row, failed rows (--watch: a live view)",
+        configure_status,
+        cmd_status,
+    ),
     Command(
         "doctor",
         "check the deployment end to end: schema, trigger, replication, Redis, relay, workers",

@@ -130,6 +130,23 @@ SELECT correlation_id, kind, attempts, last_error, errors::text AS errors
  ORDER BY id
  LIMIT $1;
 
+-- name: max_id
+-- `status --watch`: the newest row, one probe of the primary key.
+SELECT coalesce(max(id), 0) FROM outbox_relay.outbox;
+
+-- name: rows_after
+-- `status --watch`: rows that arrived after its last full count, a range of the
+-- primary key (the cost follows the new rows, never the finished ones).
+SELECT count(*) FROM outbox_relay.outbox WHERE id > $1;
+
+-- name: recent_failed_rows
+-- `status --watch`: the newest failed rows, from the failed rows' partial index.
+SELECT correlation_id, kind, attempts, last_error, errors::text AS errors
+  FROM outbox_relay.outbox
+ WHERE status = 'failed'
+ ORDER BY id DESC
+ LIMIT $1;
+
 -- name: requeue_ids
 UPDATE outbox_relay.outbox
    SET status = 'new', attempts = 0, last_error = NULL, queued_at = NULL,
