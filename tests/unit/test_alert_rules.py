@@ -1,18 +1,25 @@
 """deploy/prometheus/alerts.yml: valid rules over the documented metric names only.
 
-The expressions are checked against the metric names the processes really expose;
-`promtool check rules deploy/prometheus/alerts.yml` (Debian's `prometheus` package)
-also parses the PromQL, by hand.
+The expressions are checked against the metric names the processes really expose
+(always); `promtool check rules` parses the PromQL and `promtool test rules` runs
+deploy/prometheus/alerts_test.yml, which proves the alerts fire on synthetic series.
+promtool comes from PATH or Debian's `prometheus` package (tests/tools.py); where it
+can't be had those tests fail, unless OUTBOX_RELAY_NO_PROMTOOL=1 opts out.
 """
 
 from __future__ import annotations
 
 import re
+import subprocess
 from pathlib import Path
 
+import pytest
 import yaml
 
+from tests.tools import NO_PROMTOOL, ToolMissing, promtool, promtool_opted_out
+
 ALERTS = Path(__file__).resolve().parents[2] / "deploy" / "prometheus" / "alerts.yml"
+ALERT_TESTS = ALERTS.with_name("alerts_test.yml")
 
 def _exposed_metrics() -> set[str]:
     """Every sample name the processes really expose (read from the metrics module's registry)."""
@@ -69,3 +76,37 @@ def test_the_exposed_metric_list_is_read_from_the_registry() -> None:
     wanted = {"outbox_relay_rows", "outbox_relay_events_total", "outbox_relay_relay_active"}
     assert wanted <= DOCUMENTED_METRICS
     assert "outbox_relay_workers_live" not in DOCUMENTED_METRICS
+
+
+def _promtool(*args: str) -> subprocess.CompletedProcess[str]:
+    """Run promtool, or fail saying how to get it (pass only when the opt-out is set)."""
+    try:
+        binary = promtool()
+    except ToolMissing as exc:
+        if promtool_opted_out():
+            pytest.xfail(f"{NO_PROMTOOL}=1: {exc}")  # reported as xfailed, never as passed
+        pytest.fail(str(exc))
+    return subprocess.run(
+        [str(binary), *args], capture_output=True, text=True, timeout=120, cwd=ALERTS.parent
+    )
+
+
+def test_promtool_checks_the_rules() -> None:
+    """`promtool check rules` accepts alerts.yml: valid YAML, PromQL and templates, all six rules."""
+    result = _promtool("check", "rules", ALERTS.name)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"SUCCESS: {len(WANTED)} rules found" in result.stdout, result.stdout
+
+
+def test_promtool_unit_tests_prove_the_alerts_fire() -> None:
+    """`promtool test rules alerts_test.yml`: on synthetic series every alert fires when it should
+    (no active relay, old pending rows, failed rows increasing, no live worker, subscription
+    disabled and erroring) and stays quiet when it should not."""
+    cases = yaml.safe_load(ALERT_TESTS.read_text())["tests"]
+    fired = {
+        check["alertname"] for case in cases for check in case["alert_rule_test"] if check["exp_alerts"]
+    }
+    assert fired == WANTED
+    result = _promtool("test", "rules", ALERT_TESTS.name)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS" in result.stdout, result.stdout
