@@ -425,7 +425,8 @@ async def _subscription_checks(
         + {
             "off": " (large transactions reach the service database when they commit)",
             "on": " (large transactions are streamed as they run, applied at commit)",
-            "parallel": " (large transactions are applied by parallel apply workers)",
+            "parallel": " (large transactions are applied by parallel apply workers; the notify "
+            "trigger fires there too)",
         }.get(mode, ""),
     )
     return sub
