@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import random
 import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -23,6 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import SecretStr
+from rich.console import Console, Group, RenderableType
+from rich.live import Live
+from rich.progress_bar import ProgressBar
+from rich.table import Table
+from rich.text import Text
 
 from outbox_relay.db import Connection, connect
 from outbox_relay.devtools.embedded import EmbeddedPostgres, EmbeddedRedis
@@ -164,14 +168,31 @@ async def _demo(
             f"  phase 1, steady: {len(steady)} events (+{len(POISON)} poison rows) offered at "
             f"{options.rate:.0f}/s by {options.producers} producers (latency)"
         )
+        offered = Offered(1)  # the warm-up event
         producing = asyncio.create_task(
-            _produce(primary_url, steady, options.producers, options.rate, POISON)
+            _produce(primary_url, steady, options.producers, options.rate, POISON, offered)
         )
-        await _show_progress(service, 1 + len(steady) + len(POISON), producing, processes, workdir)
+        await _show_progress(
+            service,
+            1 + len(steady) + len(POISON),
+            producing,
+            processes,
+            workdir,
+            phase="phase 1, steady (latency)",
+            offered=offered,
+        )
         await producing
         say(f"  phase 2, burst: {len(burst)} events as fast as {options.producers} producers go (throughput)")
-        producing = asyncio.create_task(_produce(primary_url, burst, options.producers, 0.0, []))
-        await _show_progress(service, 1 + options.events + len(POISON), producing, processes, workdir)
+        producing = asyncio.create_task(_produce(primary_url, burst, options.producers, 0.0, [], offered))
+        await _show_progress(
+            service,
+            1 + options.events + len(POISON),
+            producing,
+            processes,
+            workdir,
+            phase="phase 2, burst (throughput)",
+            offered=offered,
+        )
         await producing
         return await _report(service, steady, burst, amounts, initial_total, options)
     finally:
@@ -224,6 +245,7 @@ async def _produce(
     producers: int,
     rate: float,
     poison: list[tuple[str, str, str | None, str]],
+    offered: Offered,
 ) -> None:
     """Commit every outcome on the primary, one transaction per event, as a backend would."""
     rows: list[tuple[str, str, str | None, str]] = [
@@ -256,10 +278,43 @@ async def _produce(
                     if delay > 0:
                         await asyncio.sleep(delay)
                 await statement.fetch(*row)
+                offered.count += 1
         finally:
             await conn.close()
 
     await asyncio.gather(*(producer() for _ in range(producers)))
+
+
+@dataclass
+class Offered:
+    """Events the producers have committed on the primary so far."""
+
+    count: int = 0
+
+
+def progress_view(
+    phase: str, offered: int, total: int, counts: dict[str, int], rate: float | None
+) -> RenderableType:
+    """The live progress view on a terminal: the phase, events offered, replicated, handed over, done."""
+    done = counts.get("finished", 0) + counts.get("failed", 0)
+    table = Table.grid(padding=(0, 2))
+    table.add_column(justify="left")
+    table.add_column(justify="right")
+    rows = [
+        ("offered on the primary", f"{offered}/{total}"),
+        ("replicated", str(sum(counts.values()))),
+        ("queued", str(counts.get("queued", 0))),
+        ("finished", str(counts.get("finished", 0))),
+        ("failed", str(counts.get("failed", 0))),
+        ("rate", "" if rate is None else f"{rate:.0f} events/s"),
+    ]
+    for label, value in rows:
+        table.add_row(Text(label), Text(value))
+    return Group(
+        Text(f"  {phase}", style="bold"),
+        ProgressBar(total=max(total, 1), completed=min(done, total), width=60),
+        table,
+    )
 
 
 async def _show_progress(
@@ -268,10 +323,33 @@ async def _show_progress(
     producing: asyncio.Task[None],
     processes: list[subprocess.Popen[bytes]],
     workdir: Path,
+    *,
+    phase: str,
+    offered: Offered,
 ) -> None:
-    interactive = sys.stdout.isatty()
+    console = Console()
+    if console.is_terminal:
+        with Live(console=console, auto_refresh=False) as live:
+            await _follow(service, total, producing, processes, workdir, phase, offered, live)
+    else:
+        await _follow(service, total, producing, processes, workdir, phase, offered, None)
+
+
+async def _follow(
+    service: Connection,
+    total: int,
+    producing: asyncio.Task[None],
+    processes: list[subprocess.Popen[bytes]],
+    workdir: Path,
+    phase: str,
+    offered: Offered,
+    live: Live | None,
+) -> None:
+    """Poll the counts until the phase's rows are done: a live view on a terminal, else a line a second."""
     last_print = 0.0
-    deadline = time.monotonic() + max(120.0, total / 50)
+    started = time.monotonic()
+    done_at_start: int | None = None
+    deadline = started + max(120.0, total / 50)
     while True:
         counts: dict[str, int] = {
             r["status"]: r["n"]
@@ -280,19 +358,19 @@ async def _show_progress(
             )
         }
         done = counts.get("finished", 0) + counts.get("failed", 0)
-        line = (
-            f"  replicated {sum(counts.values()):>6}/{total}  queued {counts.get('queued', 0):>5}  "
-            f"finished {counts.get('finished', 0):>6}  failed {counts.get('failed', 0):>3}"
-        )
         now = time.monotonic()
-        if interactive:
-            print("\r" + line, end="", flush=True)
+        if live is not None:
+            done_at_start = done if done_at_start is None else done_at_start
+            elapsed = now - started
+            rate = (done - done_at_start) / elapsed if elapsed > 0.5 else None
+            live.update(progress_view(phase, offered.count, total, counts, rate), refresh=True)
         elif now - last_print >= 1.0 or done >= total:
-            say(line)
+            say(
+                f"  replicated {sum(counts.values()):>6}/{total}  queued {counts.get('queued', 0):>5}  "
+                f"finished {counts.get('finished', 0):>6}  failed {counts.get('failed', 0):>3}"
+            )
             last_print = now
         if done >= total and producing.done():
-            if interactive:
-                print(flush=True)
             return
         if producing.done() and producing.exception() is not None:
             raise producing.exception()  # type: ignore[misc]
