@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from tests.helpers import cli_env, run_cli
@@ -21,6 +22,9 @@ def test_demo_completes_on_embedded_servers_with_every_check_passing() -> None:
         assert word in out
     assert "FAILED" not in out
     assert "cleaned up" in out
+    # Piped, the progress stays plain lines (the live view is for terminals only).
+    assert re.search(r"^  replicated +\d+/\d+  queued +\d+  finished +\d+  failed +\d+$", out, re.M), out
+    assert "\x1b" not in out
 
 
 def test_bench_quick_writes_the_results_with_the_ratio_to_the_arq_ceiling(tmp_path: Path) -> None:
