@@ -33,7 +33,7 @@ from rich.text import Text
 
 from outbox_relay.admin import STATUSES, FailedRow, failed_row, require_shape
 from outbox_relay.db import DirectConnection, connect
-from outbox_relay.lifecycle import stopped_within
+from outbox_relay.lifecycle import cancel_and_wait, stopped_within
 from outbox_relay.logs import describe
 from outbox_relay.observability.sql import query as observability_query
 from outbox_relay.sql import query
@@ -275,28 +275,42 @@ async def watch(
     current: DirectConnection | None = conn
     last: Sample | None = None
     rates: Rates | None = None
+
+    async def refresh() -> str | None:
+        """One sample (reconnecting first when needed); the problem to show, if any."""
+        nonlocal current, last, rates
+        try:
+            if current is None:
+                current = await connect(url, application_name="outbox_relay.status")
+                await require_shape(current, "service", "status --watch")
+                sampler.recount()
+            sample = await asyncio.wait_for(sampler.sample(current), QUERY_TIMEOUT)
+        except LOST as exc:
+            logger.debug("status --watch: refresh failed", exc_info=True)
+            if current is not None:
+                await _close(current)
+            current, rates = None, None
+            return f"connection lost ({describe(exc)})"
+        if last is not None:
+            rates = rates_between(last, sample)
+        last = sample
+        return None
+
+    stopped = asyncio.ensure_future(stop.wait())
     try:
         while True:
-            problem = None
-            try:
-                if current is None:
-                    current = await connect(url, application_name="outbox_relay.status")
-                    await require_shape(current, "service", "status --watch")
-                    sampler.recount()
-                sample = await asyncio.wait_for(sampler.sample(current), QUERY_TIMEOUT)
-                if last is not None:
-                    rates = rates_between(last, sample)
-                last = sample
-            except LOST as exc:
-                problem = f"connection lost ({describe(exc)})"
-                logger.debug("status --watch: refresh failed", exc_info=True)
-                if current is not None:
-                    await _close(current)
-                current, rates = None, None
-            show(Frame(interval, last, rates, problem))
+            # Ctrl-C ends the view at once, even in a connect or a query that waits on a dead server.
+            step = asyncio.ensure_future(refresh())
+            await asyncio.wait({step, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            if not step.done():
+                await cancel_and_wait(step)
+                return
+            show(Frame(interval, last, rates, step.result()))
             if await stopped_within(stop, interval):
                 return
     finally:
+        if not stopped.done():
+            await cancel_and_wait(stopped)
         if current is not None:
             await _close(current)
 
