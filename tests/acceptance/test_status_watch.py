@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from outbox_relay.replication import subscribe
 from outbox_relay.terminal import escape_controls
 from tests.conftest import OutboxEnv
 from tests.helpers import REPO, cli_env, produce
@@ -251,3 +252,19 @@ def test_watch_refuses_bad_flags(args: tuple[str, ...], message: str) -> None:
     assert result.returncode == 2, result
     assert message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+async def test_watch_shows_the_subscription_and_replicated_rows(
+    outbox_env: OutboxEnv, service: Any, primary: Any, terminals: list[Terminal]
+) -> None:
+    """Replicated: the view shows the subscription enabled with its lag, and rows committed on the primary."""
+    await subscribe(outbox_env.settings())
+    terminal = Terminal(cli_env(outbox_env.env()), "--interval", "0.2")
+    terminals.append(terminal)
+    await in_thread(terminal.wait_for, lambda t: re.search(r"replication: enabled, (lag \d|no apply)", t))
+    mark = terminal.mark()
+    for i in range(4):
+        await produce(primary, f"rep-{i}")
+    text = await in_thread(terminal.wait_for, row_shows("new", 4), since=mark)
+    assert re.search(r"replication: enabled, lag \d+\.\d s, apply errors 0, sync errors 0", text), text
+    assert await in_thread(terminal.interrupt) == 0
