@@ -411,6 +411,12 @@ def configure_bench(parser: argparse.ArgumentParser) -> None:
         help="finished rows for the table-scale check (1000000)",
     )
     parser.add_argument(
+        "--accounts",
+        type=_positive_int,
+        default=100,
+        help="ledger accounts the reservations are spread over (100; 1: one hot account)",
+    )
+    parser.add_argument(
         "--fsync-off",
         action="store_true",
         help="run the embedded PostgreSQL with fsync and synchronous_commit off (default: durable)",
@@ -430,7 +436,10 @@ async def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
         settings.require_database_url()
     if args.quick:
         options = BenchOptions.quick(
-            json_path=args.json, use_settings=args.use_settings, fsync_off=args.fsync_off
+            json_path=args.json,
+            use_settings=args.use_settings,
+            fsync_off=args.fsync_off,
+            accounts=args.accounts,
         )
     else:
         options = BenchOptions(
@@ -441,6 +450,7 @@ async def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
             json_path=args.json,
             use_settings=args.use_settings,
             fsync_off=args.fsync_off,
+            accounts=args.accounts,
         )
     _quiet_logs()
     return await run_bench(options, settings)

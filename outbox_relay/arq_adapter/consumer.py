@@ -13,8 +13,13 @@ arq settings, chosen for fast recovery (see the field notes in the README):
 * no idle polling: an idle worker blocks on the queue's wake-up list (the relay
   pushes one element per job it adds; BLPOP with a timeout of WORKER_IDLE_WAIT,
   shortened to the next deferred retry's due time), so it costs no CPU and still
-  starts a new job within a Redis round trip. While it runs jobs it polls every
-  ``WORKER_POLL_DELAY`` (10 ms), to take the next job as soon as a slot frees.
+  starts a new job within a Redis round trip. While it runs jobs (with a slot
+  free) it blocks the same way for at most ``WORKER_POLL_DELAY`` (10 ms) between
+  polls, so a new job starts at once rather than at the next poll; with every
+  slot taken it sleeps ``WORKER_POLL_DELAY`` instead (taking a wake-up it could
+  not act on would leave an idle worker asleep).
+* claiming: one script call per poll for every job taken (claim.lua), where
+  arq spends four round trips per job and a worker losing the race three.
 * a job is a batch of rows (``outbox_relay.process_rows``, JSON, see
   enqueue.lua); after the processor ran it, one call (settle.lua) drops the
   markers of the rows that ended and enqueues the rows to retry, each alone
@@ -70,6 +75,7 @@ OBSERVER_KEY = "outbox_relay.observer"
 STATS_KEY = "outbox_relay.stats"
 
 _SETTLE = (Path(__file__).resolve().parent / "settle.lua").read_text()
+_CLAIM = (Path(__file__).resolve().parent / "claim.lua").read_text()
 
 
 def deserialize_job(data: bytes) -> dict[str, Any]:
@@ -99,27 +105,47 @@ class ConsumerConfig:
 
 class OutboxWorker(Worker):
     """arq's Worker, woken by the relay instead of polling while idle, skipping the jobs
-    it runs itself and claiming the rest of each read window in random order.
+    it runs itself and claiming the rest of each read window in one call.
 
     arq workers read the same head of the queue and claim its jobs one by one
-    (WATCH/MULTI per job): with several workers, all but one pay round trips
-    for jobs another has just taken. Shuffling the window makes concurrent
-    workers mostly pick different jobs. Order within a window of
+    (WATCH/MULTI per job, four round trips): with several workers, all but one
+    pay round trips for jobs another has just taken. Here a poll claims every
+    job it can take in one script call (claim.lua), in random order, so that
+    workers short of slots take different jobs. Order within a window of
     ``queue_read_limit`` jobs is not kept (outbox_relay promises no order).
     """
 
     idle_wait: float = 1.0
     _started_now: int = 0
+    _claim: Any = None
 
     async def start_jobs(self, job_ids: list[bytes]) -> None:
-        # The jobs this worker is running stay in the queue until they finish, so
-        # every poll reads them again; arq would spend a WATCH/MULTI round trip on
-        # each before skipping it. Skip them here, for free.
+        """Claim up to the free slots' worth of ``job_ids`` in one call (claim.lua) and run them.
+
+        The jobs this worker runs stay in the queue until they finish, so every
+        poll reads them again: they are skipped here, for free. The claim itself
+        is arq's (due, not in progress; then the in-progress key), made atomic by
+        the script instead of by WATCH/MULTI per job.
+        """
         running = self.tasks
-        fresh = [job_id for job_id in job_ids if job_id.decode() not in running]
+        fresh = [job_id.decode() for job_id in job_ids if job_id.decode() not in running]
         random.shuffle(fresh)
-        self._started_now = len(fresh)
-        await super().start_jobs(fresh)
+        fresh = fresh[: max(0, self.max_jobs - self.job_counter)]
+        self._started_now = 0
+        if not fresh:
+            return
+        if self._claim is None:
+            self._claim = self.pool.register_script(_CLAIM)
+        ttl_ms = int(self.in_progress_timeout_s * 1000)
+        reply = await self._claim(keys=[self.queue_name], args=[int(time.time() * 1000), ttl_ms, *fresh])
+        for job_id_b, score in zip(reply[::2], reply[1::2], strict=True):
+            await self.sem.acquire()  # free: no more were claimed than slots were free
+            self.job_counter += 1
+            job_id = job_id_b.decode() if isinstance(job_id_b, bytes) else str(job_id_b)
+            task = self.loop.create_task(self.run_job(job_id, int(float(score))))
+            task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
+            self.tasks[job_id] = task
+            self._started_now += 1
 
     async def heart_beat(self) -> None:
         """Called by arq once per poll: the worker's liveness beat too (a poll got through)."""
@@ -139,9 +165,10 @@ class OutboxWorker(Worker):
             if self.burst and await self.pool.zcard(self.queue_name) == 0:
                 await asyncio.gather(*self.tasks.values())
                 return
-            busy = self.job_counter > 0 or self._started_now > 0 or not self.allow_pick_jobs
-            if busy:
-                await asyncio.sleep(self.poll_delay_s)
+            if not self.allow_pick_jobs or self.job_counter >= self.max_jobs:
+                await asyncio.sleep(self.poll_delay_s)  # no slot: the next poll frees none sooner
+            elif self.job_counter > 0 or self._started_now > 0:
+                await self._block(wake, self.poll_delay_s)  # busy: a new job wakes it at once
             else:
                 await self._wait_for_wake_up(wake)
 
@@ -154,6 +181,10 @@ class OutboxWorker(Worker):
         )
         if upcoming:
             timeout = min(timeout, max(0.0, (float(upcoming[0][1]) - now_ms) / 1000))
+        await self._block(wake, timeout)
+
+    async def _block(self, wake: str, timeout: float) -> None:
+        """Wait for the relay's next wake-up element, ``timeout`` seconds at most."""
         if timeout <= 0.001:
             return
         # Redis takes a fractional timeout; redis-py's annotation says int.
