@@ -10,14 +10,16 @@ arq settings, chosen for fast recovery (see the field notes in the README):
   backstop, because arq treats a timeout as terminal. It also sets the
   in-progress key's life (timeout + 10 s): a SIGKILLed worker's job is run by
   another worker after JOB_TIMEOUT + 15 s (25 s by default) instead of arq's 310 s.
-* no idle polling: an idle worker blocks on the queue's wake-up list (the relay
-  pushes one element per job it adds; BLPOP with a timeout of WORKER_IDLE_WAIT,
-  shortened to the next deferred retry's due time), so it costs no CPU and still
-  starts a new job within a Redis round trip. While it runs jobs (with a slot
-  free) it blocks the same way for at most ``WORKER_POLL_DELAY`` (10 ms) between
-  polls, so a new job starts at once rather than at the next poll; with every
-  slot taken it sleeps ``WORKER_POLL_DELAY`` instead (taking a wake-up it could
-  not act on would leave an idle worker asleep).
+* no polling on a timer: between polls a worker with a slot free, busy or
+  not, blocks on the queue's wake-up list (the relay pushes one element per job
+  it adds, settle.lua one per job it re-enqueues; BLPOP with a timeout of
+  WORKER_IDLE_WAIT, shortened to the next deferred job's due time), so it costs
+  no CPU while nothing arrives and starts a new job within a Redis round trip.
+  Every job adds an element and every element popped makes a poll, so no job
+  waits for a timer; WORKER_IDLE_WAIT bounds the wait if an element is ever
+  lost. A poll that read a full window polls again at once; a worker with every
+  slot taken sleeps ``WORKER_POLL_DELAY`` (10 ms) and polls for a free one
+  (taking a wake-up it could not act on would leave another worker asleep).
 * claiming: one script call per poll for every job taken (claim.lua), where
   arq spends four round trips per job and a worker losing the race three.
 * a job is a batch of rows (``outbox_relay.process_rows``, JSON, see
@@ -117,6 +119,7 @@ class OutboxWorker(Worker):
 
     idle_wait: float = 1.0
     _started_now: int = 0
+    _read_now: int = 0
     _claim: Any = None
 
     async def start_jobs(self, job_ids: list[bytes]) -> None:
@@ -127,6 +130,7 @@ class OutboxWorker(Worker):
         is arq's (due, not in progress; then the in-progress key), made atomic by
         the script instead of by WATCH/MULTI per job.
         """
+        self._read_now = len(job_ids)
         running = self.tasks
         fresh = [job_id.decode() for job_id in job_ids if job_id.decode() not in running]
         random.shuffle(fresh)
@@ -160,17 +164,16 @@ class OutboxWorker(Worker):
         self.ctx["redis"] = self.pool
         wake = wake_key(self.queue_name)
         while True:
-            self._started_now = 0
+            self._started_now = self._read_now = 0
             await self._poll_iteration()
             if self.burst and await self.pool.zcard(self.queue_name) == 0:
                 await asyncio.gather(*self.tasks.values())
                 return
             if not self.allow_pick_jobs or self.job_counter >= self.max_jobs:
-                await asyncio.sleep(self.poll_delay_s)  # no slot: the next poll frees none sooner
-            elif self.job_counter > 0 or self._started_now > 0:
-                await self._block(wake, self.poll_delay_s)  # busy: a new job wakes it at once
-            else:
+                await asyncio.sleep(self.poll_delay_s)  # no slot free: poll again for one
+            elif self._read_now < self.queue_read_limit:
                 await self._wait_for_wake_up(wake)
+            # else: the poll read a full window, more may be due: poll again at once
 
     async def _wait_for_wake_up(self, wake: str) -> None:
         """Block until the relay adds a job, the next deferred job is due, or ``idle_wait``."""
