@@ -411,6 +411,12 @@ def configure_bench(parser: argparse.ArgumentParser) -> None:
         help="finished rows for the table-scale check (1000000)",
     )
     parser.add_argument(
+        "--rounds",
+        type=_positive_int,
+        default=3,
+        help="rounds of the scaling runs, interleaved; each figure is their median (3)",
+    )
+    parser.add_argument(
         "--accounts",
         type=_positive_int,
         default=100,
@@ -451,6 +457,7 @@ async def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
             use_settings=args.use_settings,
             fsync_off=args.fsync_off,
             accounts=args.accounts,
+            rounds=args.rounds,
         )
     _quiet_logs()
     return await run_bench(options, settings)

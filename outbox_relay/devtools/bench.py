@@ -21,7 +21,8 @@ on: what users run); ``--fsync-off`` shows the throw-away mode.
    shape before batching); relay and worker peak RSS meanwhile;
 5. table scale: sweep and hot-path query cost with 0 and with many finished
    rows (and that no hot-path plan scans the table), and the cost of pruning;
-6. scaling: throughput with 1, 2 and 4 worker processes;
+6. scaling: 1 and 2 with 1, 2 and 4 worker processes, in interleaved rounds
+   (each figure the median of its rounds), with the CPU each count costs;
 7. CPU seconds per 1,000 events for relay, workers, PostgreSQL and Redis;
 8. idle CPU: percent of a core a relay and each worker use with nothing to do.
 """
@@ -93,6 +94,8 @@ class BenchOptions:
     backlog_per_row: bool = True
     #: Events routed to NATS JetStream (an embedded nats-server) for the sink step; 0: skip.
     nats_events: int = 5_000
+    #: Rounds of the scaling runs (arq ceiling and end to end per worker count), interleaved.
+    rounds: int = 3
     #: Ledger accounts the reservations are spread over (round robin). 1: every refund
     #: updates one account, which serialises all concurrent batches on its row lock.
     accounts: int = 100
@@ -124,6 +127,7 @@ class BenchOptions:
             backlog_per_row=False,
             nats_events=200,
             accounts=accounts,
+            rounds=1,
         )
 
 
@@ -141,6 +145,9 @@ class Results:
     #: CPU seconds per 1,000 events of the throughput run, by worker processes: the
     #: workers' together, and everything (relay, workers, PostgreSQL, Redis).
     cpu_by_workers: dict[int, dict[str, float | None]] = field(default_factory=dict)
+    #: Each round's figures (``ceiling`` and ``throughput`` are their medians).
+    ceiling_runs: dict[int, list[float]] = field(default_factory=dict)
+    throughput_runs: dict[int, list[float]] = field(default_factory=dict)
     workers: int = 2
     durable: bool = True
     #: Single-row outbox insert commits per second, by producer connections.
@@ -212,6 +219,8 @@ class Results:
                     if self.ceiling.get(n) and n in self.throughput
                     else None,
                     "cpu_seconds_per_1000_events": self.cpu_by_workers.get(n, {}),
+                    "ceiling_rounds": self.ceiling_runs.get(n, []),
+                    "events_per_s_rounds": self.throughput_runs.get(n, []),
                 }
                 for n in sorted(set(self.ceiling) | set(self.throughput))
             },
@@ -424,25 +433,30 @@ async def _bench(options: BenchOptions, servers: Servers, workdir: Path) -> Resu
         ledger = Ledger(settings, options.accounts)
         await ledger.open()
         try:
-            for count in sorted(set(options.scaling) | {options.workers}):
-                say(f"[1] arq no-op ceiling, {count} worker process(es)")
-                results.ceiling[count] = await _ceiling(settings, fleet, count, options.events)
-                say(f"    {results.ceiling[count]:,.0f} jobs/s")
-                say(f"[2] end-to-end throughput, {count} worker process(es)")
+            counts = sorted(set(options.scaling) | {options.workers})
+            # Rounds interleave the worker counts, so that a spell of load from outside
+            # falls on all of them; each figure is the median of its rounds.
+            for round_no, count in itertools.product(range(options.rounds), counts):
+                label = f", round {round_no + 1} of {options.rounds}" if options.rounds > 1 else ""
+                say(f"[1] arq no-op ceiling, {count} worker process(es){label}")
+                ceiling = await _ceiling(settings, fleet, count, options.events)
+                results.ceiling_runs.setdefault(count, []).append(ceiling)
+                results.ceiling[count] = statistics.median(results.ceiling_runs[count])
+                say(f"    {ceiling:,.0f} jobs/s")
+                say(f"[2] end-to-end throughput, {count} worker process(es){label}")
                 fleet.start(count)
                 await ledger.warm_up(fleet)
                 cpu_start = _cpu(fleet, servers)
                 rate = await _throughput(ledger, fleet, options.events, options.producers)
                 cpu_end = _cpu(fleet, servers)
-                results.throughput[count] = rate
+                results.throughput_runs.setdefault(count, []).append(rate)
+                results.throughput[count] = statistics.median(results.throughput_runs[count])
                 per_1000 = {k: _per_1000(cpu_start[k], cpu_end[k], options.events) for k in cpu_end}
                 known = [v for v in per_1000.values() if v is not None]
-                results.cpu_by_workers[count] = {
-                    "workers": per_1000.get("workers"),
-                    "all": sum(known) if known else None,
-                }
-                say(f"    {rate:,.0f} events/s  (ratio {rate / results.ceiling[count]:.2f})")
-                if count == options.workers:
+                if round_no == 0:
+                    results.cpu_by_workers[count] = {**per_1000, "all": sum(known) if known else None}
+                say(f"    {rate:,.0f} events/s  (ratio {rate / ceiling:.2f})")
+                if count == options.workers and round_no == 0:
                     results.cpu_per_1000 = {
                         k: _per_1000(cpu_start[k], cpu_end[k], options.events) for k in cpu_end
                     }
@@ -1106,6 +1120,13 @@ def render(results: Results) -> str:
             f"{ratio if ratio is not None else float('nan'):>5.2f}   "
             f"{_num(cpu.get('workers')):>7} {_num(cpu.get('all')):>6}"
         )
+        if len(row.get("events_per_s_rounds") or []) > 1:
+            lines.append(
+                "           rounds: ceiling "
+                + ", ".join(f"{v:,.0f}" for v in row["ceiling_rounds"])
+                + "; end to end "
+                + ", ".join(f"{v:,.0f}" for v in row["events_per_s_rounds"])
+            )
     lines.append("")
     lines.append("latency commit -> finished (ms)   p50     p95     p99     max   (to queued: p50, p99)")
     for rate, lat in data["latency_ms"].items():
