@@ -175,3 +175,35 @@ async def test_concurrent_batches_refunding_the_same_accounts_each_commit_in_one
     assert await service.fetchval(
         "SELECT count(*) FROM ledger.reservations WHERE state <> 'reclaimed'"
     ) == 0
+
+
+async def test_jobs_a_worker_runs_at_once_commit_together_and_each_row_settles_once(
+    outbox_env: OutboxEnv, service: Any
+) -> None:
+    """40 one-row jobs run at once by one processor share fast-path commits (fewer finish times than
+    jobs); each row finishes once, a second delivery in the same burst is a duplicate, money is kept."""
+    import asyncio
+
+    await open_account(service, "acc", 1_000_000)
+    ids = []
+    for i in range(40):
+        await reserve(service, "acc", 10, f"g-{i:02d}")
+        ids.append(await _insert(service, f"g-{i:02d}", "success" if i % 3 else "failure"))
+    total = await money_total(service)
+    pool = await create_pool(outbox_env.service_url, max_size=4)
+    try:
+        processor = RowProcessor(outbox_env.settings().worker_config(), pool, registry)
+        jobs = [[Job(i)] for i in ids] + [[Job(ids[0], 2)]]
+        results = await asyncio.gather(*(processor(job) for job in jobs))
+    finally:
+        await pool.close()
+    outcomes = Counter(o.result for outcomes in results for o in outcomes)
+    assert outcomes == Counter({"finished": 40, "duplicate": 1})
+    stamps = await service.fetchval(
+        "SELECT count(DISTINCT finished_at) FROM outbox_relay.outbox WHERE id = ANY($1::bigint[])", ids
+    )
+    assert stamps < len(ids), "every job committed on its own"
+    assert await money_total(service) == total
+    assert await service.fetchval(
+        "SELECT count(*) FROM outbox_relay.outbox WHERE id = ANY($1::bigint[]) AND attempts <> 1", ids
+    ) == 0
