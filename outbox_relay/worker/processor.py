@@ -220,60 +220,82 @@ class RowProcessor:
 
 #: Rows one merged fast-path statement takes at most.
 MAX_MERGED_ROWS = 250
+#: Fast-path statements a worker process runs at once (one waiting on a lock holds up no other).
+MAX_STATEMENTS = 2
 
 
 class _Coalescer:
-    """Group commit for the fast path: the jobs that ask while a statement runs share the next.
+    """Group commit for the fast path: the jobs that ask while statements run share the next.
 
-    The first job's rows run at once (no wait at low load); jobs arriving while
-    that statement runs and commits queue up, and the next statement takes all
-    of their rows (up to :data:`MAX_MERGED_ROWS`), so that under load a worker
-    commits once for many jobs instead of once per job. Each job gets the
-    outcomes of its own rows; a row asked for twice (a second delivery in the
-    same statement) is ``finished`` for the first asker and ``duplicate`` for
-    the other. If the statement fails, every job in it gets the error (and
-    takes the general path for its rows). A job that stops waiting (its
-    timeout) leaves the statement running for the others.
+    A job's rows run at once while fewer than :data:`MAX_STATEMENTS` statements
+    are in flight (no wait at low load); jobs arriving while that many run and
+    commit queue up, and the next statement takes all of their rows (up to
+    :data:`MAX_MERGED_ROWS`), so that under load a worker commits once for many
+    jobs instead of once per job. Each job gets the outcomes of its own rows; a
+    row asked for twice (a second delivery in the same statement) is
+    ``finished`` for the first asker and ``duplicate`` for the other. If the
+    statement fails, every job in it gets the error (and takes the general path
+    for its rows). A job that stops waiting (its timeout) leaves the statement
+    running for the others.
     """
 
-    def __init__(self, run: Callable[[list[int]], Awaitable[dict[int, Outcome]]]) -> None:
+    def __init__(
+        self,
+        run: Callable[[list[int]], Awaitable[dict[int, Outcome]]],
+        statements: int = MAX_STATEMENTS,
+    ) -> None:
         self._run = run
+        self._statements = statements
         self._waiting: list[tuple[list[int], asyncio.Future[dict[int, Outcome]]]] = []
-        self._flusher: asyncio.Task[None] | None = None
+        self._running: set[asyncio.Task[None]] = set()
 
     async def submit(self, row_ids: list[int]) -> dict[int, Outcome]:
         future: asyncio.Future[dict[int, Outcome]] = asyncio.get_running_loop().create_future()
         self._waiting.append((row_ids, future))
-        if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.create_task(self._flush(), name="worker.fast_path")
+        self._start()
         return await future
 
-    async def _flush(self) -> None:
-        while self._waiting:
-            taken: list[tuple[list[int], asyncio.Future[dict[int, Outcome]]]] = []
-            rows = 0
-            while self._waiting and (not taken or rows + len(self._waiting[0][0]) <= MAX_MERGED_ROWS):
-                entry = self._waiting.pop(0)
-                taken.append(entry)
-                rows += len(entry[0])
-            taken = [(ids, future) for ids, future in taken if not future.done()]
-            if not taken:
+    def _start(self) -> None:
+        while self._waiting and len(self._running) < self._statements:
+            taken = self._take()
+            if taken:
+                task = asyncio.create_task(self._statement(taken), name="worker.fast_path")
+                self._running.add(task)
+                task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._running.discard(task)
+        self._start()
+
+    def _take(self) -> list[tuple[list[int], asyncio.Future[dict[int, Outcome]]]]:
+        taken: list[tuple[list[int], asyncio.Future[dict[int, Outcome]]]] = []
+        rows = 0
+        while self._waiting and (not taken or rows + len(self._waiting[0][0]) <= MAX_MERGED_ROWS):
+            ids, future = self._waiting.pop(0)
+            if not future.done():  # its job stopped waiting
+                taken.append((ids, future))
+                rows += len(ids)
+        return taken
+
+    async def _statement(self, taken: list[tuple[list[int], asyncio.Future[dict[int, Outcome]]]]) -> None:
+        try:
+            finished = await self._run(sorted({i for ids, _ in taken for i in ids}))
+        except BaseException as exc:  # cancelled too: no job may wait for ever
+            error = exc if isinstance(exc, Exception) else RuntimeError("the fast path was cancelled")
+            for _, future in taken:
+                if not future.done():
+                    future.set_exception(error)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        given: set[int] = set()
+        for ids, future in taken:
+            if future.done():  # its job stopped waiting
                 continue
-            try:
-                finished = await self._run(sorted({i for ids, _ in taken for i in ids}))
-            except Exception as exc:
-                for _, future in taken:
-                    if not future.done():
-                        future.set_exception(exc)
-                continue
-            given: set[int] = set()
-            for ids, future in taken:
-                if future.done():  # its job stopped waiting
-                    continue
-                mine: dict[int, Outcome] = {}
-                for i in ids:
-                    if i in finished:
-                        twice = i in given
-                        mine[i] = Outcome("duplicate", kind=finished[i].kind) if twice else finished[i]
-                        given.add(i)
-                future.set_result(mine)
+            mine: dict[int, Outcome] = {}
+            for i in ids:
+                if i in finished:
+                    twice = i in given
+                    mine[i] = Outcome("duplicate", kind=finished[i].kind) if twice else finished[i]
+                    given.add(i)
+            future.set_result(mine)

@@ -11,15 +11,20 @@ from outbox_relay.worker.processor import MAX_MERGED_ROWS, _Coalescer
 
 
 class Statement:
-    """Stands in for the fast-path statement: records each call's rows, finishes the even ids."""
+    """Stands in for the fast-path statement: records each call's rows, finishes the even ids;
+    a call holding an id in ``stuck`` waits for ``unstick``, every call for ``release``."""
 
     def __init__(self) -> None:
         self.calls: list[list[int]] = []
         self.release = asyncio.Event()
+        self.unstick = asyncio.Event()
+        self.stuck: set[int] = set()
         self.fail_next = False
 
     async def __call__(self, ids: list[int]) -> dict[int, Outcome]:
         self.calls.append(ids)
+        if self.stuck & set(ids):
+            await self.unstick.wait()
         await self.release.wait()
         if self.fail_next:
             self.fail_next = False
@@ -37,7 +42,7 @@ async def test_jobs_asking_while_a_statement_runs_share_the_next_one() -> None:
     """The first job runs alone at once; three jobs arriving meanwhile share ONE next statement,
     and each gets the outcomes of its own rows only."""
     statement = Statement()
-    coalescer = _Coalescer(statement)
+    coalescer = _Coalescer(statement, statements=1)
     first = asyncio.create_task(coalescer.submit([2, 3]))
     await _until(lambda: len(statement.calls) == 1)
     later = [asyncio.create_task(coalescer.submit(ids)) for ids in ([4], [6, 7], [8])]
@@ -51,7 +56,7 @@ async def test_jobs_asking_while_a_statement_runs_share_the_next_one() -> None:
 async def test_a_row_asked_for_twice_in_one_statement_is_finished_once() -> None:
     """Two deliveries of row 4 in the same statement: finished for the first, duplicate for the second."""
     statement = Statement()
-    coalescer = _Coalescer(statement)
+    coalescer = _Coalescer(statement, statements=1)
     blocker = asyncio.create_task(coalescer.submit([0]))
     await _until(lambda: len(statement.calls) == 1)
     a = asyncio.create_task(coalescer.submit([4]))
@@ -69,7 +74,7 @@ async def test_a_failed_statement_fails_its_jobs_only_and_the_next_statement_run
     the statement the others wait for; jobs after it get their outcomes."""
     statement = Statement()
     statement.fail_next = True
-    coalescer = _Coalescer(statement)
+    coalescer = _Coalescer(statement, statements=1)
     failing = asyncio.create_task(coalescer.submit([2]))
     await _until(lambda: len(statement.calls) == 1)
     quitter = asyncio.create_task(coalescer.submit([10]))
@@ -86,7 +91,7 @@ async def test_a_failed_statement_fails_its_jobs_only_and_the_next_statement_run
 async def test_a_merged_statement_takes_at_most_the_row_cap() -> None:
     """Jobs waiting with more rows than MAX_MERGED_ROWS in all are split over several statements."""
     statement = Statement()
-    coalescer = _Coalescer(statement)
+    coalescer = _Coalescer(statement, statements=1)
     blocker = asyncio.create_task(coalescer.submit([0]))
     await _until(lambda: len(statement.calls) == 1)
     size = MAX_MERGED_ROWS // 2 + 1
@@ -97,3 +102,31 @@ async def test_a_merged_statement_takes_at_most_the_row_cap() -> None:
     await asyncio.gather(*jobs)
     assert [len(c) for c in statement.calls[1:]] == [size, size, size]
     assert all(len(c) <= MAX_MERGED_ROWS for c in statement.calls)
+
+
+async def test_a_statement_waiting_on_a_lock_holds_up_no_other_job() -> None:
+    """With two statements allowed, one stuck (a lock) leaves the other slot to the jobs after it:
+    they finish while it waits, and it finishes once freed."""
+    statement = Statement()
+    statement.stuck = {2}
+    statement.release.set()
+    coalescer = _Coalescer(statement, statements=2)
+    stuck = asyncio.create_task(coalescer.submit([2]))
+    await _until(lambda: len(statement.calls) == 1)
+    others = [asyncio.create_task(coalescer.submit([i])) for i in (4, 6, 8)]
+    assert [set(await t) for t in others] == [{4}, {6}, {8}]
+    assert not stuck.done()
+    statement.unstick.set()
+    assert set(await stuck) == {2}
+
+
+async def test_a_cancelled_statement_fails_its_jobs_instead_of_leaving_them_waiting() -> None:
+    """Cancelling the statement's task (shutdown) hands its jobs an error; none waits for ever."""
+    statement = Statement()
+    coalescer = _Coalescer(statement, statements=1)
+    job = asyncio.create_task(coalescer.submit([2]))
+    await _until(lambda: len(statement.calls) == 1)
+    for task in list(coalescer._running):
+        task.cancel()
+    with pytest.raises(RuntimeError, match="cancelled"):
+        await job

@@ -22,7 +22,9 @@ SELECT state FROM ledger.reservations WHERE correlation_id = $1;
 
 -- name: fast_path_ctes
 -- The effect of the one-statement fast path (see outbox_relay.handlers.FastPath):
--- lock the reservation of each well-formed claimed row, settle it if it is
+-- lock the reservation of each well-formed claimed row (skipping one another
+-- transaction holds: that row takes the general path alone, so a held
+-- reservation never holds up the rest of a batch), settle it if it is
 -- still reserved (burn, or reclaim with the refund). Refunds are summed per
 -- account (an UPDATE ... FROM updates a target row once, whatever it joins),
 -- and the accounts locked in id order first, as the reservations are.
@@ -35,7 +37,7 @@ reservation_rows AS (
        AND c.outcome IN ('success', 'failure')
        AND jsonb_typeof(c.payload) = 'object'
      ORDER BY r.correlation_id
-       FOR UPDATE OF r
+       FOR UPDATE OF r SKIP LOCKED
 ), reservation_settled AS (
     UPDATE ledger.reservations AS r
        SET state = x.new_state, settled_at = now()
