@@ -17,9 +17,10 @@ arq settings, chosen for fast recovery (see the field notes in the README):
   no CPU while nothing arrives and starts a new job within a Redis round trip.
   Every job adds an element and every element popped makes a poll, so no job
   waits for a timer; WORKER_IDLE_WAIT bounds the wait if an element is ever
-  lost. A poll that read a full window polls again at once; a worker with every
-  slot taken sleeps ``WORKER_POLL_DELAY`` (10 ms) and polls for a free one
-  (taking a wake-up it could not act on would leave another worker asleep).
+  lost (or a worker stopped after taking one). A poll that read a full window
+  and took jobs from it polls again at once; a worker with every slot taken
+  sleeps ``WORKER_POLL_DELAY`` (10 ms) and polls for a free one (taking a
+  wake-up it could not act on would leave another worker asleep).
 * claiming: one script call per poll for every job taken (claim.lua), where
   arq spends four round trips per job and a worker losing the race three.
 * a job is a batch of rows (``outbox_relay.process_rows``, JSON, see
@@ -171,9 +172,9 @@ class OutboxWorker(Worker):
                 return
             if not self.allow_pick_jobs or self.job_counter >= self.max_jobs:
                 await asyncio.sleep(self.poll_delay_s)  # no slot free: poll again for one
-            elif self._read_now < self.queue_read_limit:
+            elif self._read_now < self.queue_read_limit or self._started_now == 0:
                 await self._wait_for_wake_up(wake)
-            # else: the poll read a full window, more may be due: poll again at once
+            # else: the poll read a full window and took jobs from it; more may be due: poll again
 
     async def _wait_for_wake_up(self, wake: str) -> None:
         """Block until the relay adds a job, the next deferred job is due, or ``idle_wait``."""
