@@ -451,6 +451,18 @@ def configure_bench(parser: argparse.ArgumentParser) -> None:
         help="finished rows for the table-scale check (1000000)",
     )
     parser.add_argument(
+        "--rounds",
+        type=_positive_int,
+        default=3,
+        help="rounds of the scaling runs, interleaved; each figure is their median (3)",
+    )
+    parser.add_argument(
+        "--accounts",
+        type=_positive_int,
+        default=100,
+        help="ledger accounts the reservations are spread over (100; 1: one hot account)",
+    )
+    parser.add_argument(
         "--fsync-off",
         action="store_true",
         help="run the embedded PostgreSQL with fsync and synchronous_commit off (default: durable)",
@@ -470,7 +482,10 @@ async def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
         settings.require_database_url()
     if args.quick:
         options = BenchOptions.quick(
-            json_path=args.json, use_settings=args.use_settings, fsync_off=args.fsync_off
+            json_path=args.json,
+            use_settings=args.use_settings,
+            fsync_off=args.fsync_off,
+            accounts=args.accounts,
         )
     else:
         options = BenchOptions(
@@ -481,6 +496,8 @@ async def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
             json_path=args.json,
             use_settings=args.use_settings,
             fsync_off=args.fsync_off,
+            accounts=args.accounts,
+            rounds=args.rounds,
         )
     _quiet_logs()
     return await run_bench(options, settings)

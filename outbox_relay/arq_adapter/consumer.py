@@ -10,11 +10,19 @@ arq settings, chosen for fast recovery (see the field notes in the README):
   backstop, because arq treats a timeout as terminal. It also sets the
   in-progress key's life (timeout + 10 s): a SIGKILLed worker's job is run by
   another worker after JOB_TIMEOUT + 15 s (25 s by default) instead of arq's 310 s.
-* no idle polling: an idle worker blocks on the queue's wake-up list (the relay
-  pushes one element per job it adds; BLPOP with a timeout of WORKER_IDLE_WAIT,
-  shortened to the next deferred retry's due time), so it costs no CPU and still
-  starts a new job within a Redis round trip. While it runs jobs it polls every
-  ``WORKER_POLL_DELAY`` (10 ms), to take the next job as soon as a slot frees.
+* no polling on a timer: between polls a worker with a slot free, busy or
+  not, blocks on the queue's wake-up list (the relay pushes one element per job
+  it adds, settle.lua one per job it re-enqueues; BLPOP with a timeout of
+  WORKER_IDLE_WAIT, shortened to the next deferred job's due time), so it costs
+  no CPU while nothing arrives and starts a new job within a Redis round trip.
+  Every job adds an element and every element popped makes a poll, so no job
+  waits for a timer; WORKER_IDLE_WAIT bounds the wait if an element is ever
+  lost (or a worker stopped after taking one). A poll that read a full window
+  and took jobs from it polls again at once; a worker with every slot taken
+  sleeps ``WORKER_POLL_DELAY`` (10 ms) and polls for a free one (taking a
+  wake-up it could not act on would leave another worker asleep).
+* claiming: one script call per poll for every job taken (claim.lua), where
+  arq spends four round trips per job and a worker losing the race three.
 * a job is a batch of rows (``outbox_relay.process_rows``, JSON, see
   enqueue.lua); after the processor ran it, one call (settle.lua) drops the
   markers of the rows that ended and enqueues the rows to retry, each alone
@@ -70,6 +78,7 @@ OBSERVER_KEY = "outbox_relay.observer"
 STATS_KEY = "outbox_relay.stats"
 
 _SETTLE = (Path(__file__).resolve().parent / "settle.lua").read_text()
+_CLAIM = (Path(__file__).resolve().parent / "claim.lua").read_text()
 
 
 def deserialize_job(data: bytes) -> dict[str, Any]:
@@ -99,27 +108,49 @@ class ConsumerConfig:
 
 class OutboxWorker(Worker):
     """arq's Worker, woken by the relay instead of polling while idle, skipping the jobs
-    it runs itself and claiming the rest of each read window in random order.
+    it runs itself and claiming the rest of each read window in one call.
 
     arq workers read the same head of the queue and claim its jobs one by one
-    (WATCH/MULTI per job): with several workers, all but one pay round trips
-    for jobs another has just taken. Shuffling the window makes concurrent
-    workers mostly pick different jobs. Order within a window of
+    (WATCH/MULTI per job, four round trips): with several workers, all but one
+    pay round trips for jobs another has just taken. Here a poll claims every
+    job it can take in one script call (claim.lua), in random order, so that
+    workers short of slots take different jobs. Order within a window of
     ``queue_read_limit`` jobs is not kept (outbox_relay promises no order).
     """
 
     idle_wait: float = 1.0
     _started_now: int = 0
+    _read_now: int = 0
+    _claim: Any = None
 
     async def start_jobs(self, job_ids: list[bytes]) -> None:
-        # The jobs this worker is running stay in the queue until they finish, so
-        # every poll reads them again; arq would spend a WATCH/MULTI round trip on
-        # each before skipping it. Skip them here, for free.
+        """Claim up to the free slots' worth of ``job_ids`` in one call (claim.lua) and run them.
+
+        The jobs this worker runs stay in the queue until they finish, so every
+        poll reads them again: they are skipped here, for free. The claim itself
+        is arq's (due, not in progress; then the in-progress key), made atomic by
+        the script instead of by WATCH/MULTI per job.
+        """
+        self._read_now = len(job_ids)
         running = self.tasks
-        fresh = [job_id for job_id in job_ids if job_id.decode() not in running]
+        fresh = [job_id.decode() for job_id in job_ids if job_id.decode() not in running]
         random.shuffle(fresh)
-        self._started_now = len(fresh)
-        await super().start_jobs(fresh)
+        fresh = fresh[: max(0, self.max_jobs - self.job_counter)]
+        self._started_now = 0
+        if not fresh:
+            return
+        if self._claim is None:
+            self._claim = self.pool.register_script(_CLAIM)
+        ttl_ms = int(self.in_progress_timeout_s * 1000)
+        reply = await self._claim(keys=[self.queue_name], args=[int(time.time() * 1000), ttl_ms, *fresh])
+        for job_id_b, score in zip(reply[::2], reply[1::2], strict=True):
+            await self.sem.acquire()  # free: no more were claimed than slots were free
+            self.job_counter += 1
+            job_id = job_id_b.decode() if isinstance(job_id_b, bytes) else str(job_id_b)
+            task = self.loop.create_task(self.run_job(job_id, int(float(score))))
+            task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
+            self.tasks[job_id] = task
+            self._started_now += 1
 
     async def heart_beat(self) -> None:
         """Called by arq once per poll: the worker's liveness beat too (a poll got through)."""
@@ -134,16 +165,16 @@ class OutboxWorker(Worker):
         self.ctx["redis"] = self.pool
         wake = wake_key(self.queue_name)
         while True:
-            self._started_now = 0
+            self._started_now = self._read_now = 0
             await self._poll_iteration()
             if self.burst and await self.pool.zcard(self.queue_name) == 0:
                 await asyncio.gather(*self.tasks.values())
                 return
-            busy = self.job_counter > 0 or self._started_now > 0 or not self.allow_pick_jobs
-            if busy:
-                await asyncio.sleep(self.poll_delay_s)
-            else:
+            if not self.allow_pick_jobs or self.job_counter >= self.max_jobs:
+                await asyncio.sleep(self.poll_delay_s)  # no slot free: poll again for one
+            elif self._read_now < self.queue_read_limit or self._started_now == 0:
                 await self._wait_for_wake_up(wake)
+            # else: the poll read a full window and took jobs from it; more may be due: poll again
 
     async def _wait_for_wake_up(self, wake: str) -> None:
         """Block until the relay adds a job, the next deferred job is due, or ``idle_wait``."""
@@ -154,6 +185,10 @@ class OutboxWorker(Worker):
         )
         if upcoming:
             timeout = min(timeout, max(0.0, (float(upcoming[0][1]) - now_ms) / 1000))
+        await self._block(wake, timeout)
+
+    async def _block(self, wake: str, timeout: float) -> None:
+        """Wait for the relay's next wake-up element, ``timeout`` seconds at most."""
         if timeout <= 0.001:
             return
         # Redis takes a fractional timeout; redis-py's annotation says int.

@@ -21,7 +21,8 @@ on: what users run); ``--fsync-off`` shows the throw-away mode.
    shape before batching); relay and worker peak RSS meanwhile;
 5. table scale: sweep and hot-path query cost with 0 and with many finished
    rows (and that no hot-path plan scans the table), and the cost of pruning;
-6. scaling: throughput with 1, 2 and 4 worker processes;
+6. scaling: 1 and 2 with 1, 2 and 4 worker processes, in interleaved rounds
+   (each figure the median of its rounds), with the CPU each count costs;
 7. CPU seconds per 1,000 events for relay, workers, PostgreSQL and Redis;
 8. idle CPU: percent of a core a relay and each worker use with nothing to do.
 """
@@ -93,10 +94,19 @@ class BenchOptions:
     backlog_per_row: bool = True
     #: Events routed to NATS JetStream (an embedded nats-server) for the sink step; 0: skip.
     nats_events: int = 5_000
+    #: Rounds of the scaling runs (arq ceiling and end to end per worker count), interleaved.
+    rounds: int = 3
+    #: Ledger accounts the reservations are spread over (round robin). 1: every refund
+    #: updates one account, which serialises all concurrent batches on its row lock.
+    accounts: int = 100
 
     @classmethod
     def quick(
-        cls, json_path: Path | None = None, use_settings: bool = False, fsync_off: bool = False
+        cls,
+        json_path: Path | None = None,
+        use_settings: bool = False,
+        fsync_off: bool = False,
+        accounts: int = 100,
     ) -> BenchOptions:
         """A smoke run of a few seconds (what CI runs)."""
         return cls(
@@ -116,6 +126,8 @@ class BenchOptions:
             idle_seconds=3.0,
             backlog_per_row=False,
             nats_events=200,
+            accounts=accounts,
+            rounds=1,
         )
 
 
@@ -130,6 +142,12 @@ class Results:
     backlog: dict[str, float] = field(default_factory=dict)
     table: dict[str, Any] = field(default_factory=dict)
     cpu_per_1000: dict[str, float | None] = field(default_factory=dict)
+    #: CPU seconds per 1,000 events of the throughput run, by worker processes: the
+    #: workers' together, and everything (relay, workers, PostgreSQL, Redis).
+    cpu_by_workers: dict[int, dict[str, float | None]] = field(default_factory=dict)
+    #: Each round's figures (``ceiling`` and ``throughput`` are their medians).
+    ceiling_runs: dict[int, list[float]] = field(default_factory=dict)
+    throughput_runs: dict[int, list[float]] = field(default_factory=dict)
     workers: int = 2
     durable: bool = True
     #: Single-row outbox insert commits per second, by producer connections.
@@ -138,6 +156,7 @@ class Results:
     idle_cpu: dict[str, float] = field(default_factory=dict)
     backlog_per_row: dict[str, float] = field(default_factory=dict)
     job_batch_size: int = 0
+    accounts: int = 0
     #: The NATS route: events/s end to end, messages in the stream, or why it was skipped.
     nats: dict[str, Any] = field(default_factory=dict)
 
@@ -180,6 +199,7 @@ class Results:
             "machine": self.machine,
             "durable": self.durable,
             "job_batch_size": self.job_batch_size,
+            "accounts": self.accounts,
             "workers": w,
             "arq_noop_ceiling_jobs_per_s": self.ceiling.get(w),
             "throughput_events_per_s": self.throughput.get(w),
@@ -198,12 +218,19 @@ class Results:
                     "ratio": (self.throughput[n] / self.ceiling[n])
                     if self.ceiling.get(n) and n in self.throughput
                     else None,
+                    "cpu_seconds_per_1000_events": self.cpu_by_workers.get(n, {}),
+                    "ceiling_rounds": self.ceiling_runs.get(n, []),
+                    "events_per_s_rounds": self.throughput_runs.get(n, []),
                 }
                 for n in sorted(set(self.ceiling) | set(self.throughput))
             },
             "cpu_seconds_per_1000_events": self.cpu_per_1000,
             "nats_route": self.nats,
         }
+
+
+def _num(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
 
 
 def _met(value: float | None, at_least: float) -> bool | None:
@@ -389,6 +416,7 @@ async def _bench(options: BenchOptions, servers: Servers, workdir: Path) -> Resu
         subscription_name=f"bench_{tag}",
     )
     results.job_batch_size = settings.job_batch_size
+    results.accounts = options.accounts
     if servers.pg is not None:
         results.machine["postgresql"] = {
             key: servers.pg.settings.get(key) for key in ("fsync", "synchronous_commit", "full_page_writes")
@@ -402,22 +430,33 @@ async def _bench(options: BenchOptions, servers: Servers, workdir: Path) -> Resu
         results.commit_rate = await _commit_rate(servers, tag, options.anchor_seconds)
         say("    " + ", ".join(f"{n} producer(s) {r:,.0f}/s" for n, r in results.commit_rate.items()))
         fleet = Fleet(processes.service_env(settings), workdir)
-        ledger = Ledger(settings)
+        ledger = Ledger(settings, options.accounts)
         await ledger.open()
         try:
-            for count in sorted(set(options.scaling) | {options.workers}):
-                say(f"[1] arq no-op ceiling, {count} worker process(es)")
-                results.ceiling[count] = await _ceiling(settings, fleet, count, options.events)
-                say(f"    {results.ceiling[count]:,.0f} jobs/s")
-                say(f"[2] end-to-end throughput, {count} worker process(es)")
+            counts = sorted(set(options.scaling) | {options.workers})
+            # Rounds interleave the worker counts, so that a spell of load from outside
+            # falls on all of them; each figure is the median of its rounds.
+            for round_no, count in itertools.product(range(options.rounds), counts):
+                label = f", round {round_no + 1} of {options.rounds}" if options.rounds > 1 else ""
+                say(f"[1] arq no-op ceiling, {count} worker process(es){label}")
+                ceiling = await _ceiling(settings, fleet, count, options.events)
+                results.ceiling_runs.setdefault(count, []).append(ceiling)
+                results.ceiling[count] = statistics.median(results.ceiling_runs[count])
+                say(f"    {ceiling:,.0f} jobs/s")
+                say(f"[2] end-to-end throughput, {count} worker process(es){label}")
                 fleet.start(count)
                 await ledger.warm_up(fleet)
                 cpu_start = _cpu(fleet, servers)
                 rate = await _throughput(ledger, fleet, options.events, options.producers)
                 cpu_end = _cpu(fleet, servers)
-                results.throughput[count] = rate
-                say(f"    {rate:,.0f} events/s  (ratio {rate / results.ceiling[count]:.2f})")
-                if count == options.workers:
+                results.throughput_runs.setdefault(count, []).append(rate)
+                results.throughput[count] = statistics.median(results.throughput_runs[count])
+                per_1000 = {k: _per_1000(cpu_start[k], cpu_end[k], options.events) for k in cpu_end}
+                known = [v for v in per_1000.values() if v is not None]
+                if round_no == 0:
+                    results.cpu_by_workers[count] = {**per_1000, "all": sum(known) if known else None}
+                say(f"    {rate:,.0f} events/s  (ratio {rate / ceiling:.2f})")
+                if count == options.workers and round_no == 0:
                     results.cpu_per_1000 = {
                         k: _per_1000(cpu_start[k], cpu_end[k], options.events) for k in cpu_end
                     }
@@ -600,8 +639,9 @@ async def _setup(settings: Settings) -> None:
 class Ledger:
     """Reservations to settle, and producers that commit their outcomes on the primary."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, accounts: int = 1) -> None:
         self.settings = settings
+        self.accounts = accounts
         self.service: Connection | None = None
         self.primary_url = settings.require_primary_url()
         self._next = 0
@@ -609,7 +649,9 @@ class Ledger:
     async def open(self) -> None:
         self.service = await connect(self.settings.require_database_url())
         await self.service.execute(
-            "INSERT INTO ledger.accounts (id, balance) VALUES ('bench', 9000000000000)"
+            "INSERT INTO ledger.accounts (id, balance)"
+            " SELECT 'bench-' || n, 9000000000000 FROM generate_series(0, $1 - 1) AS n",
+            self.accounts,
         )
 
     async def close(self) -> None:
@@ -625,11 +667,17 @@ class Ledger:
         async with self.service.transaction():
             await self.service.execute(
                 "INSERT INTO ledger.reservations (correlation_id, account_id, amount) "
-                "SELECT unnest($1::text[]), 'bench', 10",
+                "SELECT cid, 'bench-' || ((n - 1) % $2), 10"
+                " FROM unnest($1::text[]) WITH ORDINALITY AS u(cid, n)",
                 ids,
+                self.accounts,
             )
             await self.service.execute(
-                "UPDATE ledger.accounts SET balance = balance - $1 WHERE id = 'bench'", 10 * count
+                "UPDATE ledger.accounts AS a SET balance = a.balance - r.amount"
+                " FROM (SELECT account_id, sum(amount) AS amount FROM ledger.reservations"
+                "       WHERE correlation_id = ANY($1::text[]) GROUP BY account_id) AS r"
+                " WHERE a.id = r.account_id",
+                ids,
             )
         return ids
 
@@ -1050,7 +1098,8 @@ def render(results: Results) -> str:
     mode = "durable (fsync on, synchronous_commit on)" if data["durable"] else "fsync off"
     lines = [
         f"outbox_relay bench  ({data['machine']['cpus']} CPUs, {data['machine']['memory_gb']} GB, "
-        f"Python {data['machine']['python']}; PostgreSQL {mode}; JOB_BATCH_SIZE {data['job_batch_size']})",
+        f"Python {data['machine']['python']}; PostgreSQL {mode}; JOB_BATCH_SIZE {data['job_batch_size']}; "
+        f"{data['accounts']} ledger account(s))",
         "",
     ]
     commits = data["commit_rate_with_notify_trigger_per_s"]
@@ -1060,15 +1109,24 @@ def render(results: Results) -> str:
             + ", ".join(f"{n} producer(s) {r:,.0f}/s" for n, r in commits.items())
         )
         lines.append("")
-    lines.append("workers  arq no-op ceiling  end-to-end  ratio")
+    lines.append("workers  arq no-op ceiling  end-to-end  ratio   CPU s per 1,000 events: workers, all")
     for n, row in data["scaling"].items():
         ceiling = row["ceiling_jobs_per_s"]
         events = row["events_per_s"]
         ratio = row["ratio"]
+        cpu = row.get("cpu_seconds_per_1000_events") or {}
         lines.append(
             f"{n:>7}  {ceiling or 0:>13,.0f}/s  {events or 0:>8,.0f}/s  "
-            f"{ratio if ratio is not None else float('nan'):>5.2f}"
+            f"{ratio if ratio is not None else float('nan'):>5.2f}   "
+            f"{_num(cpu.get('workers')):>7} {_num(cpu.get('all')):>6}"
         )
+        if len(row.get("events_per_s_rounds") or []) > 1:
+            lines.append(
+                "           rounds: ceiling "
+                + ", ".join(f"{v:,.0f}" for v in row["ceiling_rounds"])
+                + "; end to end "
+                + ", ".join(f"{v:,.0f}" for v in row["events_per_s_rounds"])
+            )
     lines.append("")
     lines.append("latency commit -> finished (ms)   p50     p95     p99     max   (to queued: p50, p99)")
     for rate, lat in data["latency_ms"].items():

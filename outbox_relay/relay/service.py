@@ -41,6 +41,18 @@ logger = logging.getLogger(__name__)
 #: Seconds between two attempts of a standby relay to take the lock.
 STANDBY_POLL = 1.0
 
+#: Session settings of the active relay's pool. ``synchronous_commit = off``: its
+#: commits return without waiting for the WAL flush, which takes one fsync out of
+#: every event's path (and the row lock a worker's claim would wait on is released
+#: at once). Every write this pool makes may be lost in a server crash without
+#: harm: a lost ``mark_queued`` leaves the row ``new`` (swept and handed over
+#: again; the queue's dedupe marker keeps it from being scheduled twice), a lost
+#: retention DELETE is made again. A worker's commit that read the row behind a
+#: lost write cannot survive it either: WAL is flushed in order, and that commit
+#: waited for the row lock, so it comes later in the WAL. The lease (the
+#: listener's session) and the workers' commits stay durable.
+RELAY_POOL_SETTINGS = {"idle_in_transaction_session_timeout": "5000", "synchronous_commit": "off"}
+
 #: Work the command adds to an active relay: called with the relay's pool and its fence (an
 #: async check raising LeadershipLostError once the lease is gone: call it before each write), it runs
 #: until cancelled (the relay cancels it when its session ends).
@@ -129,7 +141,7 @@ class Relay:
                 self.config.database_url,
                 max_size=2,
                 application_name="outbox_relay.relay",
-                session_settings={"idle_in_transaction_session_timeout": "5000"},
+                session_settings=RELAY_POOL_SETTINGS,
             )
             try:
                 await session.listen()

@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 from outbox_relay.db import Pool
 from outbox_relay.events import OutboxEvent
@@ -69,6 +69,7 @@ class RowProcessor:
         self._finish_row = render(query("finish_row"), finished_columns=query("finished_columns"))
         self._unrecorded = 0
         self._unrecorded_logged_at = -1e9
+        self._coalescer = _Coalescer(self._run_fast_path)
 
     async def __call__(self, jobs: Sequence[Job]) -> list[Outcome]:
         """The job function of the queue port (:data:`outbox_relay.queue.JobFunction`)."""
@@ -126,7 +127,12 @@ class RowProcessor:
         )
 
     async def _apply_fast(self, row_ids: list[int]) -> dict[int, Outcome]:
-        """The one statement: the outcome of every row among ``row_ids`` it finished."""
+        """The outcome of every row among ``row_ids`` the fast-path statement finished
+        (it runs for the rows of every job that asked meanwhile, see :class:`_Coalescer`)."""
+        return await self._coalescer.submit(row_ids)
+
+    async def _run_fast_path(self, row_ids: list[int]) -> dict[int, Outcome]:
+        """The one statement for ``row_ids``, committed once."""
         assert self._fast_path is not None
         return {
             r["id"]: Outcome("finished", kind=r["kind"], commit_to_finish=r["commit_to_finish"])
@@ -210,3 +216,86 @@ class RowProcessor:
     def _backoff(self, attempts: int) -> float:
         base = self.config.retry_backoff
         return float(min(self.config.retry_backoff_max, base * 2 ** max(0, attempts - 1)))
+
+
+#: Rows one merged fast-path statement takes at most.
+MAX_MERGED_ROWS = 250
+#: Fast-path statements a worker process runs at once (one waiting on a lock holds up no other).
+MAX_STATEMENTS = 2
+
+
+class _Coalescer:
+    """Group commit for the fast path: the jobs that ask while statements run share the next.
+
+    A job's rows run at once while fewer than :data:`MAX_STATEMENTS` statements
+    are in flight (no wait at low load); jobs arriving while that many run and
+    commit queue up, and the next statement takes all of their rows (up to
+    :data:`MAX_MERGED_ROWS`), so that under load a worker commits once for many
+    jobs instead of once per job. Each job gets the outcomes of its own rows; a
+    row asked for twice (a second delivery in the same statement) is
+    ``finished`` for the first asker and ``duplicate`` for the other. If the
+    statement fails, every job in it gets the error (and takes the general path
+    for its rows). A job that stops waiting (its timeout) leaves the statement
+    running for the others.
+    """
+
+    def __init__(
+        self,
+        run: Callable[[list[int]], Awaitable[dict[int, Outcome]]],
+        statements: int = MAX_STATEMENTS,
+    ) -> None:
+        self._run = run
+        self._statements = statements
+        self._waiting: list[tuple[list[int], asyncio.Future[dict[int, Outcome]]]] = []
+        self._running: set[asyncio.Task[None]] = set()
+
+    async def submit(self, row_ids: list[int]) -> dict[int, Outcome]:
+        future: asyncio.Future[dict[int, Outcome]] = asyncio.get_running_loop().create_future()
+        self._waiting.append((row_ids, future))
+        self._start()
+        return await future
+
+    def _start(self) -> None:
+        while self._waiting and len(self._running) < self._statements:
+            taken = self._take()
+            if taken:
+                task = asyncio.create_task(self._statement(taken), name="worker.fast_path")
+                self._running.add(task)
+                task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._running.discard(task)
+        self._start()
+
+    def _take(self) -> list[tuple[list[int], asyncio.Future[dict[int, Outcome]]]]:
+        taken: list[tuple[list[int], asyncio.Future[dict[int, Outcome]]]] = []
+        rows = 0
+        while self._waiting and (not taken or rows + len(self._waiting[0][0]) <= MAX_MERGED_ROWS):
+            ids, future = self._waiting.pop(0)
+            if not future.done():  # its job stopped waiting
+                taken.append((ids, future))
+                rows += len(ids)
+        return taken
+
+    async def _statement(self, taken: list[tuple[list[int], asyncio.Future[dict[int, Outcome]]]]) -> None:
+        try:
+            finished = await self._run(sorted({i for ids, _ in taken for i in ids}))
+        except BaseException as exc:  # cancelled too: no job may wait for ever
+            error = exc if isinstance(exc, Exception) else RuntimeError("the fast path was cancelled")
+            for _, future in taken:
+                if not future.done():
+                    future.set_exception(error)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        given: set[int] = set()
+        for ids, future in taken:
+            if future.done():  # its job stopped waiting
+                continue
+            mine: dict[int, Outcome] = {}
+            for i in ids:
+                if i in finished:
+                    twice = i in given
+                    mine[i] = Outcome("duplicate", kind=finished[i].kind) if twice else finished[i]
+                    given.add(i)
+            future.set_result(mine)

@@ -134,3 +134,76 @@ async def test_through_relay_and_worker_a_retry_reruns_only_its_row_and_leaves_n
 
 async def _active(relay: Any) -> bool:
     return bool(relay.active.is_set())
+
+
+async def test_concurrent_batches_refunding_the_same_accounts_each_commit_in_one_statement(
+    outbox_env: OutboxEnv, service: Any
+) -> None:
+    """Batches run at once whose refunds hit the same accounts in different orders never deadlock:
+    every batch settles in its one fast-path transaction (no row falls back to the general path)."""
+    import asyncio
+    import random
+
+    accounts = [f"acc-{i}" for i in range(6)]
+    for account in accounts:
+        await open_account(service, account, 1_000_000)
+    rng = random.Random(8)
+    batches: list[list[int]] = []
+    for b in range(24):
+        ids = []
+        for j in range(12):
+            cid = f"d-{b:02d}-{j:02d}"
+            await reserve(service, rng.choice(accounts), 10, cid)
+            ids.append(await _insert(service, cid, "failure"))
+        batches.append(ids)
+    total = await money_total(service)
+    pool = await create_pool(outbox_env.service_url, max_size=8)
+    try:
+        processor = RowProcessor(outbox_env.settings().worker_config(), pool, registry)
+        for start in range(0, len(batches), 8):
+            rounds = batches[start : start + 8]
+            results = await asyncio.gather(*(processor([Job(i) for i in ids]) for ids in rounds))
+            assert all(o.result == "finished" for outcomes in results for o in outcomes)
+    finally:
+        await pool.close()
+    for ids in batches:
+        stamps = await service.fetch(
+            "SELECT DISTINCT finished_at FROM outbox_relay.outbox WHERE id = ANY($1::bigint[])", ids
+        )
+        assert len(stamps) == 1, "a batch fell back to the general path (its fast path failed)"
+    assert await money_total(service) == total
+    assert await service.fetchval(
+        "SELECT count(*) FROM ledger.reservations WHERE state <> 'reclaimed'"
+    ) == 0
+
+
+async def test_jobs_a_worker_runs_at_once_commit_together_and_each_row_settles_once(
+    outbox_env: OutboxEnv, service: Any
+) -> None:
+    """40 one-row jobs run at once by one processor share fast-path commits (fewer finish times than
+    jobs); each row finishes once, a second delivery in the same burst is a duplicate, money is kept."""
+    import asyncio
+
+    await open_account(service, "acc", 1_000_000)
+    ids = []
+    for i in range(40):
+        await reserve(service, "acc", 10, f"g-{i:02d}")
+        ids.append(await _insert(service, f"g-{i:02d}", "success" if i % 3 else "failure"))
+    total = await money_total(service)
+    pool = await create_pool(outbox_env.service_url, max_size=4)
+    try:
+        processor = RowProcessor(outbox_env.settings().worker_config(), pool, registry)
+        jobs = [[Job(i)] for i in ids] + [[Job(ids[0], 2)]]
+        results = await asyncio.gather(*(processor(job) for job in jobs))
+    finally:
+        await pool.close()
+    outcomes = Counter(o.result for outcomes in results for o in outcomes)
+    assert outcomes == Counter({"finished": 40, "duplicate": 1})
+    stamps = await service.fetchval(
+        "SELECT count(DISTINCT finished_at) FROM outbox_relay.outbox WHERE id = ANY($1::bigint[])", ids
+    )
+    assert stamps < len(ids), "every job committed on its own"
+    assert await money_total(service) == total
+    assert await service.fetchval(
+        "SELECT count(*) FROM outbox_relay.outbox WHERE id = ANY($1::bigint[]) AND attempts <> 1", ids
+    ) == 0
