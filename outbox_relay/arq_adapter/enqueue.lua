@@ -19,7 +19,8 @@
 -- ARGV[4]        job id prefix (unique per call)
 -- ARGV[5]        function name
 -- ARGV[5+i]      row id i
--- Returns {rows added, jobs added, queue length}.
+-- Returns {rows added, jobs added, queue length, jobs due and unclaimed before
+-- this call (among the first 20 due: any means the workers are behind)}.
 local queue, wake = KEYS[1], KEYS[2]
 local score, ttl, size = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
 local prefix, fname = ARGV[4], ARGV[5]
@@ -42,6 +43,13 @@ local function known(marker)
         or redis.call('EXISTS', 'arq:in-progress:' .. holder) == 1
 end
 
+local unclaimed = 0
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', queue, '-inf', score, 'LIMIT', 0, 20)) do
+    if redis.call('EXISTS', 'arq:in-progress:' .. id) == 0 then
+        unclaimed = unclaimed + 1
+    end
+end
+
 local fresh = {}
 for i = 1, n do
     if not known(KEYS[2 + i]) then
@@ -50,7 +58,7 @@ for i = 1, n do
 end
 local k = #fresh
 if k == 0 then
-    return {0, 0, redis.call('ZCARD', queue)}
+    return {0, 0, redis.call('ZCARD', queue), unclaimed}
 end
 local jobs = math.ceil(k / size)
 local base, extra = math.floor(k / jobs), k % jobs
@@ -82,4 +90,4 @@ for j = 1, jobs do
 end
 redis.call('LTRIM', wake, -1000, -1)
 redis.call('PEXPIRE', wake, 60000)
-return {k, jobs, redis.call('ZCARD', queue)}
+return {k, jobs, redis.call('ZCARD', queue), unclaimed}

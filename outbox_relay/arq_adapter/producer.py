@@ -127,7 +127,7 @@ class ArqQueue:
 
         A row whose marker names a job that waits or runs is not added again (it
         counts as handed over all the same); an orphaned marker is replaced.
-        ``added`` counts rows.
+        ``added`` counts rows; ``unclaimed`` the due jobs no worker had taken yet.
         """
         if not rows:
             return HandOver(0, await self.depth())
@@ -138,8 +138,8 @@ class ArqQueue:
         args: list[Any] = [now_ms, JOB_TTL_MS, self.config.batch_size, prefix, BATCH_FUNCTION_NAME]
         args += [row.id for row in rows]
         async with translated_errors():
-            added, _jobs, depth = await self._script(keys=keys, args=args)
-        return HandOver(int(added), int(depth))
+            added, _jobs, depth, unclaimed = await self._script(keys=keys, args=args)
+        return HandOver(int(added), int(depth), int(unclaimed))
 
     async def depth(self) -> int:
         """Jobs waiting in the queue (including deferred retries)."""

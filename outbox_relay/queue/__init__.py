@@ -43,10 +43,13 @@ class PendingJob(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class HandOver:
-    """The result of handing rows over: jobs really added, and the queue's depth after."""
+    """The result of handing rows over: rows really added, the queue's depth after, and how
+    many jobs were due and unclaimed when they came (a few at most are looked at: any
+    means the workers are behind)."""
 
     added: int
     depth: int
+    unclaimed: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -85,6 +85,10 @@ class InMemoryQueue:
     async def hand_over(self, rows: Sequence[PendingJob]) -> HandOver:
         """Pack the rows that are not known into batch jobs."""
         self._check()
+        now = asyncio.get_running_loop().time()
+        unclaimed = sum(
+            1 for j in self._waiting if not self._jobs[j].running and self._jobs[j].not_before <= now
+        )
         fresh = []
         for row in rows:
             marker = f"{self.namespace}:{row.correlation_id}#{row.generation}"
@@ -95,7 +99,7 @@ class InMemoryQueue:
         for size in split_batches(len(fresh), self.batch_size):
             self._add_job(fresh[at : at + size])
             at += size
-        return HandOver(len(fresh), len(self._waiting))
+        return HandOver(len(fresh), len(self._waiting), min(unclaimed, 20))
 
     async def depth(self) -> int:
         """Jobs waiting (deferred retries included)."""

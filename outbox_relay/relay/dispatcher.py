@@ -6,9 +6,11 @@ or a change of the queue's epoch) the sweep pages through the partial indexes.
 Each batch is handed over in one queue round trip (a known row is not added
 twice; the queue packs the rows into batch jobs), then moved to ``queued`` by
 one compare-and-set UPDATE. Notified rows are handed over at once after a
-quiet spell, and at most every HAND_OVER_INTERVAL under a steady stream, so
-that the rows arriving meanwhile travel together (the batch size adapts to
-the load: one row at low load, many under a backlog).
+quiet spell, and at most every HAND_OVER_INTERVAL under a steady stream (every
+BEHIND_FACTOR of them while the workers are behind: the last hand-over found
+due jobs no worker had taken), so that the rows arriving meanwhile travel
+together (the batch size adapts to the load: one row at low load, many under
+a backlog).
 """
 
 from __future__ import annotations
@@ -35,6 +37,9 @@ T = TypeVar("T")
 MAX_PENDING_IDS = 20_000
 #: Seconds between two looks at the queue's depth while it is full.
 FULL_QUEUE_POLL = 0.05
+#: While the workers are behind (the last hand-over found due jobs no worker had
+#: taken), hand-overs of notified rows are this many HAND_OVER_INTERVALs apart.
+BEHIND_FACTOR = 4
 
 
 class Store(Protocol):
@@ -87,6 +92,7 @@ class Dispatcher:
         self.hooks = hooks or RelayHooks()
         self.hand_over_interval = hand_over_interval
         self._last_hand_over = -1e9
+        self._behind = False
         self.depth = 0
         self._pending: set[int] = set()
         self._sweep_requested = True
@@ -121,8 +127,10 @@ class Dispatcher:
             self._wake.clear()
             while self._pending:
                 # Under a steady stream, let the rows arriving meanwhile join this batch:
-                # fewer, larger jobs. After a quiet spell the wait is zero.
-                linger = self._last_hand_over + self.hand_over_interval - loop.time()
+                # fewer, larger jobs; longer while the workers are behind (a job now
+                # would only wait in the queue). After a quiet spell the wait is zero.
+                interval = self.hand_over_interval * (BEHIND_FACTOR if self._behind else 1)
+                linger = self._last_hand_over + interval - loop.time()
                 if linger > 0 and len(self._pending) < self.batch_size:
                     await asyncio.sleep(linger)
                 ids = [self._pending.pop() for _ in range(min(self.batch_size, len(self._pending)))]
@@ -167,6 +175,7 @@ class Dispatcher:
         result = await self._queue(hand_over)
         self._last_hand_over = asyncio.get_running_loop().time()
         self.depth = result.depth
+        self._behind = result.unclaimed > 0
         await store.mark_queued([row.id for row in rows])
         self.stats.handed_over += len(rows)
         self.stats.enqueued += result.added

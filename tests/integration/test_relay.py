@@ -257,16 +257,18 @@ async def test_requeue_works_at_once_whatever_redis_kept_of_earlier_attempts(
 async def test_job_queue_adds_each_row_once_in_batches_and_gives_requeued_rows_new_markers(
     outbox_env: OutboxEnv,
 ) -> None:
-    """ArqQueue.hand_over packs rows into batch jobs, adds a row once while its job waits, and a
-    requeued row (next generation) is scheduled anew."""
+    """ArqQueue.hand_over packs rows into batch jobs, adds a row once while its job waits, a
+    requeued row (next generation) is scheduled anew, and it counts the due jobs no worker runs."""
     settings = outbox_env.settings()
     namespace, queue_name = settings.job_namespace, settings.queue_name
     async with _job_queue(settings.redis_url.get_secret_value(), queue_name, namespace, 2) as (queue, redis):
         rows = [PendingRow(i, f"cid-{i}") for i in range(1, 6)]
-        assert await queue.hand_over(rows) == HandOver(5, 3), "5 rows in batches of 2 are 3 jobs"
-        assert await queue.hand_over(rows) == HandOver(0, 3), "the same rows were enqueued twice"
-        assert await queue.hand_over([*rows[:2], PendingRow(6, "cid-6")]) == HandOver(1, 4)
-        assert await queue.hand_over([PendingRow(1, "cid-1", 1)]) == HandOver(1, 5)
+        assert await queue.hand_over(rows) == HandOver(5, 3, 0), "5 rows in batches of 2 are 3 jobs"
+        assert await queue.hand_over(rows) == HandOver(0, 3, 3), "the same rows were enqueued twice"
+        assert await queue.hand_over([*rows[:2], PendingRow(6, "cid-6")]) == HandOver(1, 4, 3)
+        first_job = (await redis.get(marker_key(namespace, "cid-1"))).decode()
+        await redis.set(in_progress_key_prefix + first_job, b"1")  # a worker runs it
+        assert await queue.hand_over([PendingRow(1, "cid-1", 1)]) == HandOver(1, 5, 3)
         assert await queue.depth() == 5
 
         holder = (await redis.get(marker_key(namespace, "cid-3"))).decode()
@@ -291,7 +293,7 @@ async def test_a_refused_hand_over_writes_nothing_and_says_what_redis_said(outbo
         assert not isinstance(refused.value, QueueUnavailable)
         assert [key async for key in redis.scan_iter(match=f"{MARKER_PREFIX}{namespace}:*")] == []
         await redis.delete(queue_name)
-        assert await queue.hand_over(rows) == HandOver(3, 1)
+        assert await queue.hand_over(rows) == HandOver(3, 1, 0)
 
 
 async def test_a_marker_naming_no_waiting_or_running_job_is_orphaned_and_replaced(
@@ -307,7 +309,7 @@ async def test_a_marker_naming_no_waiting_or_running_job_is_orphaned_and_replace
         await redis.set(marker_key(namespace, "running"), b"busy-job")
         await redis.set(in_progress_key_prefix + "busy-job", b"1")
         rows = [PendingRow(1, "lost"), PendingRow(2, "hash"), PendingRow(3, "running")]
-        assert await queue.hand_over(rows) == HandOver(2, 1)
+        assert await queue.hand_over(rows) == HandOver(2, 1, 0)
         holder = (await redis.get(marker_key(namespace, "hash"))).decode()
         assert await redis.zscore(queue_name, holder) is not None
         assert (await redis.get(marker_key(namespace, "running"))) == b"busy-job"

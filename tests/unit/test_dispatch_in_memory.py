@@ -10,7 +10,7 @@ import pytest
 
 from outbox_relay.queue import HandOver, Job, Outcome
 from outbox_relay.queue.memory import InMemoryQueue
-from outbox_relay.relay.dispatcher import Dispatcher, RelayStats
+from outbox_relay.relay.dispatcher import BEHIND_FACTOR, Dispatcher, RelayStats
 from outbox_relay.relay.store import PendingRow
 
 
@@ -278,5 +278,38 @@ async def test_rows_notified_within_the_hand_over_interval_travel_together_a_lon
             await asyncio.sleep(0.02)
         await _until(lambda: all(store.rows[i][1] == "queued" for i in (2, 3, 4)))
         assert queue.batches == [[1], [2, 3, 4]]
+    finally:
+        serving.cancel()
+
+
+async def test_while_the_workers_are_behind_notified_rows_linger_longer_and_travel_together() -> None:
+    """Once a hand-over finds due jobs no worker has taken, the next waits BEHIND_FACTOR intervals:
+    rows notified 150 ms apart (past the 100 ms interval) join one batch instead of going alone."""
+    queue, store = InMemoryQueue(), MemoryStore()  # no consumer: every job stays unclaimed
+    dispatcher = Dispatcher(
+        queue,
+        RelayStats(),
+        sweep_interval=3600,
+        batch_size=10,
+        max_queue_depth=1000,
+        stop=asyncio.Event(),
+        hand_over_interval=0.1,
+    )
+    assert BEHIND_FACTOR * 0.1 > 0.3 + 0.05, "the test's spacing assumes a window of 0.4 s"
+    serving = asyncio.create_task(dispatcher.serve(store))
+    try:
+        await _until(lambda: dispatcher.stats.sweeps == 1)
+        for i in (1, 2):  # row 1 finds no unclaimed job; row 2 finds row 1's
+            store.add(i)
+            dispatcher.notified(str(i))
+            await _until(lambda i=i: store.rows[i][1] == "queued")
+            await asyncio.sleep(0.15)  # pacing past the interval, not synchronisation
+        for i in (3, 4):
+            store.add(i)
+            dispatcher.notified(str(i))
+            if i == 3:
+                await asyncio.sleep(0.15)
+        await _until(lambda: all(store.rows[i][1] == "queued" for i in (3, 4)))
+        assert queue.batches == [[1], [2], [3, 4]]
     finally:
         serving.cancel()
