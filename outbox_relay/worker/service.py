@@ -58,8 +58,10 @@ async def run_worker(
                     "burst": burst,
                 },
             )
-            processor = hooks.instrument(RowProcessor(config, pool, handlers))
-            stats = await consumer.run(processor, stop, burst=burst, observer=hooks)
+            processor = RowProcessor(config, pool, handlers)
+            stats = await consumer.run(
+                hooks.instrument(processor), stop, burst=burst, observer=hooks, ready=processor.ready
+            )
     except asyncio.CancelledError:
         if not stop.is_set():
             raise
