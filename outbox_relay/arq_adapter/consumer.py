@@ -22,11 +22,7 @@ arq settings, chosen for fast recovery (see the field notes in the README):
   sleeps ``WORKER_POLL_DELAY`` (10 ms) and polls for a free one (taking a
   wake-up it could not act on would leave another worker asleep).
 * claiming: one script call per poll for every job taken (claim.lua), where
-  arq spends four round trips per job and a worker losing the race three. A
-  worker whose job function is backed up (``ready`` says no: every fast-path
-  statement slot busy and jobs waiting for one) claims nothing and polls again
-  after ``WORKER_POLL_DELAY``: the jobs stay queued, for another worker, and the
-  relay, seeing them unclaimed, makes its next jobs bigger.
+  arq spends four round trips per job and a worker losing the race three.
 * a job is a batch of rows (``outbox_relay.process_rows``, JSON, see
   enqueue.lua); after the processor ran it, one call (settle.lua) drops the
   markers of the rows that ended and enqueues the rows to retry, each alone
@@ -45,7 +41,7 @@ import pickle
 import random
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -123,9 +119,6 @@ class OutboxWorker(Worker):
     """
 
     idle_wait: float = 1.0
-    #: The job function's "can take more" (None: always): while False, no job is claimed.
-    ready: Callable[[], bool] | None = None
-    _held_back: bool = False
     _started_now: int = 0
     _read_now: int = 0
     _claim: Any = None
@@ -139,9 +132,6 @@ class OutboxWorker(Worker):
         the script instead of by WATCH/MULTI per job.
         """
         self._read_now = len(job_ids)
-        self._held_back = self.ready is not None and not self.ready()
-        if self._held_back:
-            return  # backed up: the jobs stay queued, for another worker or a bigger next batch
         running = self.tasks
         fresh = [job_id.decode() for job_id in job_ids if job_id.decode() not in running]
         random.shuffle(fresh)
@@ -176,13 +166,12 @@ class OutboxWorker(Worker):
         wake = wake_key(self.queue_name)
         while True:
             self._started_now = self._read_now = 0
-            self._held_back = False
             await self._poll_iteration()
             if self.burst and await self.pool.zcard(self.queue_name) == 0:
                 await asyncio.gather(*self.tasks.values())
                 return
-            if not self.allow_pick_jobs or self.job_counter >= self.max_jobs or self._held_back:
-                await asyncio.sleep(self.poll_delay_s)  # no slot free (or backed up): poll again
+            if not self.allow_pick_jobs or self.job_counter >= self.max_jobs:
+                await asyncio.sleep(self.poll_delay_s)  # no slot free: poll again for one
             elif self._read_now < self.queue_read_limit or self._started_now == 0:
                 await self._wait_for_wake_up(wake)
             # else: the poll read a full window and took jobs from it; more may be due: poll again
@@ -340,7 +329,6 @@ class ArqConsumer:
         *,
         burst: bool = False,
         observer: ConsumerObserver | None = None,
-        ready: Callable[[], bool] | None = None,
     ) -> ConsumerStats:
         """Run arq's loop until ``stop`` (or a burst ran dry); restart it after a Redis failure."""
         stats = ConsumerStats()
@@ -350,8 +338,6 @@ class ArqConsumer:
             worker = build_arq_worker(
                 self.config, self.redis, {**ctx, STATS_KEY: stats}, burst=burst
             )
-            if isinstance(worker, OutboxWorker):
-                worker.ready = ready
             finished = await _run_until_stopped(worker, stop, self.config.job_timeout + ARQ_TIMEOUT_MARGIN)
             stats.complete += worker.jobs_complete
             stats.failed += worker.jobs_failed

@@ -145,11 +145,8 @@ class Consumer(Protocol):
         *,
         burst: bool = False,
         observer: ConsumerObserver | None = None,
-        ready: Callable[[], bool] | None = None,
     ) -> ConsumerStats:
-        """Run jobs until ``stop`` (or, with ``burst``, until the queue is empty); while
-        ``ready`` says False (the function is backed up), take no new job: it stays in
-        the queue, for another worker, or to grow the producer's next batch."""
+        """Run jobs until ``stop`` (or, with ``burst``, until the queue is empty)."""
         ...
 
     async def close(self) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from outbox_relay.queue import (
@@ -140,17 +140,15 @@ class InMemoryQueue:
         *,
         burst: bool = False,
         observer: ConsumerObserver | None = None,
-        ready: Callable[[], bool] | None = None,
     ) -> ConsumerStats:
-        """Run jobs one at a time, in hand-over order, until ``stop`` (or empty, with ``burst``);
-        one at a time never takes a job the function is not ready for (``ready`` is not needed)."""
+        """Run jobs one at a time, in hand-over order, until ``stop`` (or empty, with ``burst``)."""
         stats = ConsumerStats()
         loop = asyncio.get_running_loop()
         while not stop.is_set():
             if observer is not None:
                 observer.beat()
-            due = [k for k in self._waiting if self._jobs[k].not_before <= loop.time()]
-            if not due:
+            ready = [k for k in self._waiting if self._jobs[k].not_before <= loop.time()]
+            if not ready:
                 if burst and not self._waiting:
                     break
                 self._changed.clear()
@@ -162,7 +160,7 @@ class InMemoryQueue:
                 stopper.cancel()
                 changed.cancel()
                 continue
-            job_id = due[0]
+            job_id = ready[0]
             entry = self._jobs[job_id]
             entry.running = True
             jobs = [Job(row_id, delivery) for row_id, _, delivery in entry.rows]

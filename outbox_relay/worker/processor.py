@@ -71,10 +71,6 @@ class RowProcessor:
         self._unrecorded_logged_at = -1e9
         self._coalescer = _Coalescer(self._run_fast_path)
 
-    def ready(self) -> bool:
-        """Whether more jobs would start now: False while jobs wait for a fast-path statement slot."""
-        return not self._coalescer.backed_up
-
     async def __call__(self, jobs: Sequence[Job]) -> list[Outcome]:
         """The job function of the queue port (:data:`outbox_relay.queue.JobFunction`)."""
         if len(jobs) == 1:
@@ -252,11 +248,6 @@ class _Coalescer:
         self._statements = statements
         self._waiting: list[tuple[list[int], asyncio.Future[dict[int, Outcome]]]] = []
         self._running: set[asyncio.Task[None]] = set()
-
-    @property
-    def backed_up(self) -> bool:
-        """Jobs are waiting for a statement slot (every slot busy)."""
-        return any(not future.done() for _, future in self._waiting)
 
     async def submit(self, row_ids: list[int]) -> dict[int, Outcome]:
         future: asyncio.Future[dict[int, Outcome]] = asyncio.get_running_loop().create_future()

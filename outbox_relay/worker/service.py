@@ -58,10 +58,8 @@ async def run_worker(
                     "burst": burst,
                 },
             )
-            processor = RowProcessor(config, pool, handlers)
-            stats = await consumer.run(
-                hooks.instrument(processor), stop, burst=burst, observer=hooks, ready=processor.ready
-            )
+            processor = hooks.instrument(RowProcessor(config, pool, handlers))
+            stats = await consumer.run(processor, stop, burst=burst, observer=hooks)
     except asyncio.CancelledError:
         if not stop.is_set():
             raise

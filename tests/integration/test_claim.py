@@ -33,16 +33,13 @@ async def queue(redis_server: RedisServer) -> AsyncIterator[tuple[str, Any]]:
     await redis.aclose(close_connection_pool=True)
 
 
-def _worker(
-    redis: Any, queue_name: str, max_jobs: int = 10, *, block: bool = True
-) -> tuple[OutboxWorker, list[str]]:
-    """An OutboxWorker whose job records the ids it ran and (``block``) waits until cancelled."""
+def _worker(redis: Any, queue_name: str, max_jobs: int = 10) -> tuple[OutboxWorker, list[str]]:
+    """An OutboxWorker whose job records the ids it ran and waits until cancelled."""
     ran: list[str] = []
 
     async def job(ctx: dict[str, Any]) -> None:
         ran.append(ctx["job_id"])
-        if block:
-            await asyncio.Event().wait()
+        await asyncio.Event().wait()
 
     worker = OutboxWorker(
         functions=[func(job, name="job")],
@@ -128,28 +125,3 @@ async def test_a_poll_claims_no_more_jobs_than_the_worker_has_free_slots(queue: 
         assert [await redis.exists(f"arq:in-progress:{i}") for i in unclaimed] == [0, 0, 0]
     finally:
         await _stop(worker)
-
-
-async def test_a_backed_up_worker_claims_nothing_and_leaves_the_jobs_to_others(
-    queue: tuple[str, Any],
-) -> None:
-    """While the job function says it is not ready, a poll claims no job (no in-progress key is
-    written, another worker takes them); once it is ready again, the same poll claims them."""
-    name, redis = queue
-    ids = [f"{name}:job-{i}" for i in range(3)]
-    await _enqueue(redis, name, ids)
-    backed_up = True
-    worker, _ = _worker(redis, name, block=False)
-    worker.ready = lambda: not backed_up
-    other, _ = _worker(redis, name, block=False)
-    try:
-        await worker.start_jobs([i.encode() for i in ids])
-        assert worker.tasks == {}
-        assert [await redis.exists(f"arq:in-progress:{i}") for i in ids] == [0, 0, 0]
-        await other.start_jobs([ids[0].encode()])
-        assert set(other.tasks) == {ids[0]}
-        backed_up = False
-        await worker.start_jobs([i.encode() for i in ids])
-        assert set(worker.tasks) == set(ids[1:])
-    finally:
-        await _stop(worker, other)

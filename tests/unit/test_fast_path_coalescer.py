@@ -130,19 +130,3 @@ async def test_a_cancelled_statement_fails_its_jobs_instead_of_leaving_them_wait
         task.cancel()
     with pytest.raises(RuntimeError, match="cancelled"):
         await job
-
-
-async def test_it_is_backed_up_only_while_jobs_wait_for_a_statement_slot() -> None:
-    """backed_up (the worker's "take no more jobs") is False with a slot free, True while a job
-    waits behind busy slots, and False again once the statements are through."""
-    statement = Statement()
-    coalescer = _Coalescer(statement, statements=1)
-    first = asyncio.create_task(coalescer.submit([2]))
-    await _until(lambda: len(statement.calls) == 1)
-    assert not coalescer.backed_up, "one statement running, nobody waiting"
-    second = asyncio.create_task(coalescer.submit([4]))
-    await asyncio.sleep(0)
-    assert coalescer.backed_up
-    statement.release.set()
-    await asyncio.gather(first, second)
-    assert not coalescer.backed_up
