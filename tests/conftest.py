@@ -6,6 +6,7 @@ import contextlib
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -16,6 +17,7 @@ from outbox_relay.handlers import load_plugins, registry
 from outbox_relay.migrate import migrate
 from outbox_relay.replication import unsubscribe
 from outbox_relay.settings import Settings
+from tests.helpers import Services
 from tests.servers import PgServer, RedisServer, session_postgres, session_redis
 
 # What the CLI does at its edge: the installed plugins (the reservation domain) register.
@@ -28,6 +30,14 @@ def pg_server() -> Iterator[PgServer]:
     server = session_postgres()
     yield server
     server.cleanup()
+
+
+@pytest.fixture
+def services(tmp_path: Path) -> Iterator[Services]:
+    """The CLI subprocesses of one test, all killed at its end (SIGKILL ends a stopped one too)."""
+    started = Services(tmp_path)
+    yield started
+    started.kill_all()
 
 
 @pytest.fixture(scope="session")

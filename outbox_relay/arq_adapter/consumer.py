@@ -50,6 +50,7 @@ from arq import Retry
 from arq.connections import ArqRedis
 from arq.typing import WorkerCoroutine
 from arq.worker import Worker, func
+from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
 from outbox_relay.arq_adapter.producer import (
@@ -74,6 +75,8 @@ ARQ_TIMEOUT_MARGIN = 5.0
 CONTEXT_KEY = "outbox_relay.job_function"
 #: Key of the consumer's observer (health) in arq's worker context.
 OBSERVER_KEY = "outbox_relay.observer"
+#: Key of the registered settle.lua in arq's worker context.
+SETTLE_KEY = "outbox_relay.settle"
 #: Key of the stats object in arq's worker context.
 STATS_KEY = "outbox_relay.stats"
 
@@ -121,7 +124,13 @@ class OutboxWorker(Worker):
     idle_wait: float = 1.0
     _started_now: int = 0
     _read_now: int = 0
-    _claim: Any = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # The scripts, registered once (not per poll or per batch): claim.lua here,
+        # settle.lua for the batch function through the context.
+        self._claim = self.pool.register_script(_CLAIM)
+        self.ctx[SETTLE_KEY] = self.pool.register_script(_SETTLE)
 
     async def start_jobs(self, job_ids: list[bytes]) -> None:
         """Claim up to the free slots' worth of ``job_ids`` in one call (claim.lua) and run them.
@@ -139,8 +148,6 @@ class OutboxWorker(Worker):
         self._started_now = 0
         if not fresh:
             return
-        if self._claim is None:
-            self._claim = self.pool.register_script(_CLAIM)
         ttl_ms = int(self.in_progress_timeout_s * 1000)
         reply = await self._claim(keys=[self.queue_name], args=[int(time.time() * 1000), ttl_ms, *fresh])
         for job_id_b, score in zip(reply[::2], reply[1::2], strict=True):
@@ -205,12 +212,12 @@ async def _run_batch(ctx: dict[str, Any], rows: list[list[Any]]) -> str:
     stats: ConsumerStats | None = ctx.get(STATS_KEY)
     if stats is not None:
         stats.rows += len(jobs)
-    await _settle(ctx["redis"], ctx["queue_name"], ctx["job_id"], rows, jobs, outcomes)
+    await _settle(ctx[SETTLE_KEY], ctx["queue_name"], ctx["job_id"], rows, jobs, outcomes)
     return "done"
 
 
 async def _settle(
-    redis: ArqRedis,
+    script: AsyncScript,
     queue_name: str,
     own_id: str,
     rows: list[list[Any]],
@@ -233,7 +240,6 @@ async def _settle(
             again_id = f"{own_id.rsplit(':again-', 1)[0]}:again-{uuid.uuid4().hex[:12]}"
             again.append({"id": again_id, "defer_ms": int(delay * 1000), "rows": chunk})
     plan = json.dumps({"done": done, "again": again})
-    script = redis.register_script(_SETTLE)
     async with translated_errors():
         await script(
             keys=[queue_name, wake_key(queue_name)],

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 
 from outbox_relay.db import Pool
@@ -246,7 +247,7 @@ class _Coalescer:
     ) -> None:
         self._run = run
         self._statements = statements
-        self._waiting: list[tuple[list[int], asyncio.Future[dict[int, Outcome]]]] = []
+        self._waiting: deque[tuple[list[int], asyncio.Future[dict[int, Outcome]]]] = deque()
         self._running: set[asyncio.Task[None]] = set()
 
     async def submit(self, row_ids: list[int]) -> dict[int, Outcome]:
@@ -271,7 +272,7 @@ class _Coalescer:
         taken: list[tuple[list[int], asyncio.Future[dict[int, Outcome]]]] = []
         rows = 0
         while self._waiting and (not taken or rows + len(self._waiting[0][0]) <= MAX_MERGED_ROWS):
-            ids, future = self._waiting.pop(0)
+            ids, future = self._waiting.popleft()
             if not future.done():  # its job stopped waiting
                 taken.append((ids, future))
                 rows += len(ids)

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -59,14 +59,6 @@ def assert_settings_error(result: subprocess.CompletedProcess[str], variable: st
     assert variable in lines[0], describe(result)
     assert "Traceback" not in result.stderr
     assert result.stdout == "", describe(result)
-
-
-@pytest.fixture
-def services(tmp_path: Path) -> Iterator[Services]:
-    """The CLI subprocesses of one test, all killed at its end."""
-    started = Services(tmp_path)
-    yield started
-    started.kill_all()
 
 
 @pytest.fixture

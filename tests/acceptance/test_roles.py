@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -24,14 +24,6 @@ ROLES_DIR = Path(outbox_relay.__file__).resolve().parent
 def _as(url: str, user: str) -> str:
     parts = urlsplit(url)
     return urlunsplit(parts._replace(netloc=f"{user}@{parts.netloc.rpartition('@')[2]}"))
-
-
-@pytest.fixture
-def services(tmp_path: Path) -> Iterator[Services]:
-    """The CLI subprocesses of one test, all killed at its end."""
-    started = Services(tmp_path)
-    yield started
-    started.kill_all()
 
 
 @pytest.fixture

@@ -23,8 +23,7 @@ import random
 import signal
 import time
 from collections import Counter
-from collections.abc import Callable, Coroutine, Iterator
-from pathlib import Path
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import asyncpg
@@ -65,18 +64,6 @@ UPSERT = (
     "INSERT INTO outbox_relay.outbox (correlation_id, outcome)"
     " SELECT * FROM unnest($1::text[], $2::text[]) ON CONFLICT (correlation_id) DO NOTHING"
 )
-
-
-@pytest.fixture
-def services(tmp_path: Path) -> Iterator[Services]:
-    """The CLI subprocesses of the soak, all resumed and killed at its end."""
-    started = Services(tmp_path)
-    yield started
-    for service in started.started:
-        if service.running():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(service.proc.pid, signal.SIGCONT)
-    started.kill_all()
 
 
 class Fleet:

@@ -15,7 +15,6 @@ import re
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -89,14 +88,6 @@ async def env(servers: tuple[PgServer, RedisServer]) -> AsyncIterator[OutboxEnv]
     yield outbox_env
     await ensure_up(pg, redis)
     await drop_outbox_env(outbox_env)
-
-
-@pytest.fixture
-def services(tmp_path: Path) -> Iterator[Services]:
-    """The CLI subprocesses of one test, all killed at its end."""
-    started = Services(tmp_path)
-    yield started
-    started.kill_all()
 
 
 # -- load: reservations, then outbox rows that settle them ----------------------------

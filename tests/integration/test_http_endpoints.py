@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import re
 import socket
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import aiohttp
-import pytest
 
 from tests.conftest import OutboxEnv
 from tests.helpers import Services, cli_env, connect, open_account, produce, reserve
@@ -29,14 +26,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-@pytest.fixture
-def services(tmp_path: Path) -> Iterator[Services]:
-    """The CLI subprocesses of one test, all killed at its end."""
-    started = Services(tmp_path)
-    yield started
-    started.kill_all()
 
 
 async def get(port: int, path: str) -> tuple[int, Any]:

@@ -12,11 +12,8 @@ import contextlib
 import os
 import signal
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import asyncpg
-import pytest
 
 from outbox_relay.relay.leadership import WORST_CASE_TAKEOVER
 from tests.conftest import OutboxEnv
@@ -31,18 +28,6 @@ from tests.integration.test_faults import (
     prepare_load,
     produce,
 )
-
-
-@pytest.fixture
-def services(tmp_path: Path) -> Iterator[Services]:
-    """The CLI subprocesses of one test, all resumed and killed at its end."""
-    started = Services(tmp_path)
-    yield started
-    for service in started.started:
-        if service.running():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(service.proc.pid, signal.SIGCONT)
-    started.kill_all()
 
 
 async def _lease(url: str) -> asyncpg.Record:

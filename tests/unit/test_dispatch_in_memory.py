@@ -44,7 +44,9 @@ class MemoryStore:
                 self.rows[i][1] = "queued"
 
 
-def _dispatcher(queue: InMemoryQueue, *, max_queue_depth: int = 1000) -> Dispatcher:
+def _dispatcher(
+    queue: InMemoryQueue, *, max_queue_depth: int = 1000, hand_over_interval: float = 0.0
+) -> Dispatcher:
     return Dispatcher(
         queue,
         RelayStats(),
@@ -52,6 +54,7 @@ def _dispatcher(queue: InMemoryQueue, *, max_queue_depth: int = 1000) -> Dispatc
         batch_size=10,
         max_queue_depth=max_queue_depth,
         stop=asyncio.Event(),
+        hand_over_interval=hand_over_interval,
     )
 
 
@@ -254,15 +257,7 @@ async def test_rows_notified_within_the_hand_over_interval_travel_together_a_lon
     """Adaptive batches: after a quiet spell a row is handed over at once (a job of one row);
     rows notified while the interval since the last hand-over runs join one batch."""
     queue, store = InMemoryQueue(), MemoryStore()
-    dispatcher = Dispatcher(
-        queue,
-        RelayStats(),
-        sweep_interval=3600,
-        batch_size=10,
-        max_queue_depth=1000,
-        stop=asyncio.Event(),
-        hand_over_interval=0.2,
-    )
+    dispatcher = _dispatcher(queue, hand_over_interval=0.2)
     serving = asyncio.create_task(dispatcher.serve(store))
     try:
         await _until(lambda: dispatcher.stats.sweeps == 1)
@@ -286,15 +281,7 @@ async def test_while_the_workers_are_behind_notified_rows_linger_longer_and_trav
     """Once a hand-over finds due jobs no worker has taken, the next waits BEHIND_FACTOR intervals:
     rows notified 150 ms apart (past the 100 ms interval) join one batch instead of going alone."""
     queue, store = InMemoryQueue(), MemoryStore()  # no consumer: every job stays unclaimed
-    dispatcher = Dispatcher(
-        queue,
-        RelayStats(),
-        sweep_interval=3600,
-        batch_size=10,
-        max_queue_depth=1000,
-        stop=asyncio.Event(),
-        hand_over_interval=0.1,
-    )
+    dispatcher = _dispatcher(queue, hand_over_interval=0.1)
     assert BEHIND_FACTOR * 0.1 > 0.3 + 0.05, "the test's spacing assumes a window of 0.4 s"
     serving = asyncio.create_task(dispatcher.serve(store))
     try:
