@@ -142,7 +142,7 @@ class OutboxWorker(Worker):
         """
         self._read_now = len(job_ids)
         running = self.tasks
-        fresh = [job_id.decode() for job_id in job_ids if job_id.decode() not in running]
+        fresh = [job_id for job_id in (b.decode() for b in job_ids) if job_id not in running]
         random.shuffle(fresh)
         fresh = fresh[: max(0, self.max_jobs - self.job_counter)]
         self._started_now = 0
