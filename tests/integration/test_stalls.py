@@ -12,6 +12,7 @@ import contextlib
 import os
 import signal
 import time
+from typing import Any
 
 import asyncpg
 
@@ -51,6 +52,16 @@ async def _queued_by(url: str, epoch: int) -> dict[int, tuple[object, int]]:
     return {r["id"]: (r["queued_at"], r["queued_epoch"]) for r in rows}
 
 
+def _at_least_queued_by(url: str, epoch: int, n: int) -> Any:
+    """A predicate for :meth:`Services.wait`: ``n`` rows or more are `queued` with ``epoch``."""
+
+    async def predicate() -> bool:
+        queued = await _queued_by(url, epoch)
+        return len(queued) >= n
+
+    return predicate
+
+
 async def test_a_standby_takes_over_from_a_frozen_relay_and_the_resumed_one_changes_nothing(
     outbox_env: OutboxEnv, services: Services
 ) -> None:
@@ -83,10 +94,20 @@ async def test_a_standby_takes_over_from_a_frozen_relay_and_the_resumed_one_chan
             timeout=20,
             message="rows finishing under the new leader",
         )
-        before_resume = await _queued_by(outbox_env.service_url, new_epoch)
-        assert before_resume, "the new leader queued nothing"
-        os.kill(first.proc.pid, signal.SIGCONT)
-        await services.wait_logged(first, "standing by", timeout=20)
+        # A fast worker finishes most rows before the relay's mark lands (the mark then skips them),
+        # so freeze the worker too: what the new leader hands over now stays `queued`, marked by it.
+        os.kill(worker.proc.pid, signal.SIGSTOP)
+        try:
+            await services.wait(
+                _at_least_queued_by(outbox_env.service_url, new_epoch, 20),
+                timeout=20,
+                message="20 rows queued by the new leader",
+            )
+            before_resume = await _queued_by(outbox_env.service_url, new_epoch)
+            os.kill(first.proc.pid, signal.SIGCONT)
+            await services.wait_logged(first, "standing by", timeout=20)
+        finally:
+            os.kill(worker.proc.pid, signal.SIGCONT)
         await producer
     finally:
         producer.cancel()
