@@ -84,10 +84,13 @@ def _settings(service_url: str, primary_url: str, **extra: Any) -> Settings:
 
 
 async def _slots(primary_url: str) -> set[str]:
+    """The subscriptions' slots on the primary; not the short-lived slots of a table's initial
+    copy (``pg_<subscription oid>_sync_<table oid>_<system id>``, present while a copy runs)."""
     conn = await asyncpg.connect(primary_url)
     try:
         rows = await conn.fetch(
             "SELECT slot_name FROM pg_replication_slots WHERE database = current_database()"
+            r" AND slot_name !~ '^pg_\d+_sync_\d+_\d+$'"
         )
         return {r["slot_name"] for r in rows}
     finally:
