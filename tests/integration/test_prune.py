@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -212,6 +213,9 @@ async def test_pruning_while_rows_flow_loses_nothing_and_settles_each_reservatio
         try:
             for n, cid in enumerate(cids):
                 await produce(service, cid, "success" if n % 3 else "failure")
+                if n == len(cids) // 2:
+                    # The second half flows while the pruner is known to be deleting finished rows.
+                    await wait_until(_async(lambda: pruned > 0), message="the pruner deleting finished rows")
             await wait_until(
                 lambda: _all_settled(service, len(cids)), timeout=30, message="every reservation settled"
             )
@@ -367,6 +371,15 @@ async def _count(conn: Any, pattern: str, at_least: int | None = None) -> Any:
         await conn.fetchval("SELECT count(*) FROM outbox_relay.outbox WHERE correlation_id LIKE $1", pattern)
     )
     return n >= at_least if at_least is not None else n
+
+
+def _async(check: Callable[[], bool]) -> Callable[[], Awaitable[bool]]:
+    """``check`` as a predicate for :func:`wait_until`."""
+
+    async def predicate() -> bool:
+        return check()
+
+    return predicate
 
 
 async def _all_settled(conn: Any, n: int) -> bool:
