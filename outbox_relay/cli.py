@@ -457,6 +457,12 @@ def configure_bench(parser: argparse.ArgumentParser) -> None:
         help="rounds of the scaling runs, interleaved; each figure is their median (3)",
     )
     parser.add_argument(
+        "--drain-rows",
+        type=_drain_rows,
+        default=20_000,
+        help="backlog rows each worker count drains in the scaling rounds (20000; 0: skip)",
+    )
+    parser.add_argument(
         "--accounts",
         type=_positive_int,
         default=100,
@@ -473,6 +479,13 @@ def configure_bench(parser: argparse.ArgumentParser) -> None:
         help="run on the servers of OUTBOX_RELAY_DATABASE_URL and _REDIS_URL (it creates and "
         "drops its own databases there) instead of embedded ones",
     )
+
+
+def _drain_rows(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 1_000_000:
+        raise argparse.ArgumentTypeError("must be 0 (skip) to 1000000")
+    return value
 
 
 async def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
@@ -498,6 +511,7 @@ async def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
             fsync_off=args.fsync_off,
             accounts=args.accounts,
             rounds=args.rounds,
+            drain_rows=args.drain_rows,
         )
     _quiet_logs()
     return await run_bench(options, settings)

@@ -22,7 +22,10 @@ on: what users run); ``--fsync-off`` shows the throw-away mode.
 5. table scale: sweep and hot-path query cost with 0 and with many finished
    rows (and that no hot-path plan scans the table), and the cost of pruning;
 6. scaling: 1 and 2 with 1, 2 and 4 worker processes, in interleaved rounds
-   (each figure the median of its rounds), with the CPU each count costs;
+   (each figure the median of its rounds), with the CPU each count costs; and
+   a backlog drained by each worker count (the rows committed and replicated
+   first, the workers warm, the relay started last; the rate between the first
+   and the last ``finished_at``), where the producers are not the limit;
 7. CPU seconds per 1,000 events for relay, workers, PostgreSQL and Redis;
 8. idle CPU: percent of a core a relay and each worker use with nothing to do.
 """
@@ -99,6 +102,8 @@ class BenchOptions:
     #: Ledger accounts the reservations are spread over (round robin). 1: every refund
     #: updates one account, which serialises all concurrent batches on its row lock.
     accounts: int = 100
+    #: Rows of the backlog each worker count drains in the scaling rounds; 0: skip.
+    drain_rows: int = 20_000
 
     @classmethod
     def quick(
@@ -128,6 +133,7 @@ class BenchOptions:
             nats_events=200,
             accounts=accounts,
             rounds=1,
+            drain_rows=500,
         )
 
 
@@ -148,6 +154,8 @@ class Results:
     #: Each round's figures (``ceiling`` and ``throughput`` are their medians).
     ceiling_runs: dict[int, list[float]] = field(default_factory=dict)
     throughput_runs: dict[int, list[float]] = field(default_factory=dict)
+    #: Backlog drain rate (rows per second of finishing) by worker processes, each round.
+    drain_runs: dict[int, list[float]] = field(default_factory=dict)
     workers: int = 2
     durable: bool = True
     #: Single-row outbox insert commits per second, by producer connections.
@@ -175,6 +183,11 @@ class Results:
             rates = [self.throughput[n] for n in ns]
             ok = all(a <= b for a, b in itertools.pairwise(rates))
             label = " >= ".join(str(n) for n in reversed(ns)) + " workers in events/s"
+            out.append((label, None, "monotone", ok))
+        drains = {n: statistics.median(v) for n, v in sorted(self.drain_runs.items()) if v}
+        if len(drains) > 1:
+            ok = all(a <= b for a, b in itertools.pairwise(drains.values()))
+            label = " >= ".join(str(n) for n in reversed(drains)) + " workers, backlog drain (no producers)"
             out.append((label, None, "monotone", ok))
         best = max(self.throughput.values()) if self.throughput else None
         r = ratio(best, self.commit_rate.get(4))
@@ -221,6 +234,10 @@ class Results:
                     "cpu_seconds_per_1000_events": self.cpu_by_workers.get(n, {}),
                     "ceiling_rounds": self.ceiling_runs.get(n, []),
                     "events_per_s_rounds": self.throughput_runs.get(n, []),
+                    "drain_events_per_s": statistics.median(self.drain_runs[n])
+                    if self.drain_runs.get(n)
+                    else None,
+                    "drain_rounds": self.drain_runs.get(n, []),
                 }
                 for n in sorted(set(self.ceiling) | set(self.throughput))
             },
@@ -368,6 +385,15 @@ class Fleet:
                 logs = processes.log_tails(self.workdir, lines=10)
                 raise BenchError(f"a bench process exited (code {proc.returncode})\n{logs}")
 
+    def stop_relay(self) -> None:
+        """Stop the relay alone (the workers keep running, idle)."""
+        if self.relay is None:
+            return
+        cpu = self.cpu_seconds()
+        processes.stop([self.relay])
+        self._cpu_done["relay"] = cpu["relay"]
+        self.relay = None
+
     def stop(self) -> None:
         cpu = self.cpu_seconds()
         processes.stop(p for p in [self.relay, *self.workers] if p is not None)
@@ -477,6 +503,11 @@ async def _bench(options: BenchOptions, servers: Servers, workdir: Path) -> Resu
                     results.idle_cpu["worker (max)"] = max(workers_idle, default=0.0)
                     say("    " + ", ".join(f"{k} {v:.2f} %" for k, v in idle.items()))
                 fleet.stop()
+                if options.drain_rows:
+                    say(f"[6] backlog of {options.drain_rows:,} rows, {count} worker process(es){label}")
+                    drained = await _drain(ledger, fleet, options.drain_rows, count)
+                    results.drain_runs.setdefault(count, []).append(drained)
+                    say(f"    {drained:,.0f} events/s")
             say(
                 f"[4] backlog of {options.backlog:,} rows, drained by the relay and "
                 f"{options.workers} worker process(es)"
@@ -807,7 +838,29 @@ async def _latency(
     return {key: float(stats[key]) if stats[key] is not None else float("nan") for key in keys}
 
 
-async def _backlog(ledger: Ledger, fleet: Fleet, rows: int, workers: int) -> dict[str, float]:
+async def _drain(ledger: Ledger, fleet: Fleet, rows: int, workers: int) -> float:
+    """Rows per second ``workers`` warm workers finish a replicated backlog at: the relay
+    starts last, and the rate is taken between the first and the last ``finished_at``
+    (no process start-up in it, no producer limit on it)."""
+    assert ledger.service is not None
+    fleet.start(workers)
+    await ledger.warm_up(fleet)
+    fleet.stop_relay()
+    ids = await _replicated_backlog(ledger, rows)
+    fleet.start(0)
+    await ledger.wait_finished(ids, fleet)
+    span = await ledger.service.fetchval(
+        "SELECT extract(epoch FROM max(finished_at) - min(finished_at))::float8"
+        " FROM outbox_relay.outbox WHERE correlation_id = ANY($1::text[])",
+        ids,
+    )
+    fleet.stop()
+    return rows / max(float(span or 0.0), 1e-3)
+
+
+async def _replicated_backlog(ledger: Ledger, rows: int) -> list[str]:
+    """``rows`` reservations and their outbox rows, committed on the primary in chunks of
+    1,000 and waited for on the service database."""
     assert ledger.service is not None
     ids = await ledger.reserve(rows)
     primary = await connect(ledger.primary_url)
@@ -831,6 +884,11 @@ async def _backlog(ledger: Ledger, fleet: Fleet, rows: int, workers: int) -> dic
         if time.monotonic() > deadline:
             raise BenchError("the backlog did not replicate in time")
         await asyncio.sleep(0.1)
+    return ids
+
+
+async def _backlog(ledger: Ledger, fleet: Fleet, rows: int, workers: int) -> dict[str, float]:
+    ids = await _replicated_backlog(ledger, rows)
     start = time.monotonic()
     fleet.start(workers)
     peak = 0
@@ -1127,6 +1185,13 @@ def render(results: Results) -> str:
                 + "; end to end "
                 + ", ".join(f"{v:,.0f}" for v in row["events_per_s_rounds"])
             )
+    drains = {n: row for n, row in data["scaling"].items() if row.get("drain_events_per_s")}
+    if drains:
+        lines.append("")
+        lines.append("backlog drain by workers (warm workers, relay started last; first to last finished_at)")
+        for n, row in drains.items():
+            rounds = ", ".join(f"{v:,.0f}" for v in row["drain_rounds"])
+            lines.append(f"{n:>7}  {row['drain_events_per_s']:>10,.0f}/s   rounds: {rounds}")
     lines.append("")
     lines.append("latency commit -> finished (ms)   p50     p95     p99     max   (to queued: p50, p99)")
     for rate, lat in data["latency_ms"].items():

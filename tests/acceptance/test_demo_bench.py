@@ -39,6 +39,8 @@ def test_bench_quick_writes_the_results_with_the_ratio_to_the_arq_ceiling(tmp_pa
     latency = data["latency_ms"]["100"]
     assert 0 < latency["p50"] <= latency["p95"] <= latency["p99"] <= latency["max"]
     assert data["backlog"]["rows"] == 1000
+    assert data["scaling"]["1"]["drain_events_per_s"] > 0, "no backlog drained by the worker count"
+    assert "backlog drain by workers" in result.stdout
     assert data["backlog"]["relay_peak_rss_mb"] > 0
     scale = data["table_scale"]
     assert not any(scale["hot_path_plans_scan_table"].values()), scale["hot_path_plans_scan_table"]
