@@ -339,4 +339,3 @@ def live_view(stream: IO[str]) -> Iterator[Callable[[Frame], None]]:
             live.update(render(frame), refresh=True)
 
         yield refresh
-

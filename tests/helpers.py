@@ -105,22 +105,30 @@ async def produce_many(conn: Any, rows: list[tuple[str, str]]) -> None:
 
 async def status_of(conn: Any) -> dict[str, str]:
     """correlation_id -> status of every outbox row."""
-    return {r["correlation_id"]: r["status"] for r in await conn.fetch(
-        "SELECT correlation_id, status FROM outbox_relay.outbox")}
+    return {
+        r["correlation_id"]: r["status"]
+        for r in await conn.fetch("SELECT correlation_id, status FROM outbox_relay.outbox")
+    }
 
 
 async def count_status(conn: Any, *statuses: str) -> int:
     """How many rows are in any of ``statuses``."""
-    return int(await conn.fetchval(
-        "SELECT count(*) FROM outbox_relay.outbox WHERE status = ANY($1::text[])", list(statuses)))
+    return int(
+        await conn.fetchval(
+            "SELECT count(*) FROM outbox_relay.outbox WHERE status = ANY($1::text[])", list(statuses)
+        )
+    )
 
 
 async def money_total(conn: Any) -> int:
     """Σ balance + Σ amount of reserved and burned reservations (conserved)."""
-    return int(await conn.fetchval(
-        "SELECT (SELECT coalesce(sum(balance), 0) FROM ledger.accounts)"
-        " + (SELECT coalesce(sum(amount), 0) FROM ledger.reservations"
-        "    WHERE state IN ('reserved', 'burned'))"))
+    return int(
+        await conn.fetchval(
+            "SELECT (SELECT coalesce(sum(balance), 0) FROM ledger.accounts)"
+            " + (SELECT coalesce(sum(amount), 0) FROM ledger.reservations"
+            "    WHERE state IN ('reserved', 'burned'))"
+        )
+    )
 
 
 def cli_env(settings_env: Mapping[str, str], **extra: str) -> dict[str, str]:
@@ -132,9 +140,7 @@ def cli_env(settings_env: Mapping[str, str], **extra: str) -> dict[str, str]:
     return env
 
 
-def run_cli(
-    *args: str, env: Mapping[str, str], timeout: float = 60.0
-) -> subprocess.CompletedProcess[str]:
+def run_cli(*args: str, env: Mapping[str, str], timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
     """Run ``python -m outbox_relay ARGS`` to completion."""
     return subprocess.run(
         [sys.executable, "-m", "outbox_relay", *args],

@@ -341,9 +341,7 @@ class ArqConsumer:
         backoff = Backoff(0.2, 5.0)
         ctx = {CONTEXT_KEY: function, OBSERVER_KEY: observer}
         while not stop.is_set():
-            worker = build_arq_worker(
-                self.config, self.redis, {**ctx, STATS_KEY: stats}, burst=burst
-            )
+            worker = build_arq_worker(self.config, self.redis, {**ctx, STATS_KEY: stats}, burst=burst)
             finished = await _run_until_stopped(worker, stop, self.config.job_timeout + ARQ_TIMEOUT_MARGIN)
             stats.complete += worker.jobs_complete
             stats.failed += worker.jobs_failed

@@ -84,7 +84,6 @@ class RelayStore:
                 f"the lease of epoch {self.epoch} expired or was taken over by another relay"
             )
 
-
     async def check_leadership(self) -> None:
         """Raise :class:`LeadershipLostError` unless this relay's lease is valid and of its
         epoch: the fence of every write the store does not make itself (the retention loop)."""

@@ -334,9 +334,12 @@ async def test_subscribe_and_unsubscribe_twice(outbox_env: OutboxEnv, primary: A
     first = await cli("subscribe", env=env)
     assert first.returncode == 0, describe(first)
     assert await primary.fetchval(slot_sql, name) == 1, "no slot when `subscribe` returned"
-    assert await service.fetchval(
-        "SELECT count(*) FROM outbox_relay.outbox WHERE correlation_id = 'before-subscribe'"
-    ) == 1, "the rows already on the primary were not copied"
+    assert (
+        await service.fetchval(
+            "SELECT count(*) FROM outbox_relay.outbox WHERE correlation_id = 'before-subscribe'"
+        )
+        == 1
+    ), "the rows already on the primary were not copied"
     second = await cli("subscribe", env=env)
     assert second.returncode == 0, describe(second)
     assert "already exists" in second.stdout, describe(second)
@@ -344,9 +347,11 @@ async def test_subscribe_and_unsubscribe_twice(outbox_env: OutboxEnv, primary: A
     await produce(primary, "after-subscribe")
 
     async def replicated() -> bool:
-        return bool(await service.fetchval(
-            "SELECT count(*) FROM outbox_relay.outbox WHERE correlation_id = 'after-subscribe'"
-        ))
+        return bool(
+            await service.fetchval(
+                "SELECT count(*) FROM outbox_relay.outbox WHERE correlation_id = 'after-subscribe'"
+            )
+        )
 
     await wait_until(replicated, message="a row replicated after `subscribe`")
 

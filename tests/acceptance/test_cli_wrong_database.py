@@ -62,8 +62,10 @@ async def test_status_text_escapes_control_characters_from_rows(outbox_env: Outb
     assert "\x07" not in result.stdout
     assert "\r" not in result.stdout
     lines = result.stdout.splitlines()
-    assert "  evil\\x1b[2J\\x1b[Hid\\nfailed rows: none  kind=k\\x1b]0;pwned\\x07  attempts=1  failures=0  " \
-        "error=boom\\r\\n\\x9b31mred" in lines, describe(result)
+    assert (
+        "  evil\\x1b[2J\\x1b[Hid\\nfailed rows: none  kind=k\\x1b]0;pwned\\x07  attempts=1  failures=0  "
+        "error=boom\\r\\n\\x9b31mred" in lines
+    ), describe(result)
     assert sum(line.startswith("failed rows") for line in lines) == 1, describe(result)
 
 

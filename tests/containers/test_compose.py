@@ -57,8 +57,18 @@ class Compose:
     def sql(self, service: str, database: str, statement: str) -> str:
         """Run one statement with psql in ``service``; its unaligned output."""
         result = self.run(
-            "exec", "-T", service, "psql", "-U", "postgres", "-d", database,
-            "-v", "ON_ERROR_STOP=1", "-tAc", statement,
+            "exec",
+            "-T",
+            service,
+            "psql",
+            "-U",
+            "postgres",
+            "-d",
+            database,
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-tAc",
+            statement,
         )
         return result.stdout.strip()
 
@@ -138,13 +148,15 @@ def settle(stack: Compose, correlation_id: str) -> float:
     stack.sql("replica", "service", f"SELECT ledger.reserve('{account}', 100, '{correlation_id}')")
     started = time.monotonic()
     stack.sql(
-        "primary", "app",
+        "primary",
+        "app",
         f"INSERT INTO outbox_relay.outbox (correlation_id, outcome) VALUES ('{correlation_id}', 'success')",
     )
 
     def settled() -> bool:
         row = stack.sql(
-            "replica", "service",
+            "replica",
+            "service",
             "SELECT o.status || ',' || r.state FROM outbox_relay.outbox o "
             f"JOIN ledger.reservations r USING (correlation_id) WHERE o.correlation_id = '{correlation_id}'",
         )
@@ -203,8 +215,10 @@ def test_the_stack_settles_a_reservation_and_survives_the_active_relay_dying(com
     print(f"[containers] {active} restarted {time.monotonic() - killed_at:.1f} s after SIGKILL", flush=True)
     leader = poll(lambda: active_relay(stack), timeout=TAKEOVER_TIMEOUT, message="a relay active again")
     # Whichever wins the lock (the standby polling it, or the restarted relay) is fine; both answer.
-    print(f"[containers] {leader} active {time.monotonic() - killed_at:.1f} s after SIGKILL of {active}",
-          flush=True)
+    print(
+        f"[containers] {leader} active {time.monotonic() - killed_at:.1f} s after SIGKILL of {active}",
+        flush=True,
+    )
     seconds = settle(stack, "ctr-2")
     print(f"[containers] row after the crash committed -> finished and burned: {seconds:.2f} s", flush=True)
 
@@ -212,10 +226,15 @@ def test_the_stack_settles_a_reservation_and_survives_the_active_relay_dying(com
     follower = next(s for s in RELAYS if s != leader)
     stopped_at = time.monotonic()
     stack.run("stop", "--timeout", "10", leader, timeout=60)
-    poll(lambda: active_relay(stack) == follower, timeout=TAKEOVER_TIMEOUT,
-         message=f"{follower} to take over from the stopped {leader}")
-    print(f"[containers] {follower} took over {time.monotonic() - stopped_at:.1f} s after stopping {leader}",
-          flush=True)
+    poll(
+        lambda: active_relay(stack) == follower,
+        timeout=TAKEOVER_TIMEOUT,
+        message=f"{follower} to take over from the stopped {leader}",
+    )
+    print(
+        f"[containers] {follower} took over {time.monotonic() - stopped_at:.1f} s after stopping {leader}",
+        flush=True,
+    )
     seconds = settle(stack, "ctr-3")
     print(f"[containers] row after the takeover: committed -> finished, burned: {seconds:.2f} s", flush=True)
     stack.run("start", leader, timeout=60)

@@ -172,9 +172,7 @@ async def test_concurrent_batches_refunding_the_same_accounts_each_commit_in_one
         )
         assert len(stamps) == 1, "a batch fell back to the general path (its fast path failed)"
     assert await money_total(service) == total
-    assert await service.fetchval(
-        "SELECT count(*) FROM ledger.reservations WHERE state <> 'reclaimed'"
-    ) == 0
+    assert await service.fetchval("SELECT count(*) FROM ledger.reservations WHERE state <> 'reclaimed'") == 0
 
 
 async def test_jobs_a_worker_runs_at_once_commit_together_and_each_row_settles_once(
@@ -204,6 +202,9 @@ async def test_jobs_a_worker_runs_at_once_commit_together_and_each_row_settles_o
     )
     assert stamps < len(ids), "every job committed on its own"
     assert await money_total(service) == total
-    assert await service.fetchval(
-        "SELECT count(*) FROM outbox_relay.outbox WHERE id = ANY($1::bigint[]) AND attempts <> 1", ids
-    ) == 0
+    assert (
+        await service.fetchval(
+            "SELECT count(*) FROM outbox_relay.outbox WHERE id = ANY($1::bigint[]) AND attempts <> 1", ids
+        )
+        == 0
+    )

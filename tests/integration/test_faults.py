@@ -174,9 +174,7 @@ async def assert_settled(service_url: str, load: Load) -> None:
     assert not pending, f"{len(pending)} rows never finished, e.g. {pending[:5]}"
     failed = {cid: r["last_error"] for cid, r in rows.items() if r["status"] == "failed"}
     assert not failed, f"{len(failed)} rows failed, e.g. {list(failed.items())[:3]}"
-    wrong = {
-        cid: r["state"] for cid, r in rows.items() if r["state"] != EXPECTED_STATE[load.outcomes[cid]]
-    }
+    wrong = {cid: r["state"] for cid, r in rows.items() if r["state"] != EXPECTED_STATE[load.outcomes[cid]]}
     assert not wrong, f"{len(wrong)} reservations not settled as their outcome says, e.g. {list(wrong)[:5]}"
     expected = dict.fromkeys((f"acc-{i}" for i in range(ACCOUNTS)), OPENING_BALANCE)
     for cid, outcome in load.outcomes.items():

@@ -56,9 +56,7 @@ async def test_notify_trigger_fires_for_a_large_transaction_applied_in_parallel(
     await wait_until(
         lambda: _greater(_streamed(primary, name), streamed_before), message="the transaction streamed"
     )
-    await wait_until(
-        lambda: _parallel_workers(service, name), timeout=10, message="a parallel apply worker"
-    )
+    await wait_until(lambda: _parallel_workers(service, name), timeout=10, message="a parallel apply worker")
 
 
 async def _streamed(primary: Any, slot: str) -> int:

@@ -165,8 +165,7 @@ async def test_one_blocked_row_delays_no_other_row(outbox_env: OutboxEnv, servic
 
         async def others_finished() -> bool:
             sql = (
-                "SELECT count(*) FROM outbox_relay.outbox"
-                " WHERE status = 'finished' AND correlation_id <> $1"
+                "SELECT count(*) FROM outbox_relay.outbox WHERE status = 'finished' AND correlation_id <> $1"
             )
             return int(await conn.fetchval(sql, blocked_cid)) == len(others)
 
@@ -268,5 +267,3 @@ async def test_a_worker_resumed_after_sigstop_logs_plain_lines_and_rows_finish_o
     assert_running(relay, worker)
     assert_plain_log(worker)
     await assert_settled(outbox_env.service_url, load)
-
-

@@ -52,8 +52,10 @@ async def cluster(pg_server: PgServer) -> AsyncIterator[tuple[str, Factory]]:
             with contextlib.suppress(Exception):
                 conn = await asyncpg.connect(pg_server.url(name))
                 try:
-                    for sub in await conn.fetch("SELECT subname FROM pg_subscription s JOIN pg_database d "
-                                                "ON d.oid = s.subdbid WHERE d.datname = current_database()"):
+                    for sub in await conn.fetch(
+                        "SELECT subname FROM pg_subscription s JOIN pg_database d "
+                        "ON d.oid = s.subdbid WHERE d.datname = current_database()"
+                    ):
                         ident = quote_ident(sub["subname"])
                         await conn.execute(f"ALTER SUBSCRIPTION {ident} DISABLE")
                         await conn.execute(f"ALTER SUBSCRIPTION {ident} SET (slot_name = NONE)")
@@ -112,8 +114,11 @@ async def _subscription(service_url: str) -> tuple[str, str] | None:
 async def _replicated(service_url: str, correlation_id: str) -> bool:
     conn = await asyncpg.connect(service_url)
     try:
-        return bool(await conn.fetchval(
-            "SELECT count(*) > 0 FROM outbox_relay.outbox WHERE correlation_id = $1", correlation_id))
+        return bool(
+            await conn.fetchval(
+                "SELECT count(*) > 0 FROM outbox_relay.outbox WHERE correlation_id = $1", correlation_id
+            )
+        )
     finally:
         await conn.close()
 

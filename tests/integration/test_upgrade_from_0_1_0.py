@@ -59,7 +59,9 @@ async def test_a_0_1_0_database_upgrades_in_place_and_keeps_its_rows_and_ledger(
             await check_schema(conn, "service", [reservation])
         applied = await migrate(conn, "service", [reservation])
         assert [(m.target, m.version) for m in applied] == [
-            (m.target, m.version) for s in migration_sets("service", [reservation]) for m in s.migrations
+            (m.target, m.version)
+            for s in migration_sets("service", [reservation])
+            for m in s.migrations
             if not (s.target == "service" and m.version == 1)
         ]
         await check_schema(conn, "service", [reservation])

@@ -21,6 +21,7 @@ from tests.tools import NO_PROMTOOL, ToolMissing, promtool, promtool_opted_out
 ALERTS = Path(__file__).resolve().parents[2] / "deploy" / "prometheus" / "alerts.yml"
 ALERT_TESTS = ALERTS.with_name("alerts_test.yml")
 
+
 def _exposed_metrics() -> set[str]:
     """Every sample name the processes really expose (read from the metrics module's registry)."""
     from outbox_relay.observability import Metrics
@@ -103,9 +104,7 @@ def test_promtool_unit_tests_prove_the_alerts_fire() -> None:
     (no active relay, old pending rows, failed rows increasing, no live worker, subscription
     disabled and erroring) and stays quiet when it should not."""
     cases = yaml.safe_load(ALERT_TESTS.read_text())["tests"]
-    fired = {
-        check["alertname"] for case in cases for check in case["alert_rule_test"] if check["exp_alerts"]
-    }
+    fired = {check["alertname"] for case in cases for check in case["alert_rule_test"] if check["exp_alerts"]}
     assert fired == WANTED
     result = _promtool("test", "rules", ALERT_TESTS.name)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -59,8 +59,12 @@ async def test_service_retry_logs_permission_denied_plainly(caplog: pytest.LogCa
 
     with caplog.at_level(logging.WARNING, logger="test.backoff"):
         result = await retry(
-            attempt, what="the service database", logger=logger, give_up_after=None,
-            backoff=Backoff(0.001, 0.002), stop=asyncio.Event(),
+            attempt,
+            what="the service database",
+            logger=logger,
+            give_up_after=None,
+            backoff=Backoff(0.001, 0.002),
+            stop=asyncio.Event(),
         )
     assert result == "granted"
     messages = [r.getMessage() for r in caplog.records]

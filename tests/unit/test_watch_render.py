@@ -16,7 +16,12 @@ AT = datetime(2026, 12, 2, 10, 0, 0, tzinfo=UTC)
 def sample(at: float, new: int, finished: int, failed: int = 0, **kw: object) -> Sample:
     counts = {"new": new, "queued": 0, "finished": finished, "failed": failed}
     return Sample(
-        at, counts, sum(counts.values()), kw.get("age"), kw.get("replication"), kw.get("failures", [])  # type: ignore[arg-type]
+        at,
+        counts,
+        sum(counts.values()),
+        kw.get("age"),
+        kw.get("replication"),
+        kw.get("failures", []),  # type: ignore[arg-type]
     )
 
 
