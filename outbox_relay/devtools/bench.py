@@ -156,6 +156,8 @@ class Results:
     throughput_runs: dict[int, list[float]] = field(default_factory=dict)
     #: Backlog drain rate (rows per second of finishing) by worker processes, each round.
     drain_runs: dict[int, list[float]] = field(default_factory=dict)
+    #: Cores busy (the whole machine) during each of those drains.
+    drain_cores_busy: dict[int, list[float]] = field(default_factory=dict)
     workers: int = 2
     durable: bool = True
     #: Single-row outbox insert commits per second, by producer connections.
@@ -238,6 +240,7 @@ class Results:
                     if self.drain_runs.get(n)
                     else None,
                     "drain_rounds": self.drain_runs.get(n, []),
+                    "drain_cores_busy_rounds": self.drain_cores_busy.get(n, []),
                 }
                 for n in sorted(set(self.ceiling) | set(self.throughput))
             },
@@ -505,9 +508,10 @@ async def _bench(options: BenchOptions, servers: Servers, workdir: Path) -> Resu
                 fleet.stop()
                 if options.drain_rows:
                     say(f"[6] backlog of {options.drain_rows:,} rows, {count} worker process(es){label}")
-                    drained = await _drain(ledger, fleet, options.drain_rows, count)
+                    drained, busy = await _drain(ledger, fleet, options.drain_rows, count)
                     results.drain_runs.setdefault(count, []).append(drained)
-                    say(f"    {drained:,.0f} events/s")
+                    results.drain_cores_busy.setdefault(count, []).append(busy)
+                    say(f"    {drained:,.0f} events/s, {busy:.2f} of {os.cpu_count()} cores busy")
             say(
                 f"[4] backlog of {options.backlog:,} rows, drained by the relay and "
                 f"{options.workers} worker process(es)"
@@ -838,24 +842,59 @@ async def _latency(
     return {key: float(stats[key]) if stats[key] is not None else float("nan") for key in keys}
 
 
-async def _drain(ledger: Ledger, fleet: Fleet, rows: int, workers: int) -> float:
-    """Rows per second ``workers`` warm workers finish a replicated backlog at: the relay
-    starts last, and the rate is taken between the first and the last ``finished_at``
-    (no process start-up in it, no producer limit on it)."""
+async def _drain(ledger: Ledger, fleet: Fleet, rows: int, workers: int) -> tuple[float, float]:
+    """Rows per second ``workers`` warm workers finish a replicated backlog at, and how many
+    of the machine's cores were busy meanwhile: the relay starts last, and both are taken
+    between the first and the last ``finished_at`` (no process start-up in them, no
+    producers)."""
     assert ledger.service is not None
     fleet.start(workers)
     await ledger.warm_up(fleet)
     fleet.stop_relay()
     ids = await _replicated_backlog(ledger, rows)
-    fleet.start(0)
-    await ledger.wait_finished(ids, fleet)
-    span = await ledger.service.fetchval(
-        "SELECT extract(epoch FROM max(finished_at) - min(finished_at))::float8"
+    samples: list[tuple[float, Any]] = []
+
+    async def sample_cpu() -> None:
+        while True:
+            samples.append((time.time(), psutil.cpu_times()))
+            await asyncio.sleep(0.05)
+
+    sampler = asyncio.create_task(sample_cpu(), name="bench.cpu_sampler")
+    try:
+        fleet.start(0)
+        await ledger.wait_finished(ids, fleet)
+        await asyncio.sleep(0.06)  # one sample past the last finish
+    finally:
+        sampler.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sampler
+    span = await ledger.service.fetchrow(
+        "SELECT extract(epoch FROM min(finished_at))::float8 AS first,"
+        "       extract(epoch FROM max(finished_at))::float8 AS last"
         " FROM outbox_relay.outbox WHERE correlation_id = ANY($1::text[])",
         ids,
     )
     fleet.stop()
-    return rows / max(float(span or 0.0), 1e-3)
+    assert span is not None
+    first, last = float(span["first"]), float(span["last"])
+    return rows / max(last - first, 1e-3), _cores_busy(samples, first, last)
+
+
+def _cpu_total(times: Any) -> float:
+    """All of a ``psutil.cpu_times()``; Linux counts guest time inside user time already."""
+    return float(sum(times)) - getattr(times, "guest", 0.0) - getattr(times, "guest_nice", 0.0)
+
+
+def _cores_busy(samples: list[tuple[float, Any]], first: float, last: float) -> float:
+    """Cores busy (all processes of the machine) between the samples around ``first`` and ``last``."""
+    before = [s for s in samples if s[0] <= first] or samples[:1]
+    after = [s for s in samples if s[0] >= last] or samples[-1:]
+    c0, c1 = before[-1][1], after[0][1]
+    idle = float(c1.idle - c0.idle) + (getattr(c1, "iowait", 0.0) - getattr(c0, "iowait", 0.0))
+    total = _cpu_total(c1) - _cpu_total(c0)
+    if total <= 0:
+        return float("nan")
+    return (1 - idle / total) * (psutil.cpu_count() or 1)
 
 
 async def _replicated_backlog(ledger: Ledger, rows: int) -> list[str]:
@@ -1191,7 +1230,10 @@ def render(results: Results) -> str:
         lines.append("backlog drain by workers (warm workers, relay started last; first to last finished_at)")
         for n, row in drains.items():
             rounds = ", ".join(f"{v:,.0f}" for v in row["drain_rounds"])
-            lines.append(f"{n:>7}  {row['drain_events_per_s']:>10,.0f}/s   rounds: {rounds}")
+            busy = ", ".join(f"{v:.2f}" for v in row.get("drain_cores_busy_rounds") or [])
+            lines.append(
+                f"{n:>7}  {row['drain_events_per_s']:>10,.0f}/s   rounds: {rounds}   cores busy: {busy}"
+            )
     lines.append("")
     lines.append("latency commit -> finished (ms)   p50     p95     p99     max   (to queued: p50, p99)")
     for rate, lat in data["latency_ms"].items():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -40,6 +41,8 @@ def test_bench_quick_writes_the_results_with_the_ratio_to_the_arq_ceiling(tmp_pa
     assert 0 < latency["p50"] <= latency["p95"] <= latency["p99"] <= latency["max"]
     assert data["backlog"]["rows"] == 1000
     assert data["scaling"]["1"]["drain_events_per_s"] > 0, "no backlog drained by the worker count"
+    [busy] = data["scaling"]["1"]["drain_cores_busy_rounds"]
+    assert 0 < busy <= (os.cpu_count() or 1) + 0.01, busy
     assert "backlog drain by workers" in result.stdout
     assert data["backlog"]["relay_peak_rss_mb"] > 0
     scale = data["table_scale"]
