@@ -94,8 +94,11 @@ SELECT to_regclass('outbox_relay.relay_lease') IS NOT NULL;
 
 -- name: relay_lease
 -- Only run when the lease table exists (a later service migration adds it).
+-- expires_in is NULL for a lease never taken ('-infinity': PostgreSQL before 16
+-- cannot subtract an infinite timestamp, and later ones would say "expired inf ago").
 SELECT holder::text AS holder, epoch::bigint AS epoch,
-       extract(epoch FROM expires_at - now())::float8 AS expires_in
+       CASE WHEN isfinite(expires_at) THEN extract(epoch FROM expires_at - now())::float8 END
+           AS expires_in
   FROM outbox_relay.relay_lease
  LIMIT 1;
 

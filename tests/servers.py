@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import os
+import socket
 import sys
 import time
 import warnings
@@ -25,7 +26,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
-from outbox_relay.devtools.embedded import EmbeddedPostgres, EmbeddedRedis
+from outbox_relay.devtools.embedded import EmbeddedPostgres, EmbeddedRedis, free_port
 
 PG_ENV = "OUTBOX_RELAY_TEST_POSTGRES_URL"
 REDIS_ENV = "OUTBOX_RELAY_TEST_REDIS_URL"
@@ -166,15 +167,22 @@ class ContainerPg:
 
         # PostgresContainer passes POSTGRES_USER/PASSWORD/DB, which the official image's
         # entrypoint (and the local stand-in's) honour: user "test" is the superuser.
-        self._container = PostgresContainer(image, driver=None).with_command(
-            "postgres -c wal_level=logical -c max_replication_slots=40 -c max_wal_senders=40 "
-            "-c max_connections=300 -c fsync=off"
+        # A fixed host port: a restarted container keeps it (a random one would change).
+        self._container = (
+            PostgresContainer(image, driver=None)
+            .with_bind_ports(5432, free_port())
+            .with_command(
+                "postgres -c wal_level=logical -c max_replication_slots=40 -c max_wal_senders=40 "
+                "-c max_connections=300 -c fsync=off"
+            )
         )
         self._container.start()
+        # Taken once, while it runs: the port is fixed, and asking Docker again would wait
+        # for a container a fault test has just killed.
+        self._base = self._container.get_connection_url()
 
     def url(self, database: str = "postgres") -> str:
-        base = self._container.get_connection_url()
-        return urlunsplit(urlsplit(base)._replace(path=f"/{database}"))
+        return urlunsplit(urlsplit(self._base)._replace(path=f"/{database}"))
 
     def restart(self) -> None:
         self._container.get_wrapped_container().restart(timeout=10)
@@ -197,25 +205,51 @@ class ContainerRedis:
     def __init__(self, image: str = REDIS_IMAGE_DEFAULT) -> None:
         from testcontainers.core.container import DockerContainer
 
-        self._container = DockerContainer(image).with_exposed_ports(6379)
+        # A fixed host port (a restarted container keeps it; a random one would change) and
+        # no persistence, so that a restart really starts empty, as the fault tests mean it.
+        self._container = (
+            DockerContainer(image)
+            .with_bind_ports(6379, free_port())
+            .with_command("redis-server --save '' --appendonly no")
+        )
         self._container.start()
+        # Taken once, while it runs (see ContainerPg).
+        self._address = f"{self._container.get_container_host_ip()}:{self._container.get_exposed_port(6379)}"
+        _wait_for_redis(self._address)
 
     def url(self, db: int = 0) -> str:
-        host = self._container.get_container_host_ip()
-        port = self._container.get_exposed_port(6379)
-        return f"redis://{host}:{port}/{db}"
+        return f"redis://{self._address}/{db}"
 
     def restart(self) -> None:
         self._container.get_wrapped_container().restart(timeout=5)
+        _wait_for_redis(self._address)
 
     def kill(self) -> None:
         self._container.get_wrapped_container().kill()
 
     def start(self) -> None:
         self._container.get_wrapped_container().start()
+        _wait_for_redis(self._address)
 
     def cleanup(self) -> None:
         self._container.stop()
+
+
+def _wait_for_redis(address: str, timeout: float = 30.0) -> None:
+    """Until Redis at ``host:port`` answers PING (a container runs before its server listens)."""
+    host, _, port = address.rpartition(":")
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host, int(port)), timeout=2) as conn:
+                conn.sendall(b"PING\r\n")
+                if conn.recv(16).startswith(b"+PONG"):
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"Redis at {address} did not answer within {timeout:g} s")
+        time.sleep(0.1)
 
 
 def _wait_for_pg(url: str, timeout: float = 30.0) -> None:

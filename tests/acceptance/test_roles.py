@@ -21,9 +21,15 @@ from tests.helpers import Services, cli_env, count_status, open_account, produce
 ROLES_DIR = Path(outbox_relay.__file__).resolve().parent
 
 
+def _password(user: str) -> str:
+    """Each test user's password (a server in a container asks for one, an embedded one trusts)."""
+    return f"pw-{user}"
+
+
 def _as(url: str, user: str) -> str:
     parts = urlsplit(url)
-    return urlunsplit(parts._replace(netloc=f"{user}@{parts.netloc.rpartition('@')[2]}"))
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{user}:{_password(user)}@{host}"))
 
 
 @pytest.fixture
@@ -43,7 +49,10 @@ async def users(outbox_env: OutboxEnv) -> AsyncIterator[dict[str, str]]:
     admin = await asyncpg.connect(outbox_env.pg.url("postgres"))
     try:
         for duty, user in made.items():
-            await admin.execute(f"CREATE ROLE {quote_ident(user)} LOGIN IN ROLE outbox_relay_{duty}")
+            await admin.execute(
+                f"CREATE ROLE {quote_ident(user)} LOGIN PASSWORD '{_password(user)}'"
+                f" IN ROLE outbox_relay_{duty}"
+            )
         yield made
     finally:
         for user in made.values():

@@ -3,15 +3,45 @@ apply worker still fires the notify trigger, so the relay's fast path sees its r
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Iterator
 from typing import Any
 
+import asyncpg
+import pytest
+
 from outbox_relay.db import quote_ident
+from outbox_relay.devtools.embedded import EmbeddedPostgres
 from outbox_relay.replication import subscribe
 from tests.conftest import OutboxEnv
 from tests.helpers import count_status, running_relay, wait_until
+from tests.servers import PgServer
 
 #: Rows of the large transaction: about 1 MB of changes, far past logical_decoding_work_mem = 64kB.
 ROWS = 3000
+
+
+@pytest.fixture(scope="module")
+def pg_server(pg_server: PgServer) -> Iterator[PgServer]:
+    """The shared server when it is PostgreSQL 16 or later; else (a container of 15, say) an
+    embedded PostgreSQL 18 of this module's own, so that the test runs wherever the suite does."""
+
+    async def version() -> int:
+        conn = await asyncpg.connect(pg_server.url())
+        try:
+            return int(await conn.fetchval("SHOW server_version_num"))
+        finally:
+            await conn.close()
+
+    if asyncio.run(version()) >= 160000:
+        yield pg_server
+        return
+    own = EmbeddedPostgres()
+    own.start()
+    try:
+        yield own
+    finally:
+        own.cleanup()
 
 
 async def test_notify_trigger_fires_for_a_large_transaction_applied_in_parallel(
