@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import re
+import signal
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -349,21 +351,28 @@ async def test_rows_finish_when_redis_restarts_empty_mid_load(
     _, redis = servers
     load = await prepare_load(env.service_url, 5500)
     backlog, later = load.rows[:5000], load.rows[5000:]
-    cli = cli_env(env.env(requeue_after="2"))
+    # Small jobs, so that the backlog takes a while to drain.
+    cli = cli_env(env.env(requeue_after="2", job_batch_size="10"))
     relay = services.start("relay", "run", env=cli)
     worker = services.start("worker", "worker", env=cli)
     await services.wait_logged(relay, "relay active")
     await services.wait_logged(worker, "worker started")
 
-    # A backlog: when Redis restarts, it holds many jobs, and loses them.
+    # A backlog: when Redis restarts, it holds many jobs, and loses them. The worker is
+    # frozen meanwhile, so that the jobs are still there when Redis restarts (a quick
+    # worker could otherwise drain them while a container restarts).
     await produce_at_once(env.service_url, backlog)
     await services.wait(at_least_finished(env.service_url, 200), message="200 rows finished")
-    await asyncio.to_thread(redis.restart)
-    conn = await asyncpg.connect(env.service_url)
+    os.kill(worker.proc.pid, signal.SIGSTOP)
     try:
-        lost = await count_status(conn, "queued")
+        conn = await asyncpg.connect(env.service_url)
+        try:
+            lost = await count_status(conn, "queued")
+        finally:
+            await conn.close()
+        await asyncio.to_thread(redis.restart)
     finally:
-        await conn.close()
+        os.kill(worker.proc.pid, signal.SIGCONT)
     await produce(env.service_url, later, pause=0.02)
 
     await services.wait_logged(relay, "Redis restarted", timeout=30)
