@@ -21,6 +21,7 @@ import socket
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from typing import Protocol
 from urllib.parse import urlsplit, urlunsplit
 
@@ -238,36 +239,38 @@ class ContainerRedis:
 def _wait_for_redis(address: str, timeout: float = 30.0) -> None:
     """Until Redis at ``host:port`` answers PING (a container runs before its server listens)."""
     host, _, port = address.rpartition(":")
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with socket.create_connection((host, int(port)), timeout=2) as conn:
-                conn.sendall(b"PING\r\n")
-                if conn.recv(16).startswith(b"+PONG"):
-                    return
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"Redis at {address} did not answer within {timeout:g} s")
-        time.sleep(0.1)
+
+    def probe() -> None:
+        with socket.create_connection((host, int(port)), timeout=2) as conn:
+            conn.sendall(b"PING\r\n")
+            if not conn.recv(16).startswith(b"+PONG"):
+                raise ConnectionError(f"Redis at {address} does not answer PING yet")
+
+    _until_ready(probe, timeout)
 
 
 def _wait_for_pg(url: str, timeout: float = 30.0) -> None:
+    """Until PostgreSQL at ``url`` takes a connection."""
     import asyncio
 
-    async def probe() -> None:
+    async def connect() -> None:
         conn = await asyncpg.connect(url, timeout=2)
         await conn.close()
 
+    _until_ready(lambda: asyncio.run(connect()), timeout)
+
+
+def _until_ready(probe: Callable[[], None], timeout: float) -> None:
+    """Run ``probe`` until it does not raise; re-raise its error after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while True:
         try:
-            asyncio.run(probe())
+            probe()
             return
         except Exception:
             if time.monotonic() > deadline:
                 raise
-            time.sleep(0.2)
+            time.sleep(0.1)
 
 
 def owned_postgres() -> PgServer:

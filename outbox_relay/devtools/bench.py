@@ -505,13 +505,14 @@ async def _bench(options: BenchOptions, servers: Servers, workdir: Path) -> Resu
                     workers_idle = [v for k, v in idle.items() if k != "relay"]
                     results.idle_cpu["worker (max)"] = max(workers_idle, default=0.0)
                     say("    " + ", ".join(f"{k} {v:.2f} %" for k, v in idle.items()))
-                fleet.stop()
                 if options.drain_rows:
+                    # The fleet of the end-to-end run, still warm, drains a backlog.
                     say(f"[6] backlog of {options.drain_rows:,} rows, {count} worker process(es){label}")
-                    drained, busy = await _drain(ledger, fleet, options.drain_rows, count)
+                    drained, busy = await _drain(ledger, fleet, options.drain_rows)
                     results.drain_runs.setdefault(count, []).append(drained)
                     results.drain_cores_busy.setdefault(count, []).append(busy)
                     say(f"    {drained:,.0f} events/s, {busy:.2f} of {os.cpu_count()} cores busy")
+                fleet.stop()
             say(
                 f"[4] backlog of {options.backlog:,} rows, drained by the relay and "
                 f"{options.workers} worker process(es)"
@@ -842,14 +843,12 @@ async def _latency(
     return {key: float(stats[key]) if stats[key] is not None else float("nan") for key in keys}
 
 
-async def _drain(ledger: Ledger, fleet: Fleet, rows: int, workers: int) -> tuple[float, float]:
-    """Rows per second ``workers`` warm workers finish a replicated backlog at, and how many
-    of the machine's cores were busy meanwhile: the relay starts last, and both are taken
-    between the first and the last ``finished_at`` (no process start-up in them, no
-    producers)."""
+async def _drain(ledger: Ledger, fleet: Fleet, rows: int) -> tuple[float, float]:
+    """Rows per second the running (warm) fleet's workers finish a replicated backlog at, and
+    how many of the machine's cores were busy meanwhile: the relay is stopped while the
+    backlog replicates and started again last, and both figures are taken between the first
+    and the last ``finished_at`` (no process start-up in them, no producers). Stops the fleet."""
     assert ledger.service is not None
-    fleet.start(workers)
-    await ledger.warm_up(fleet)
     fleet.stop_relay()
     ids = await _replicated_backlog(ledger, rows)
     samples: list[tuple[float, Any]] = []
