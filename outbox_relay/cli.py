@@ -63,19 +63,10 @@ def _quiet_logs() -> None:
 
 
 def _plugins(settings: Settings) -> HandlerRegistry:
-    """The handlers: installed plugins plus HANDLER_MODULES, loaded once; then ROUTES' sinks."""
-    from outbox_relay.exceptions import PluginError
-    from outbox_relay.handlers import load_plugins, registry
+    """The handlers, each plugin's settings read, ROUTES' sinks (see the composition root)."""
+    from outbox_relay.composition import plugins
 
-    try:
-        loaded = load_plugins(registry, settings.handler_modules)
-    except PluginError as exc:
-        raise SettingsError(env_name("handler_modules"), str(exc)) from None
-    if settings.routes:
-        from outbox_relay.sinks import enable_routes
-
-        enable_routes(loaded, settings)
-    return loaded
+    return plugins(settings)
 
 
 async def _connect(url: str, label: str) -> DirectConnection:
@@ -179,8 +170,8 @@ def configure_run(parser: argparse.ArgumentParser) -> None:
 
 
 async def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
+    from outbox_relay.composition import relay_process
     from outbox_relay.observability.http import serving
-    from outbox_relay.services import relay_process
 
     stop = stop_on_signals()
     async with serving(settings) as (health, metrics):
@@ -197,8 +188,8 @@ def configure_worker(parser: argparse.ArgumentParser) -> None:
 
 
 async def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+    from outbox_relay.composition import worker_process
     from outbox_relay.observability.http import serving
-    from outbox_relay.services import worker_process
 
     handlers = _plugins(settings)
     stop = stop_on_signals()
@@ -273,18 +264,10 @@ def configure_doctor(parser: argparse.ArgumentParser) -> None:
 
 
 async def cmd_doctor(args: argparse.Namespace, settings: Settings) -> int:
-    from outbox_relay.doctor import DoctorConfig, render_json, run_doctor
+    from outbox_relay.composition import doctor_config
+    from outbox_relay.doctor import render_json, run_doctor
 
-    config = DoctorConfig(
-        database_url=settings.require_database_url(),
-        redis_url=settings.redis_url.get_secret_value(),
-        queue_name=settings.queue_name,
-        requeue_after=settings.requeue_after,
-        primary_url=settings.primary_url.get_secret_value() if settings.primary_url is not None else None,
-        subscription_name=settings.subscription_name,
-        plugins=_plugins(settings).plugins(),
-    )
-    report = await run_doctor(config)
+    report = await run_doctor(doctor_config(settings, _plugins(settings)))
     print(render_json(report) if args.json else report.as_text())
     return report.exit_code()
 
@@ -354,9 +337,10 @@ def configure_prune(parser: argparse.ArgumentParser) -> None:
 
 async def cmd_prune(args: argparse.Namespace, settings: Settings) -> int:
     from outbox_relay.admin import require_shape
+    from outbox_relay.config import DAY
     from outbox_relay.migrate import check_schema
     from outbox_relay.prune import DEFAULT_WAIT_TIMEOUT, prune_primary, prune_service
-    from outbox_relay.settings import DAY, MAX_RETENTION
+    from outbox_relay.settings import MAX_RETENTION
 
     older_than = args.older_than if args.older_than is not None else settings.retention
     if older_than is None:
@@ -519,10 +503,17 @@ async def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
 
 async def cmd_bench_noop_worker(args: argparse.Namespace, settings: Settings) -> int:
     """The bench's ceiling: raw arq with outbox_relay's arq settings and a job that does nothing."""
-    from outbox_relay.arq_adapter import run_noop_worker
-    from outbox_relay.services import consumer_config
+    from outbox_relay.arq_adapter import ConsumerConfig, run_noop_worker
 
-    await run_noop_worker(consumer_config(settings), stop_on_signals())
+    config = ConsumerConfig(
+        redis_url=settings.redis_url.get_secret_value(),
+        queue_name=settings.queue_name,
+        concurrency=settings.worker_concurrency,
+        poll_delay=settings.worker_poll_delay,
+        job_timeout=settings.job_timeout,
+        idle_wait=settings.worker_idle_wait,
+    )
+    await run_noop_worker(config, stop_on_signals())
     return 0
 
 

@@ -38,7 +38,9 @@ from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from importlib.metadata import entry_points
 from pathlib import Path
+from typing import Any
 
+from outbox_relay.config import SettingsBase, load
 from outbox_relay.db import Connection
 from outbox_relay.events import OutboxEvent
 from outbox_relay.exceptions import PluginError, UnknownKindError
@@ -83,6 +85,10 @@ class Plugin:
     migrations: Path | None = None
     #: Opened once per worker process around all of its jobs (long-lived connections).
     lifespan: Lifespan | None = None
+    #: The plugin's own settings: a :class:`~outbox_relay.config.SettingsBase` with a prefix of its
+    #: own (``OUTBOX_RELAY_<NAME>_``), read and checked once at the edge when the plugin is loaded
+    #: (:meth:`HandlerRegistry.settings_of` then gives them).
+    settings: type[SettingsBase] | None = None
 
     def __post_init__(self) -> None:
         if not self.name.isidentifier() or self.name in RESERVED_TARGETS:
@@ -100,6 +106,7 @@ class HandlerRegistry:
         self._fast_paths: dict[str, FastPath] = {}
         self._plugins: dict[str, Plugin] = {}
         self._routes: list[tuple[str, Handler]] = []
+        self._settings: dict[str, SettingsBase] = {}
 
     def register(self, kind: str) -> Callable[[Handler], Handler]:
         """Decorator: make ``handler`` the one for ``kind``."""
@@ -157,6 +164,21 @@ class HandlerRegistry:
     def plugins(self) -> list[Plugin]:
         """The plugins registered, in registration order."""
         return list(self._plugins.values())
+
+    def read_settings(self, overrides: Mapping[str, Mapping[str, Any]] | None = None) -> None:
+        """Read every registered plugin's settings from the environment, once (at the edge);
+        ``overrides`` gives values by plugin name over the environment's (as flags do for the core).
+
+        A bad value is a :class:`~outbox_relay.exceptions.SettingsError` naming its variable.
+        """
+        for plugin in self._plugins.values():
+            if plugin.settings is not None and plugin.name not in self._settings:
+                self._settings[plugin.name] = load(plugin.settings, (overrides or {}).get(plugin.name))
+
+    def settings_of(self, name: str) -> SettingsBase | None:
+        """The settings plugin ``name`` declared, as read by :meth:`read_settings` (None: it declares
+        none, or they were not read)."""
+        return self._settings.get(name)
 
 
 #: The registry the worker uses; filled at the edge by :func:`load_plugins`.

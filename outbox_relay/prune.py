@@ -42,8 +42,17 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 from outbox_relay.db import Connection, Pool
 from outbox_relay.exceptions import NoSubscriberError, SubscriberLagError
 from outbox_relay.lifecycle import stopped_within
-from outbox_relay.settings import RetentionConfig
 from outbox_relay.sql import query
+
+
+@dataclass(frozen=True)
+class RetentionConfig:
+    """How long finished rows stay, how often the relay prunes, rows per step."""
+
+    retention: float
+    interval: float
+    batch_size: int
+
 
 if TYPE_CHECKING:
     Executor: TypeAlias = Connection | Pool

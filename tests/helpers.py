@@ -14,10 +14,10 @@ from typing import Any
 
 import asyncpg
 
+from outbox_relay.composition import relay_process, worker_process
 from outbox_relay.handlers import HandlerRegistry, registry
 from outbox_relay.queue import ConsumerStats
 from outbox_relay.relay import Relay
-from outbox_relay.services import relay_process, worker_process
 from outbox_relay.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent

@@ -7,15 +7,18 @@ the producer (:class:`ArqQueue`, used by the relay), the consumer
 
 from __future__ import annotations
 
+from outbox_relay.arq_adapter.backend import ArqBackend, backend
 from outbox_relay.arq_adapter.consumer import ArqConsumer, ConsumerConfig, run_noop_worker
 from outbox_relay.arq_adapter.facts import redis_facts
 from outbox_relay.arq_adapter.producer import ArqQueue, QueueConfig, enqueue_raw_jobs, job_id
 
 __all__ = [
+    "ArqBackend",
     "ArqConsumer",
     "ArqQueue",
     "ConsumerConfig",
     "QueueConfig",
+    "backend",
     "enqueue_raw_jobs",
     "job_id",
     "redis_facts",

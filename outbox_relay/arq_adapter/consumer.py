@@ -306,6 +306,8 @@ def build_arq_worker(
 class ArqConsumer:
     """:class:`outbox_relay.queue.Consumer` on arq."""
 
+    server = "Redis"
+
     def __init__(self, config: ConsumerConfig) -> None:
         self.config = config
         self.redis = redis_client(

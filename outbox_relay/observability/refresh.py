@@ -39,8 +39,11 @@ class GaugeRefresher:
         metrics: Metrics,
         queue_depth: Callable[[], Awaitable[int]] | None = None,
         hooks: RelayHooks | None = None,
+        server: str = "the queue",
     ) -> None:
         self.primary_url = primary_url
+        #: What to call the queue's server in health reasons (the backend's name).
+        self.server = server
         self.pool = pool
         self.metrics = metrics
         self.queue_depth = queue_depth
@@ -104,10 +107,10 @@ class GaugeRefresher:
             depth = await asyncio.wait_for(self.queue_depth(), QUERY_TIMEOUT)
         except Exception:
             if self.hooks is not None:
-                self.hooks.reachable("Redis", False)
+                self.hooks.reachable(self.server, False)
             raise
         if self.hooks is not None:
-            self.hooks.reachable("Redis", True)
+            self.hooks.reachable(self.server, True)
         self.metrics.queue_depth.set(depth)
 
     async def _slot_lag(self) -> None:

@@ -15,9 +15,11 @@ The worker *consumes*: the queue calls a :data:`JobFunction` with a batch of
 — done (the row's dedupe marker goes), or run that row alone again after a
 delay. Attempts are counted in the database, not by the queue.
 
-One adapter implements this port for arq and Redis (``outbox_relay.arq_adapter``,
-the only place those libraries are imported); :mod:`outbox_relay.queue.memory`
-implements it in memory for fast tests. Failures surface as
+Backends implement this port, chosen by the queue URL's scheme
+(:mod:`outbox_relay.queue.backends`): arq on Redis (``outbox_relay.arq_adapter``,
+the only place those libraries are imported) and :mod:`outbox_relay.queue.memory`,
+in memory, for fast tests; one conformance suite (``tests/conformance``) runs
+against both. Failures surface as
 :class:`~outbox_relay.exceptions.QueueUnavailable` (server unreachable) or
 :class:`~outbox_relay.exceptions.QueueError` (server refused).
 """
@@ -133,6 +135,9 @@ class ConsumerObserver(Protocol):
 
 class Consumer(Protocol):
     """The worker side: runs a :data:`JobFunction` for each job until ``stop``."""
+
+    #: What to call the queue's server in messages ("Redis").
+    server: str
 
     async def wait_until_ready(self, stop: asyncio.Event) -> None:
         """Return once the queue's server answers (retrying until then), or when ``stop`` is set."""

@@ -16,6 +16,7 @@ import asyncio
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 from outbox_relay.queue import (
     ConsumerObserver,
@@ -26,6 +27,7 @@ from outbox_relay.queue import (
     PendingJob,
     split_batches,
 )
+from outbox_relay.queue.backends import QueueOptions
 
 
 @dataclass
@@ -183,3 +185,36 @@ class InMemoryQueue:
             if put_off:
                 self._add_job(put_off)
         return stats
+
+
+@dataclass(frozen=True)
+class MemoryBackend:
+    """``memory://NAME``: one :class:`InMemoryQueue` per name in this process, both sides of it.
+
+    For tests and for embedding relay and worker in one process: another process
+    sees another queue.
+    """
+
+    queue: InMemoryQueue
+    name: str = "the in-memory queue"
+
+    def producer(self) -> InMemoryQueue:
+        """The relay's side: the queue itself."""
+        return self.queue
+
+    def consumer(self) -> InMemoryQueue:
+        """A worker's side: the same queue."""
+        return self.queue
+
+
+_QUEUES: dict[str, InMemoryQueue] = {}
+
+
+def backend(url: str, options: QueueOptions) -> MemoryBackend:
+    """The entry point of the ``memory`` scheme: the queue named by the URL (or the queue name)."""
+    parts = urlsplit(url)
+    name = (parts.netloc + parts.path).strip("/") or options.queue_name
+    queue = _QUEUES.get(name)
+    if queue is None:
+        queue = _QUEUES[name] = InMemoryQueue(options.namespace, batch_size=options.batch_size)
+    return MemoryBackend(queue)

@@ -3,6 +3,6 @@
 from __future__ import annotations
 
 from outbox_relay.relay.dispatcher import RelayStats
-from outbox_relay.relay.service import ActiveTask, Relay
+from outbox_relay.relay.service import ActiveTask, Relay, RelayConfig
 
-__all__ = ["ActiveTask", "Relay", "RelayStats"]
+__all__ = ["ActiveTask", "Relay", "RelayConfig", "RelayStats"]

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from outbox_relay.db import Pool, connect_retrying, create_pool
@@ -34,7 +35,6 @@ from outbox_relay.relay.dispatcher import Dispatcher, RelayStats
 from outbox_relay.relay.leadership import LeaderSession
 from outbox_relay.relay.store import RelayStore
 from outbox_relay.retry import Backoff
-from outbox_relay.settings import RelayConfig
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +57,19 @@ RELAY_POOL_SETTINGS = {"idle_in_transaction_session_timeout": "5000", "synchrono
 #: async check raising LeadershipLostError once the lease is gone: call it before each write), it runs
 #: until cancelled (the relay cancels it when its session ends).
 ActiveTask = Callable[[Pool, Callable[[], Awaitable[None]]], Coroutine[Any, Any, None]]
+
+
+@dataclass(frozen=True)
+class RelayConfig:
+    """The relay's settings (the URL is a secret: left out of ``repr``)."""
+
+    database_url: str = field(repr=False)
+    queue_name: str
+    sweep_interval: float
+    requeue_after: float
+    batch_size: int
+    max_queue_depth: int
+    hand_over_interval: float = 0.0
 
 
 class Relay:

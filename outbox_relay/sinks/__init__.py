@@ -25,8 +25,9 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
+from outbox_relay.config import SettingsBase
 from outbox_relay.db import Connection, Pool, create_pool
 from outbox_relay.events import OutboxEvent
 from outbox_relay.exceptions import (
@@ -38,7 +39,7 @@ from outbox_relay.exceptions import (
 )
 from outbox_relay.handlers import Handler, HandlerRegistry, Plugin
 from outbox_relay.logs import describe
-from outbox_relay.settings import Settings, env_name
+from outbox_relay.sinks.routes import Route, sinks_named
 from outbox_relay.sql import QueryFile
 
 logger = logging.getLogger(__name__)
@@ -47,6 +48,8 @@ query = QueryFile(Path(__file__).resolve().parent / "queries.sql")
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 #: The plugin that :func:`enable_routes` adds: the deliveries table and the sinks' lifespan.
 ROUTES_PLUGIN = "sinks"
+
+S = TypeVar("S", bound=SettingsBase)
 
 
 class Sink(Protocol):
@@ -65,10 +68,36 @@ class Sink(Protocol):
 
 
 @dataclass(frozen=True)
-class SinkPlugin(Plugin):
-    """A sink as a plugin: ``make`` builds the sink from the settings when a route names it."""
+class SinkContext:
+    """What a sink is built from: the routes that name it, its plugin's own settings (read at the
+    edge), the service database (for bookkeeping) and how many jobs a worker runs at once."""
 
-    make: Callable[[Settings], Sink] = field(kw_only=True)
+    routes: tuple[Route, ...]
+    database_url: str = field(repr=False)
+    concurrency: int
+    settings: SettingsBase | None = None
+
+    def own_settings(self, cls: type[S]) -> S:
+        """The plugin's settings as ``cls`` (what the plugin declared)."""
+        if not isinstance(self.settings, cls):
+            raise PluginError(f"the sink's settings were not read as {cls.__name__}")
+        return self.settings
+
+
+@dataclass(frozen=True)
+class Routing:
+    """ROUTES and what every sink of a worker shares, as the edge hands them to :func:`enable_routes`."""
+
+    routes: tuple[Route, ...]
+    database_url: str = field(repr=False)
+    concurrency: int
+
+
+@dataclass(frozen=True)
+class SinkPlugin(Plugin):
+    """A sink as a plugin: ``make`` builds the sink from its :class:`SinkContext` when a route names it."""
+
+    make: Callable[[SinkContext], Sink] = field(kw_only=True)
 
 
 def event_json(event: OutboxEvent) -> bytes:
@@ -187,29 +216,35 @@ def _combined(failed: list[tuple[str, BaseException]]) -> OutboxRelayError:
     return TransientError(message, retry_after=max(waits, default=None))
 
 
-def enable_routes(registry: HandlerRegistry, settings: Settings) -> None:
-    """Build the sinks ROUTES names, add its routes to ``registry`` and the ``sinks`` plugin.
+def enable_routes(registry: HandlerRegistry, routing: Routing, *, variable: str = "ROUTES") -> None:
+    """Build the sinks ``routing`` names, add its routes to ``registry`` and the ``sinks`` plugin.
 
-    Called once at the edge, after the plugins are loaded. An unknown sink, or
-    one whose extra is not installed, is a :class:`SettingsError` naming ROUTES.
+    Called once at the edge, after the plugins are loaded and their settings read. An
+    unknown sink, or one whose extra is not installed, is a :class:`SettingsError`
+    naming ``variable``.
     """
-    if not settings.routes:
+    if not routing.routes:
         return
-    variable = env_name("routes")
     available = {p.name: p for p in registry.plugins() if isinstance(p, SinkPlugin)}
-    router = SinkRouter(settings.require_database_url())
-    for name in dict.fromkeys(n for route in settings.routes for n in route.sinks):
+    router = SinkRouter(routing.database_url)
+    for name in sinks_named(routing.routes):
         plugin = available.get(name)
         if plugin is None:
             known = ", ".join(sorted(available)) or "none"
             raise SettingsError(variable, f"unknown sink {name!r} (installed sinks: {known})")
+        context = SinkContext(
+            routes=tuple(r for r in routing.routes if name in r.sinks),
+            database_url=routing.database_url,
+            concurrency=routing.concurrency,
+            settings=registry.settings_of(name),
+        )
         try:
-            router.add_sink(plugin.make(settings))
+            router.add_sink(plugin.make(context))
         except ImportError as exc:
             raise SettingsError(
                 variable, f"sink {name!r} needs the extra outbox-relay[{name}] ({exc.name} is missing)"
             ) from None
-    for route in settings.routes:
+    for route in routing.routes:
         registry.route(route.pattern, router.handler(route.sinks))
     try:
         registry.add_plugin(
@@ -220,7 +255,10 @@ def enable_routes(registry: HandlerRegistry, settings: Settings) -> None:
 
 
 __all__ = [
+    "Route",
+    "Routing",
     "Sink",
+    "SinkContext",
     "SinkPlugin",
     "SinkRouter",
     "delivery_id",

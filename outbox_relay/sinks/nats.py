@@ -15,15 +15,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import SettingsConfigDict
+
+from outbox_relay.config import HOUR, SettingsBase, check_url
 from outbox_relay.events import OutboxEvent
 from outbox_relay.exceptions import PermanentError, TransientError
 from outbox_relay.logs import describe
-from outbox_relay.settings import NatsConfig, Settings
-from outbox_relay.sinks import SinkPlugin
+from outbox_relay.sinks import SinkContext, SinkPlugin
 
 if TYPE_CHECKING:
     from nats.aio.client import Client
@@ -32,6 +37,57 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 NAME = "nats"
+_NATS_SCHEMES = ("nats", "tls", "ws", "wss")
+#: NATS subject characters: no blanks and no wildcards in a subject one publishes to.
+_SUBJECT_PREFIX_RE = re.compile(r"^[^\s*>]*$")
+
+
+class NatsSettings(SettingsBase):
+    """The `nats` sink's settings: ``OUTBOX_RELAY_NATS_<NAME>``."""
+
+    model_config = SettingsConfigDict(env_prefix="OUTBOX_RELAY_NATS_")
+
+    url: SecretStr = Field(
+        default=SecretStr("nats://127.0.0.1:4222"), description="the server(s), comma-separated"
+    )
+    subject_prefix: str = Field(
+        default="outbox.", max_length=200, description="subject of an event: this prefix + its kind"
+    )
+    timeout: float = Field(
+        default=5.0, gt=0, le=HOUR, allow_inf_nan=False, description="wait for a JetStream PubAck (seconds)"
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _nats_url(cls, value: SecretStr) -> SecretStr:
+        for url in value.get_secret_value().split(","):  # nats-py takes several servers
+            check_url(url.strip(), _NATS_SCHEMES)
+        return value
+
+    @field_validator("subject_prefix")
+    @classmethod
+    def _subject_prefix(cls, value: str) -> str:
+        if not _SUBJECT_PREFIX_RE.match(value) or ".." in value or value.startswith("."):
+            raise ValueError("must be subject tokens (no blanks, no * or >, no empty token), e.g. 'outbox.'")
+        return value
+
+
+@dataclass(frozen=True)
+class NatsConfig:
+    """What the sink needs (server URLs may hold credentials: left out of ``repr``)."""
+
+    servers: tuple[str, ...] = field(repr=False)
+    subject_prefix: str
+    timeout: float
+
+    @classmethod
+    def from_settings(cls, settings: NatsSettings) -> NatsConfig:
+        """The sink's config from its settings."""
+        return cls(
+            servers=tuple(u.strip() for u in settings.url.get_secret_value().split(",")),
+            subject_prefix=settings.subject_prefix,
+            timeout=settings.timeout,
+        )
 
 
 def subject_for(prefix: str, kind: str) -> str:
@@ -135,8 +191,8 @@ async def _on_disconnected() -> None:
     logger.warning("NATS server disconnected; the next delivery reconnects")
 
 
-def _make(settings: Settings) -> NatsSink:
-    return NatsSink(settings.nats_config())
+def _make(context: SinkContext) -> NatsSink:
+    return NatsSink(NatsConfig.from_settings(context.own_settings(NatsSettings)))
 
 
-plugin = SinkPlugin(NAME, handlers={}, make=_make)
+plugin = SinkPlugin(NAME, handlers={}, settings=NatsSettings, make=_make)

@@ -12,19 +12,25 @@ Needs the extra ``outbox-relay[webhook]`` (aiohttp, standardwebhooks).
 
 from __future__ import annotations
 
+import base64
+import binascii
 import logging
 import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING
 
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import SettingsConfigDict
+
+from outbox_relay.config import HOUR, HTTP_SCHEMES, SettingsBase, check_url
 from outbox_relay.events import OutboxEvent
-from outbox_relay.exceptions import PermanentError, TransientError
+from outbox_relay.exceptions import PermanentError, SettingsError, TransientError
 from outbox_relay.logs import describe
-from outbox_relay.settings import HOUR, Settings, WebhookConfig
-from outbox_relay.sinks import SinkPlugin
+from outbox_relay.sinks import SinkContext, SinkPlugin
 
 if TYPE_CHECKING:
     import aiohttp
@@ -35,6 +41,67 @@ NAME = "webhook"
 #: The longest Retry-After honoured (seconds): a longer one is cut to this.
 MAX_RETRY_AFTER = HOUR
 TRANSIENT_STATUSES = frozenset({408, 429})
+
+
+class WebhookSettings(SettingsBase):
+    """The `webhook` sink's settings: ``OUTBOX_RELAY_WEBHOOK_<NAME>``."""
+
+    model_config = SettingsConfigDict(env_prefix="OUTBOX_RELAY_WEBHOOK_")
+
+    url: SecretStr | None = Field(default=None, description="the endpoint, http(s)://")
+    secret: SecretStr | None = Field(
+        default=None, description="Standard Webhooks signing secret, whsec_ + base64"
+    )
+    timeout: float = Field(
+        default=5.0, gt=0, le=HOUR, allow_inf_nan=False, description="one webhook request (seconds)"
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _webhook_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            check_url(value.get_secret_value(), HTTP_SCHEMES)
+        return value
+
+    @field_validator("secret")
+    @classmethod
+    def _webhook_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            secret = value.get_secret_value()
+            try:
+                key = base64.b64decode(secret.removeprefix("whsec_"), validate=True)
+            except (binascii.Error, ValueError):
+                key = b""
+            if not secret.startswith("whsec_") or len(key) < 16:
+                raise ValueError("must be whsec_ followed by base64 of at least 16 bytes")
+        return value
+
+
+@dataclass(frozen=True)
+class WebhookConfig:
+    """What the sink needs (URL and secret left out of ``repr``)."""
+
+    url: str = field(repr=False)
+    secret: str = field(repr=False)
+    timeout: float
+    connections: int
+
+    @classmethod
+    def from_context(cls, context: SinkContext) -> WebhookConfig:
+        """The sink's config; its URL and secret are required once a route names it."""
+        settings = context.own_settings(WebhookSettings)
+        if settings.url is None:
+            raise SettingsError(settings.env_name("url"), "is required when a route names the webhook sink")
+        if settings.secret is None:
+            raise SettingsError(
+                settings.env_name("secret"), "is required when a route names the webhook sink"
+            )
+        return cls(
+            url=settings.url.get_secret_value(),
+            secret=settings.secret.get_secret_value(),
+            timeout=settings.timeout,
+            connections=context.concurrency,
+        )
 
 
 def retry_after(value: str | None, now: datetime | None = None) -> float | None:
@@ -123,8 +190,8 @@ class WebhookSink:
         raise PermanentError(f"webhook answered {status}")
 
 
-def _make(settings: Settings) -> WebhookSink:
-    return WebhookSink(settings.webhook_config())
+def _make(context: SinkContext) -> WebhookSink:
+    return WebhookSink(WebhookConfig.from_context(context))
 
 
-plugin = SinkPlugin(NAME, handlers={}, make=_make)
+plugin = SinkPlugin(NAME, handlers={}, settings=WebhookSettings, make=_make)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from outbox_relay.worker.processor import RowProcessor
+from outbox_relay.worker.processor import RowProcessor, WorkerConfig
 from outbox_relay.worker.service import run_worker
 
-__all__ = ["RowProcessor", "run_worker"]
+__all__ = ["RowProcessor", "WorkerConfig", "run_worker"]

@@ -25,6 +25,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
 
 from outbox_relay.db import Pool
 from outbox_relay.events import OutboxEvent
@@ -33,7 +34,6 @@ from outbox_relay.handlers import HandlerRegistry
 from outbox_relay.logs import describe
 from outbox_relay.queue import Job, Outcome
 from outbox_relay.retry import is_denied
-from outbox_relay.settings import WorkerConfig
 from outbox_relay.sql import query, render
 
 logger = logging.getLogger(__name__)
@@ -57,6 +57,18 @@ def lock_timeout_setting(config: WorkerConfig) -> dict[str, str]:
     holds) at most half of JOB_TIMEOUT: the effect's statement then fails
     (a transient error, retried after a backoff) and frees the outbox row."""
     return {"lock_timeout": str(max(100, int(config.job_timeout * 500)))}
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """The worker's settings (the URL is a secret: left out of ``repr``)."""
+
+    database_url: str = field(repr=False)
+    concurrency: int
+    job_timeout: float
+    max_attempts: int
+    retry_backoff: float
+    retry_backoff_max: float
 
 
 class RowProcessor:

@@ -16,8 +16,7 @@ from outbox_relay.migrate import check_schema
 from outbox_relay.observability.hooks import WorkerHooks
 from outbox_relay.queue import Consumer, ConsumerStats
 from outbox_relay.retry import Backoff, retry
-from outbox_relay.settings import WorkerConfig
-from outbox_relay.worker.processor import RowProcessor, lock_timeout_setting
+from outbox_relay.worker.processor import RowProcessor, WorkerConfig, lock_timeout_setting
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +40,7 @@ async def run_worker(
     )
     stats = ConsumerStats()
     try:
-        with hooks.waiting("the service database and Redis"):
+        with hooks.waiting(f"the service database and {consumer.server}"):
             await _wait_for_database(pool, handlers, stop)
             await consumer.wait_until_ready(stop)
         async with AsyncExitStack() as lifespans:  # the plugins' long-lived connections

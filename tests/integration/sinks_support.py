@@ -15,20 +15,19 @@ import nats
 from aiohttp import web
 from nats.js.api import StreamConfig
 
+from outbox_relay.composition import plugins
 from outbox_relay.devtools.embedded import free_port
-from outbox_relay.handlers import HandlerRegistry, load_plugins
+from outbox_relay.handlers import HandlerRegistry
 from outbox_relay.migrate import migrate
 from outbox_relay.settings import Settings
-from outbox_relay.sinks import enable_routes
 
 SECRET = "whsec_" + base64.b64encode(b"outbox-relay-test-secret-32bytes").decode()
 
 
-def routed_registry(settings: Settings) -> HandlerRegistry:
-    """What the CLI's edge builds: the installed plugins, then ROUTES' sinks."""
-    registry = load_plugins(HandlerRegistry())
-    enable_routes(registry, settings)
-    return registry
+def routed_registry(settings: Settings, **plugin_settings: dict[str, Any]) -> HandlerRegistry:
+    """What the CLI's edge builds: the installed plugins with their settings (``nats={"url": ...}``
+    as if from OUTBOX_RELAY_NATS_URL), then ROUTES' sinks."""
+    return plugins(settings, HandlerRegistry(), overrides=plugin_settings)
 
 
 async def migrate_sinks(service_url: str, registry: HandlerRegistry) -> None:

@@ -6,6 +6,7 @@ from collections import Counter
 from typing import Any
 
 from outbox_relay.arq_adapter.producer import MARKER_PREFIX
+from outbox_relay.composition import worker_config
 from outbox_relay.db import Connection, create_pool
 from outbox_relay.events import OutboxEvent
 from outbox_relay.handlers import HandlerRegistry, registry
@@ -70,7 +71,7 @@ async def test_a_batch_commits_its_fast_path_once_and_keeps_failures_per_row(
     calls: Counter[str] = Counter()
     pool = await create_pool(outbox_env.service_url, max_size=4)
     try:
-        processor = RowProcessor(outbox_env.settings().worker_config(), pool, _with_flaky(calls, 1))
+        processor = RowProcessor(worker_config(outbox_env.settings()), pool, _with_flaky(calls, 1))
         jobs = [Job(row_id) for row_id in [flaky, *ids, poison]]
         outcomes = await processor(jobs)
         results = [o.result for o in outcomes]
@@ -159,7 +160,7 @@ async def test_concurrent_batches_refunding_the_same_accounts_each_commit_in_one
     total = await money_total(service)
     pool = await create_pool(outbox_env.service_url, max_size=8)
     try:
-        processor = RowProcessor(outbox_env.settings().worker_config(), pool, registry)
+        processor = RowProcessor(worker_config(outbox_env.settings()), pool, registry)
         for start in range(0, len(batches), 8):
             rounds = batches[start : start + 8]
             results = await asyncio.gather(*(processor([Job(i) for i in ids]) for ids in rounds))
@@ -190,7 +191,7 @@ async def test_jobs_a_worker_runs_at_once_commit_together_and_each_row_settles_o
     total = await money_total(service)
     pool = await create_pool(outbox_env.service_url, max_size=4)
     try:
-        processor = RowProcessor(outbox_env.settings().worker_config(), pool, registry)
+        processor = RowProcessor(worker_config(outbox_env.settings()), pool, registry)
         jobs = [[Job(i)] for i in ids] + [[Job(ids[0], 2)]]
         results = await asyncio.gather(*(processor(job) for job in jobs))
     finally:

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from outbox_relay.composition import worker_config
 from outbox_relay.db import Connection, create_pool
 from outbox_relay.domains.reservation import settle_reservation
 from outbox_relay.events import OutboxEvent
@@ -46,7 +47,7 @@ async def processor(outbox_env: OutboxEnv) -> AsyncIterator[RowProcessor]:
     """A RowProcessor with the shipped handlers, on a pool of its own."""
     pool = await create_pool(outbox_env.service_url, max_size=4)
     try:
-        yield RowProcessor(outbox_env.settings().worker_config(), pool, registry)
+        yield RowProcessor(worker_config(outbox_env.settings()), pool, registry)
     finally:
         await pool.close()
 

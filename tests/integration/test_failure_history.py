@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from outbox_relay.admin import requeue, status
+from outbox_relay.composition import worker_config
 from outbox_relay.db import Connection, create_pool
 from outbox_relay.events import OutboxEvent
 from outbox_relay.exceptions import PermanentError
@@ -48,7 +49,7 @@ async def make_processor(outbox_env: OutboxEnv) -> AsyncIterator[Any]:
     pool = await create_pool(outbox_env.service_url, max_size=4)
 
     def build(max_attempts: int) -> RowProcessor:
-        return RowProcessor(outbox_env.settings(max_attempts=max_attempts).worker_config(), pool, handlers)
+        return RowProcessor(worker_config(outbox_env.settings(max_attempts=max_attempts)), pool, handlers)
 
     try:
         yield build

@@ -13,6 +13,8 @@ from typing import Any
 import pytest
 
 from outbox_relay.devtools.nats_server import EmbeddedNats
+from outbox_relay.handlers import HandlerRegistry
+from outbox_relay.settings import Settings
 from tests.conftest import OutboxEnv
 from tests.helpers import Services, cli_env, count_status, running_relay, running_worker, wait_until
 from tests.integration.sinks_support import (
@@ -40,10 +42,13 @@ def prefix() -> str:
     return f"t{uuid.uuid4().hex[:10]}."
 
 
-def nats_settings(env: OutboxEnv, server: EmbeddedNats, prefix: str, **overrides: Any) -> Any:
-    values = {"routes": "ev.*=nats", "nats_url": server.url, "nats_subject_prefix": prefix}
-    values["nats_timeout"] = 1.0
-    return env.settings(**{**values, **overrides})
+def nats_settings(
+    env: OutboxEnv, server: EmbeddedNats, prefix: str, **overrides: Any
+) -> tuple[Settings, HandlerRegistry]:
+    """Settings routing ev.* to the nats sink of ``server``, and the registry the edge builds."""
+    settings = env.settings(**{"routes": "ev.*=nats", **overrides})
+    nats = {"url": server.url, "subject_prefix": prefix, "timeout": 1.0}
+    return settings, routed_registry(settings, nats=nats)
 
 
 async def test_n_rows_make_exactly_n_messages_in_the_stream(
@@ -52,8 +57,7 @@ async def test_n_rows_make_exactly_n_messages_in_the_stream(
     """200 routed rows finish, and the stream holds exactly 200 messages: the event JSON, on
     prefix + kind, with Nats-Msg-Id = the correlation id."""
     stream = await make_stream(nats_server.url, [f"{prefix}>"])
-    settings = nats_settings(outbox_env, nats_server, prefix)
-    registry = routed_registry(settings)
+    settings, registry = nats_settings(outbox_env, nats_server, prefix)
     await migrate_sinks(outbox_env.service_url, registry)
     cids = await insert_events(service, "n", 200)
     async with running_worker(settings, registry), running_relay(settings):
@@ -76,8 +80,7 @@ async def test_no_stream_for_the_subject_is_a_permanent_failure_naming_it(
 ) -> None:
     """A routed kind whose subject no stream binds fails at once, last_error naming the subject."""
     await make_stream(nats_server.url, [f"{prefix}ev.>"])
-    settings = nats_settings(outbox_env, nats_server, prefix, routes="ev.*=nats,other=nats")
-    registry = routed_registry(settings)
+    settings, registry = nats_settings(outbox_env, nats_server, prefix, routes="ev.*=nats,other=nats")
     await migrate_sinks(outbox_env.service_url, registry)
     await insert_events(service, "nostream", 1, kind="other")
     async with running_worker(settings, registry), running_relay(settings):
@@ -95,10 +98,9 @@ async def test_a_broker_down_for_30_s_loses_nothing(outbox_env: OutboxEnv, servi
     server.start()
     try:
         stream = await make_stream(server.url, [f"{prefix}>"])
-        settings = nats_settings(
+        settings, registry = nats_settings(
             outbox_env, server, prefix, max_attempts=100, retry_backoff=0.2, retry_backoff_max=2.0
         )
-        registry = routed_registry(settings)
         await migrate_sinks(outbox_env.service_url, registry)
         await insert_events(service, "before", 50)
         async with running_worker(settings, registry), running_relay(settings):
@@ -136,8 +138,7 @@ async def test_a_worker_sigkilled_mid_stream_leaves_exactly_n_messages(
     """A `worker` process SIGKILLed while publishing: its jobs run again in another worker, every
     row finishes, and the stream holds each event exactly once (Nats-Msg-Id deduplication)."""
     stream = await make_stream(nats_server.url, [f"{prefix}>"])
-    settings = nats_settings(outbox_env, nats_server, prefix, requeue_after=3.0, job_timeout=2.0)
-    registry = routed_registry(settings)
+    settings, registry = nats_settings(outbox_env, nats_server, prefix, requeue_after=3.0, job_timeout=2.0)
     await migrate_sinks(outbox_env.service_url, registry)
     n = 400
     await insert_events(service, "kill", n)

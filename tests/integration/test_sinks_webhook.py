@@ -12,6 +12,8 @@ from standardwebhooks.exceptions import WebhookVerificationError
 
 from outbox_relay.devtools.embedded import free_port
 from outbox_relay.devtools.nats_server import EmbeddedNats
+from outbox_relay.handlers import HandlerRegistry
+from outbox_relay.settings import Settings
 from tests.conftest import OutboxEnv
 from tests.helpers import count_status, running_relay, running_worker, wait_until
 from tests.integration.sinks_support import (
@@ -25,10 +27,13 @@ from tests.integration.sinks_support import (
 )
 
 
-def hook_settings(env: OutboxEnv, url: str, **overrides: Any) -> Any:
-    values: dict[str, Any] = {"routes": "ev.*=webhook", "webhook_url": url, "webhook_secret": SECRET}
-    values["webhook_timeout"] = 1.0
-    return env.settings(**{**values, **overrides})
+def hook_settings(
+    env: OutboxEnv, url: str, nats: dict[str, Any] | None = None, **overrides: Any
+) -> tuple[Settings, HandlerRegistry]:
+    """Settings routing ev.* to the webhook sink at ``url``, and the registry the edge builds."""
+    settings = env.settings(**{"routes": "ev.*=webhook", **overrides})
+    webhook = {"url": url, "secret": SECRET, "timeout": 1.0}
+    return settings, routed_registry(settings, webhook=webhook, nats=nats or {})
 
 
 async def _done(service: Any, n: int) -> bool:
@@ -41,8 +46,7 @@ async def test_webhook_signatures_verify_with_the_standard_webhooks_reference(
     """Every POST carries webhook-id = correlation id and a signature the standardwebhooks
     package's verify accepts; the body is the event JSON."""
     async with receiving() as receiver:
-        settings = hook_settings(outbox_env, receiver.url)
-        registry = routed_registry(settings)
+        settings, registry = hook_settings(outbox_env, receiver.url)
         await migrate_sinks(outbox_env.service_url, registry)
         cids = await insert_events(service, "sig", 20)
         async with running_worker(settings, registry), running_relay(settings):
@@ -75,8 +79,7 @@ async def test_webhook_status_rules(outbox_env: OutboxEnv, service: Any) -> None
             "st-6": [(302, None)],
         }
         receiver.stall = {"st-7": 3.0}  # longer than WEBHOOK_TIMEOUT (1 s)
-        settings = hook_settings(outbox_env, receiver.url)
-        registry = routed_registry(settings)
+        settings, registry = hook_settings(outbox_env, receiver.url)
         await migrate_sinks(outbox_env.service_url, registry)
         await insert_events(service, "st", 8)
         async with running_worker(settings, registry), running_relay(settings):
@@ -113,8 +116,7 @@ async def test_webhook_status_rules(outbox_env: OutboxEnv, service: Any) -> None
 async def test_an_unreachable_webhook_is_transient(outbox_env: OutboxEnv, service: Any) -> None:
     """Nothing listening on the URL: attempts are counted and retried until MAX_ATTEMPTS, the
     error saying the webhook is unreachable (and never the secret)."""
-    settings = hook_settings(outbox_env, f"http://127.0.0.1:{free_port()}/hook", max_attempts=3)
-    registry = routed_registry(settings)
+    settings, registry = hook_settings(outbox_env, f"http://127.0.0.1:{free_port()}/hook", max_attempts=3)
     await migrate_sinks(outbox_env.service_url, registry)
     await insert_events(service, "down", 1)
     async with running_worker(settings, registry), running_relay(settings):
@@ -138,16 +140,13 @@ async def test_a_multi_sink_route_redelivers_only_to_the_sink_that_failed(
         stream = await make_stream(server.url, [f"{prefix}>"])
         server.kill()
         async with receiving() as receiver:
-            settings = hook_settings(
+            settings, registry = hook_settings(
                 outbox_env,
                 receiver.url,
                 routes="ev.*=nats+webhook",
-                nats_url=server.url,
-                nats_subject_prefix=prefix,
-                nats_timeout=0.5,
+                nats={"url": server.url, "subject_prefix": prefix, "timeout": 0.5},
                 max_attempts=100,
             )
-            registry = routed_registry(settings)
             await migrate_sinks(outbox_env.service_url, registry)
             cids = await insert_events(service, "multi", 20)
             async with running_worker(settings, registry), running_relay(settings):

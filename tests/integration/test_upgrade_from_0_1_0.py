@@ -9,6 +9,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
+from outbox_relay.composition import worker_config
 from outbox_relay.db import create_pool, quote_ident
 from outbox_relay.domains.reservation import plugin as reservation
 from outbox_relay.exceptions import MigrationError
@@ -75,7 +76,7 @@ async def test_a_0_1_0_database_upgrades_in_place_and_keeps_its_rows_and_ledger(
         pool = await create_pool(old_service_db, max_size=2)
         try:
             row_id = await conn.fetchval("SELECT id FROM outbox_relay.outbox")
-            outcome = await RowProcessor(settings.worker_config(), pool, registry).process(row_id)
+            outcome = await RowProcessor(worker_config(settings), pool, registry).process(row_id)
         finally:
             await pool.close()
         assert outcome.result == "finished"

@@ -1,21 +1,35 @@
-"""The package's shape, read from its imports with ast: the queue library behind one adapter, no cycle."""
+"""The package's shape, read from its imports with ast; each rule is also shown to catch a planted breach.
+
+Rules: only the edge (the CLI, the composition root, the developer tools) reads the
+settings; arq and redis only behind the queue adapter; no import cycle; the core
+imports no tooling (developer tools, the bench, test libraries); only settings read
+the environment.
+"""
 
 from __future__ import annotations
 
 import ast
+from collections.abc import Callable
 from pathlib import Path
+
+import pytest
 
 import outbox_relay
 
 PACKAGE = Path(outbox_relay.__file__).resolve().parent
-ADAPTER = PACKAGE / "arq_adapter"
 QUEUE_LIBRARIES = {"arq", "redis"}
+#: The edge: the only modules that may import outbox_relay.settings.
+EDGE = {"outbox_relay.cli", "outbox_relay.composition", "outbox_relay.settings"}
+#: What the core never imports (the CLI reaches the demo lazily, inside its command).
+TOOLING = ("outbox_relay.devtools", "bench", "tests", "pytest", "testcontainers", "psutil")
+
+Modules = dict[str, Path]
 
 
-def _modules() -> dict[str, Path]:
+def _modules(root: Path = PACKAGE) -> Modules:
     found = {}
-    for path in PACKAGE.rglob("*.py"):
-        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    for path in root.rglob("*.py"):
+        parts = path.relative_to(root.parent).with_suffix("").parts
         name = ".".join(parts).removesuffix(".__init__")
         found[name] = path
     return found
@@ -38,24 +52,65 @@ def _imports(path: Path, module: str) -> set[str]:
     return names
 
 
-def test_arq_and_redis_are_imported_only_by_the_queue_adapter() -> None:
-    """No module outside outbox_relay/arq_adapter/ imports arq or redis (the queue port hides them)."""
-    offenders = {
-        name: sorted(top for top in {i.split(".")[0] for i in _imports(path, name)} if top in QUEUE_LIBRARIES)
-        for name, path in _modules().items()
-        if ADAPTER not in path.parents
+def _is_tool(name: str) -> bool:
+    return name.startswith("outbox_relay.devtools")
+
+
+def settings_below_the_edge(modules: Modules) -> dict[str, str]:
+    """Modules below the edge that import outbox_relay.settings (the core gets narrow configs)."""
+    return {
+        name: "outbox_relay.settings"
+        for name, path in modules.items()
+        if name not in EDGE and not _is_tool(name) and "outbox_relay.settings" in _imports(path, name)
     }
-    offenders = {name: libs for name, libs in offenders.items() if libs}
-    assert not offenders, f"arq/redis imported outside the adapter: {offenders}"
 
 
-def test_the_adapter_really_is_where_arq_is_used() -> None:
-    """The check above sees imports: the adapter itself imports both libraries."""
-    used = set()
-    for name, path in _modules().items():
-        if ADAPTER in path.parents:
-            used |= {i.split(".")[0] for i in _imports(path, name)}
-    assert used >= QUEUE_LIBRARIES
+def queue_libraries_outside_the_adapter(modules: Modules) -> dict[str, str]:
+    """Modules outside outbox_relay.arq_adapter that import arq or redis."""
+    found = {}
+    for name, path in modules.items():
+        if name.startswith("outbox_relay.arq_adapter"):
+            continue
+        libraries = sorted({i.split(".")[0] for i in _imports(path, name)} & QUEUE_LIBRARIES)
+        if libraries:
+            found[name] = ",".join(libraries)
+    return found
+
+
+def tooling_in_the_core(modules: Modules) -> dict[str, str]:
+    """Core modules importing tooling, and a CLI importing the developer tools at its top level."""
+    found = {}
+    for name, path in modules.items():
+        if _is_tool(name):
+            continue
+        if name == "outbox_relay.cli":
+            tree = ast.parse(path.read_text())
+            imported = {n.module or "" for n in tree.body if isinstance(n, ast.ImportFrom)}
+        else:
+            imported = _imports(path, name)
+        tools = sorted(i for i in imported if i.split(".")[0] in TOOLING or _is_tool(i))
+        if tools:
+            found[name] = ",".join(tools)
+    return found
+
+
+def environment_readers(modules: Modules) -> dict[str, str]:
+    """Modules other than the settings and the developer tools that read os.environ."""
+    return {
+        name: "os.environ"
+        for name, path in modules.items()
+        if name not in {"outbox_relay.settings"} and not _is_tool(name) and "os.environ" in path.read_text()
+    }
+
+
+def import_cycle(modules: Modules) -> dict[str, str]:
+    """One import cycle between the package's own modules, if any."""
+    edges = {
+        name: {target for target in _imports(path, name) if target in modules and target != name}
+        for name, path in modules.items()
+    }
+    cycle = _find_cycle(edges)
+    return {cycle[0]: " -> ".join(cycle)} if cycle else {}
 
 
 def _find_cycle(edges: dict[str, set[str]]) -> list[str] | None:
@@ -81,16 +136,56 @@ def _find_cycle(edges: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
-def test_the_package_has_no_import_cycle() -> None:
-    """Following every import between the package's own modules never comes back to where it started."""
+Rule = Callable[[Modules], dict[str, str]]
+RULES: dict[str, Rule] = {
+    "settings below the edge": settings_below_the_edge,
+    "arq/redis outside the adapter": queue_libraries_outside_the_adapter,
+    "tooling in the core": tooling_in_the_core,
+    "environment read outside settings": environment_readers,
+    "import cycle": import_cycle,
+}
+
+#: One planted breach per rule: (module path in a copy of the package, source).
+PLANTED: dict[str, tuple[str, str]] = {
+    "settings below the edge": ("relay/planted.py", "from outbox_relay.settings import Settings\n"),
+    "arq/redis outside the adapter": ("worker/planted.py", "from redis.asyncio import Redis\n"),
+    "tooling in the core": ("doctor_planted.py", "import bench.scenarios\n"),
+    "environment read outside settings": ("prune_planted.py", "import os\nX = os.environ['X']\n"),
+    "import cycle": ("events_planted.py", "import outbox_relay.events_planted2\n"),
+}
+
+
+@pytest.mark.parametrize("rule", sorted(RULES))
+def test_the_package_keeps_the_rule(rule: str) -> None:
+    """The real package breaks none of the rules."""
     modules = _modules()
-    edges = {
-        name: {target for target in _imports(path, name) if target in modules and target != name}
-        for name, path in modules.items()
-    }
-    assert sum(map(len, edges.values())) > 50, "the import reader found too few edges"
-    cycle = _find_cycle(edges)
-    assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
+    assert len(modules) > 40, "the module reader found too few modules"
+    assert RULES[rule](modules) == {}, f"{rule}: {RULES[rule](modules)}"
+
+
+@pytest.mark.parametrize("rule", sorted(RULES))
+def test_each_rule_catches_a_planted_breach(rule: str, tmp_path: Path) -> None:
+    """A copy of the package with one planted module breaking the rule is caught, naming the module."""
+    root = tmp_path / "outbox_relay"
+    for path in PACKAGE.rglob("*.py"):
+        target = root / path.relative_to(PACKAGE)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(path.read_text())
+    relative, source = PLANTED[rule]
+    (root / relative).write_text(source)
+    if rule == "import cycle":
+        (root / "events_planted2.py").write_text("from outbox_relay import events_planted\n")
+    planted = "outbox_relay." + relative.removesuffix(".py").replace("/", ".")
+    assert planted in RULES[rule](_modules(root))
+
+
+def test_the_adapter_really_is_where_arq_is_used() -> None:
+    """The rule sees imports: the adapter itself imports both libraries."""
+    used = set()
+    for name, path in _modules().items():
+        if name.startswith("outbox_relay.arq_adapter"):
+            used |= {i.split(".")[0] for i in _imports(path, name)}
+    assert used >= QUEUE_LIBRARIES
 
 
 def test_the_cycle_finder_finds_a_cycle() -> None:
@@ -103,25 +198,3 @@ def test_the_import_reader_resolves_package_imports() -> None:
     """Imports of a package's own submodules are seen, so a cycle through them would be found."""
     names = _imports(PACKAGE / "relay" / "__init__.py", "outbox_relay.relay")
     assert "outbox_relay.relay.service" in names
-
-
-def test_the_core_does_not_import_the_developer_tools() -> None:
-    """demo, bench and embedded servers live apart: only the CLI reaches them, lazily, inside commands."""
-    for name, path in _modules().items():
-        if name.startswith("outbox_relay.devtools") or name == "outbox_relay.cli":
-            continue
-        devtools = {i for i in _imports(path, name) if i.startswith("outbox_relay.devtools")}
-        assert not devtools, f"{name} imports {devtools}"
-    tree = ast.parse((PACKAGE / "cli.py").read_text())
-    top_level = {
-        node.module for node in tree.body if isinstance(node, ast.ImportFrom) and node.module is not None
-    }
-    assert not {m for m in top_level if m.startswith("outbox_relay.devtools")}, "cli imports devtools eagerly"
-
-
-def test_the_core_reads_no_environment() -> None:
-    """Settings are built at the edge: no module but settings.py and the devtools reads os.environ."""
-    for name, path in _modules().items():
-        if name in {"outbox_relay.settings"} or name.startswith("outbox_relay.devtools"):
-            continue
-        assert "os.environ" not in path.read_text(), f"{name} reads os.environ"

@@ -8,13 +8,16 @@ from email.utils import format_datetime
 
 import pytest
 
+from outbox_relay.composition import plugins
+from outbox_relay.config import load
 from outbox_relay.events import OutboxEvent
 from outbox_relay.exceptions import PermanentError, SettingsError, TransientError, UnknownKindError
-from outbox_relay.handlers import HandlerRegistry, load_plugins
-from outbox_relay.settings import Route, load_settings
-from outbox_relay.sinks import _combined, delivery_id, enable_routes, event_json
+from outbox_relay.handlers import HandlerRegistry
+from outbox_relay.settings import load_settings
+from outbox_relay.sinks import _combined, delivery_id, event_json
 from outbox_relay.sinks.nats import subject_for
-from outbox_relay.sinks.webhook import MAX_RETRY_AFTER, retry_after
+from outbox_relay.sinks.routes import Route
+from outbox_relay.sinks.webhook import MAX_RETRY_AFTER, WebhookSettings, retry_after
 
 EVENT = OutboxEvent(
     id=7,
@@ -44,26 +47,24 @@ def test_malformed_routes_name_the_variable(value: str) -> None:
 
 def test_unknown_sink_names_the_variable_and_the_installed_sinks() -> None:
     """A route to a sink no plugin provides is refused at the edge."""
-    registry = load_plugins(HandlerRegistry())
     settings = load_settings({"routes": "ev.*=kafka", "database_url": "postgresql://x@127.0.0.1/db"})
     with pytest.raises(SettingsError, match=r"unknown sink .kafka.*nats, webhook") as caught:
-        enable_routes(registry, settings)
+        plugins(settings, HandlerRegistry())
     assert caught.value.variable == "OUTBOX_RELAY_ROUTES"
 
 
 def test_webhook_route_needs_url_and_secret() -> None:
     """Naming the webhook sink without its URL is a SettingsError naming WEBHOOK_URL."""
-    registry = load_plugins(HandlerRegistry())
     settings = load_settings({"routes": "ev=webhook", "database_url": "postgresql://x@127.0.0.1/db"})
     with pytest.raises(SettingsError, match="OUTBOX_RELAY_WEBHOOK_URL"):
-        enable_routes(registry, settings)
+        plugins(settings, HandlerRegistry())
 
 
 @pytest.mark.parametrize("secret", ["abc", "whsec_", "whsec_!!!!", "whsec_" + "QQ=="])
 def test_bad_webhook_secrets_are_refused_without_echoing_them(secret: str) -> None:
     """The secret must be whsec_ + base64 of >= 16 bytes; the message does not contain it."""
     with pytest.raises(SettingsError) as caught:
-        load_settings({"webhook_secret": secret})
+        load(WebhookSettings, {"secret": secret})
     assert caught.value.variable == "OUTBOX_RELAY_WEBHOOK_SECRET"
     assert secret not in str(caught.value) or secret in ("whsec_",)
 

@@ -1,0 +1,201 @@
+"""The composition root: every narrow config is built here from the settings, and the services from them.
+
+The CLI reads the settings once and calls this module; nothing below it sees
+:class:`~outbox_relay.settings.Settings` (``tests/unit/test_architecture.py``
+enforces it). The relay process is the :class:`~outbox_relay.relay.Relay` on
+the queue backend the URL's scheme picks, plus the progress report and, with
+RETENTION set, the retention loop while active; the worker process is the
+worker loop on that backend's consumer. The CLI starts these; the tests start
+the very same ones in their own event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from outbox_relay.db import Pool
+from outbox_relay.doctor import DoctorConfig
+from outbox_relay.exceptions import PluginError, SettingsError
+from outbox_relay.handlers import HandlerRegistry, load_plugins
+from outbox_relay.handlers import registry as default_registry
+from outbox_relay.observability import Health, Metrics
+from outbox_relay.observability.hooks import RelayHooks, WorkerHooks
+from outbox_relay.observability.refresh import GaugeRefresher
+from outbox_relay.prune import RetentionConfig, prune_periodically
+from outbox_relay.queue import ConsumerStats, Queue
+from outbox_relay.queue.backends import QueueBackend, QueueOptions, from_url
+from outbox_relay.relay import ActiveTask, Relay, RelayConfig
+from outbox_relay.relay.report import report_progress
+from outbox_relay.settings import Settings, env_name
+from outbox_relay.sinks import Routing, enable_routes
+from outbox_relay.worker import WorkerConfig, run_worker
+
+# -- narrow configs ----------------------------------------------------------------------------------
+
+
+def relay_config(settings: Settings) -> RelayConfig:
+    """What the relay (`run`) needs."""
+    return RelayConfig(
+        database_url=settings.require_database_url(),
+        queue_name=settings.queue_name,
+        sweep_interval=settings.sweep_interval,
+        requeue_after=settings.requeue_after,
+        batch_size=settings.batch_size,
+        max_queue_depth=settings.max_queue_depth,
+        hand_over_interval=settings.hand_over_interval,
+    )
+
+
+def worker_config(settings: Settings) -> WorkerConfig:
+    """What the worker's row processor needs."""
+    return WorkerConfig(
+        database_url=settings.require_database_url(),
+        concurrency=settings.worker_concurrency,
+        job_timeout=settings.job_timeout,
+        max_attempts=settings.max_attempts,
+        retry_backoff=settings.retry_backoff,
+        retry_backoff_max=settings.retry_backoff_max,
+    )
+
+
+def retention_config(settings: Settings) -> RetentionConfig | None:
+    """The relay's periodic prune, when RETENTION is set."""
+    if settings.retention is None:
+        return None
+    return RetentionConfig(settings.retention, settings.prune_interval, settings.prune_batch_size)
+
+
+def queue_options(settings: Settings) -> QueueOptions:
+    """What the queue backend is told, producer and consumer side."""
+    return QueueOptions(
+        queue_name=settings.queue_name,
+        namespace=settings.job_namespace,
+        batch_size=settings.job_batch_size,
+        concurrency=settings.worker_concurrency,
+        poll_delay=settings.worker_poll_delay,
+        job_timeout=settings.job_timeout,
+        idle_wait=settings.worker_idle_wait,
+    )
+
+
+def queue_backend(settings: Settings) -> QueueBackend:
+    """The queue backend ``REDIS_URL``'s scheme picks (``redis://`` → arq, ``memory://`` → in memory)."""
+    return from_url(
+        settings.redis_url.get_secret_value(), queue_options(settings), variable=env_name("redis_url")
+    )
+
+
+def routing(settings: Settings) -> Routing:
+    """ROUTES and what the sinks of a worker share."""
+    return Routing(settings.routes, settings.require_database_url(), settings.worker_concurrency)
+
+
+def doctor_config(settings: Settings, registry: HandlerRegistry) -> DoctorConfig:
+    """What `doctor` needs."""
+    return DoctorConfig(
+        database_url=settings.require_database_url(),
+        redis_url=settings.redis_url.get_secret_value(),
+        queue_name=settings.queue_name,
+        requeue_after=settings.requeue_after,
+        primary_url=settings.primary_url.get_secret_value() if settings.primary_url is not None else None,
+        subscription_name=settings.subscription_name,
+        plugins=registry.plugins(),
+    )
+
+
+# -- plugins -----------------------------------------------------------------------------------------
+
+
+def plugins(
+    settings: Settings,
+    registry: HandlerRegistry | None = None,
+    *,
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
+) -> HandlerRegistry:
+    """The handlers: installed plugins plus HANDLER_MODULES, loaded once, each plugin's own settings
+    read (``overrides``: values by plugin name, over the environment's); then ROUTES' sinks."""
+    target = default_registry if registry is None else registry
+    try:
+        loaded = load_plugins(target, settings.handler_modules)
+    except PluginError as exc:
+        raise SettingsError(env_name("handler_modules"), str(exc)) from None
+    loaded.read_settings(overrides)
+    if settings.routes:
+        enable_routes(loaded, routing(settings), variable=env_name("routes"))
+    return loaded
+
+
+# -- services ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class RelayProcess:
+    """`run`: the relay, its progress report and (while active) its retention loop."""
+
+    relay: Relay
+    queue: Queue
+    stop: asyncio.Event
+
+    async def run(self) -> None:
+        """Serve until ``stop`` is set."""
+        try:
+            async with asyncio.TaskGroup() as group:
+                group.create_task(self.relay.run(), name="relay")
+                group.create_task(
+                    report_progress(self.relay.stats, lambda: self.relay.dispatcher.depth, self.stop),
+                    name="relay.report",
+                )
+        finally:
+            await self.queue.close()
+
+
+def relay_process(
+    settings: Settings, stop: asyncio.Event, *, health: Health | None = None, metrics: Metrics | None = None
+) -> RelayProcess:
+    """Compose `run` from ``settings`` (with ``health``/``metrics`` when HTTP is served)."""
+    config = relay_config(settings)
+    backend = queue_backend(settings)
+    queue = backend.producer()
+    hooks = RelayHooks(health, metrics, deadline=max(30.0, 3 * config.sweep_interval))
+    retention = retention_config(settings)
+    while_active: list[tuple[str, ActiveTask]] = []
+    if retention is not None:
+
+        async def prune(pool: Pool, fence: Callable[[], Awaitable[None]]) -> None:
+            await prune_periodically(pool, retention, stop, on_pruned=relay.stats.count_pruned, fence=fence)
+
+        while_active.append(("relay.prune", prune))
+    if metrics is not None:
+        primary_url = settings.primary_url.get_secret_value() if settings.primary_url else None
+
+        async def gauges(pool: Pool, fence: Callable[[], Awaitable[None]]) -> None:
+            assert metrics is not None
+            await GaugeRefresher(primary_url, pool, metrics, queue.depth, hooks, server=backend.name).run(
+                stop
+            )
+
+        while_active.append(("relay.gauges", gauges))
+    relay = Relay(config, queue, stop, while_active=while_active, hooks=hooks)
+    return RelayProcess(relay, queue, stop)
+
+
+async def worker_process(
+    settings: Settings,
+    handlers: HandlerRegistry,
+    stop: asyncio.Event,
+    *,
+    burst: bool = False,
+    health: Health | None = None,
+    metrics: Metrics | None = None,
+) -> ConsumerStats:
+    """`worker`: run until ``stop`` (or, with ``burst``, until the queue is empty)."""
+    backend = queue_backend(settings)
+    consumer = backend.consumer()
+    hooks = WorkerHooks(health, metrics, kinds=handlers.kinds())
+    try:
+        return await run_worker(worker_config(settings), consumer, handlers, stop, burst=burst, hooks=hooks)
+    finally:
+        await consumer.close()

@@ -1,0 +1,39 @@
+"""ROUTES: which kinds go to which sinks (``KIND_PATTERN=SINK[+SINK]``, comma-separated)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+#: A sink's name in ROUTES, and a kind pattern: no separators, no blanks.
+_SINK_RE = re.compile(r"^[a-z_][a-z0-9_]*$")
+_PATTERN_RE = re.compile(r"^[^\s,=+]+$")
+
+
+@dataclass(frozen=True)
+class Route:
+    """One entry of ROUTES: the kinds matching ``pattern`` go to each of ``sinks``."""
+
+    pattern: str
+    sinks: tuple[str, ...]
+
+
+def parse_routes(text: str) -> tuple[Route, ...]:
+    """``"ev.*=nats+webhook, audit=nats"`` as routes; a malformed entry is a ``ValueError``."""
+    routes = []
+    for entry in (part.strip() for part in text.split(",")):
+        if not entry:
+            continue
+        pattern, equals, names = (part.strip() for part in entry.partition("="))
+        sinks = tuple(name.strip() for name in names.split("+"))
+        if not (equals and _PATTERN_RE.match(pattern) and all(_SINK_RE.match(s) for s in sinks)):
+            raise ValueError(f"entry {entry!r} is not KIND_PATTERN=SINK or KIND_PATTERN=SINK+SINK")
+        if len(set(sinks)) != len(sinks):
+            raise ValueError(f"entry {entry!r} names a sink twice")
+        routes.append(Route(pattern, sinks))
+    return tuple(routes)
+
+
+def sinks_named(routes: tuple[Route, ...]) -> tuple[str, ...]:
+    """Every sink the routes name, once each, in order of first mention."""
+    return tuple(dict.fromkeys(name for route in routes for name in route.sinks))

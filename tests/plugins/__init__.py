@@ -1,0 +1,1 @@
+"""Plugins defined by the tests, as a package published by someone else would define them."""
