@@ -54,7 +54,14 @@ async def test_a_requeued_generation_is_a_new_job_even_while_the_old_one_waits(b
 
 @pytest.mark.parametrize(
     ("count", "batch_size", "sizes"),
-    [(1, 50, [1]), (50, 50, [50]), (51, 50, [26, 25]), (120, 50, [40, 40, 40]), (7, 3, [3, 2, 2])],
+    [
+        (1, 50, [1]),
+        (50, 50, [50]),
+        (51, 50, [26, 25]),
+        (120, 50, [40, 40, 40]),
+        (7, 3, [3, 2, 2]),
+        (3, 1, [1, 1, 1]),
+    ],
 )
 async def test_a_hand_over_packs_rows_into_as_few_even_batches_as_the_batch_size_allows(
     backend: Backend, count: int, batch_size: int, sizes: list[int]
