@@ -212,6 +212,8 @@ async def _run_batch(ctx: dict[str, Any], rows: list[list[Any]]) -> str:
     stats: ConsumerStats | None = ctx.get(STATS_KEY)
     if stats is not None:
         stats.rows += len(jobs)
+        # arq counts only its own retries (Retry raised); a batch's are new jobs (settle.lua)
+        stats.retried += sum(1 for outcome in outcomes if outcome.retry_in is not None and outcome.counted)
     await _settle(ctx[SETTLE_KEY], ctx["queue_name"], ctx["job_id"], rows, jobs, outcomes)
     return "done"
 

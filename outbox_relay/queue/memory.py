@@ -24,6 +24,7 @@ from outbox_relay.queue import (
     HandOver,
     Job,
     JobFunction,
+    Outcome,
     PendingJob,
     split_batches,
 )
@@ -143,18 +144,21 @@ class InMemoryQueue:
         burst: bool = False,
         observer: ConsumerObserver | None = None,
     ) -> ConsumerStats:
-        """Run jobs one at a time, in hand-over order, until ``stop`` (or empty, with ``burst``)."""
+        """Run jobs one at a time, in hand-over order, until ``stop`` (or empty, with ``burst``);
+        consumers sharing the queue never run the same job."""
         stats = ConsumerStats()
         loop = asyncio.get_running_loop()
         while not stop.is_set():
             if observer is not None:
                 observer.beat()
-            ready = [k for k in self._waiting if self._jobs[k].not_before <= loop.time()]
+            # A job another consumer runs is not ready: no job runs twice at once.
+            idle = [k for k in self._waiting if not self._jobs[k].running]
+            ready = [k for k in idle if self._jobs[k].not_before <= loop.time()]
             if not ready:
                 if burst and not self._waiting:
                     break
                 self._changed.clear()
-                waits = [self._jobs[k].not_before - loop.time() for k in self._waiting]
+                waits = [self._jobs[k].not_before - loop.time() for k in idle]
                 timeout = max(0.001, min(waits)) if waits else None
                 stopper = asyncio.ensure_future(stop.wait())
                 changed = asyncio.ensure_future(self._changed.wait())
@@ -166,25 +170,33 @@ class InMemoryQueue:
             entry = self._jobs[job_id]
             entry.running = True
             jobs = [Job(row_id, delivery) for row_id, _, delivery in entry.rows]
-            outcomes = await function(jobs)
+            try:
+                outcomes = await function(jobs)
+            finally:
+                entry.running = False  # if it raised, the job waits to be run again
+                self._changed.set()  # a consumer waiting for this job to end (a burst) looks again
             stats.rows += len(jobs)
-            self._waiting.remove(job_id)
-            del self._jobs[job_id]
             stats.complete += 1
-            put_off: list[tuple[int, str, int]] = []
-            for (row_id, marker, delivery), outcome in zip(entry.rows, outcomes, strict=True):
-                if self.markers.get(marker) != job_id:
-                    continue  # scheduled meanwhile by another job
-                if outcome.retry_in is None:
-                    del self.markers[marker]
-                elif not outcome.counted:
-                    put_off.append((row_id, marker, delivery))
-                else:
-                    stats.retried += 1
-                    self._add_job([(row_id, marker, delivery + 1)], outcome.retry_in)
-            if put_off:
-                self._add_job(put_off)
+            self._settle(job_id, entry, outcomes, stats)
         return stats
+
+    def _settle(self, job_id: str, entry: _Entry, outcomes: Sequence[Outcome], stats: ConsumerStats) -> None:
+        """After a job ran: drop the markers of the rows that ended, schedule the others again."""
+        if self._jobs.pop(job_id, None) is not None:  # gone if everything was lost meanwhile
+            self._waiting.remove(job_id)
+        put_off: list[tuple[int, str, int]] = []
+        for (row_id, marker, delivery), outcome in zip(entry.rows, outcomes, strict=True):
+            if self.markers.get(marker) != job_id:
+                continue  # scheduled meanwhile by another job
+            if outcome.retry_in is None:
+                del self.markers[marker]
+            elif not outcome.counted:
+                put_off.append((row_id, marker, delivery))
+            else:
+                stats.retried += 1
+                self._add_job([(row_id, marker, delivery + 1)], outcome.retry_in)
+        if put_off:
+            self._add_job(put_off)
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""The relay's dispatcher and the queue port's contract, on the in-memory queue and store (no servers)."""
+"""The relay's dispatcher on the in-memory queue and store (no servers); the queue port itself:
+tests/conformance."""
 
 from __future__ import annotations
 
@@ -136,86 +137,6 @@ async def test_backpressure_holds_hand_over_until_the_queue_drains() -> None:
     await asyncio.wait_for(sweep, 5)
     assert store.rows[5][1] == "queued"
     await asyncio.wait_for(consumer, 5)
-
-
-async def test_in_memory_consumer_retries_after_the_delay_and_forgets_finished_jobs() -> None:
-    """A job asking for a retry runs again (delivery 2) after its delay; once done its id can be reused."""
-    queue = InMemoryQueue()
-    deliveries: list[tuple[int, int]] = []
-
-    async def flaky(jobs: Sequence[Job]) -> list[Outcome]:
-        deliveries.extend((job.row_id, job.delivery) for job in jobs)
-        return [Outcome.retry(0.05) if job.delivery == 1 else Outcome("finished") for job in jobs]
-
-    await queue.hand_over([PendingRow(1, "a")])
-    assert (await queue.hand_over([PendingRow(1, "a")])).added == 0, "a known job was added twice"
-    stats = await asyncio.wait_for(queue.run(flaky, asyncio.Event(), burst=True), 5)
-    assert deliveries == [(1, 1), (1, 2)]
-    assert (stats.complete, stats.retried) == (2, 1)
-    assert (await queue.hand_over([PendingRow(1, "a")])).added == 1
-
-
-@pytest.mark.parametrize(
-    ("rows", "size", "expected"),
-    [(1, 50, [1]), (50, 50, [50]), (51, 50, [26, 25]), (120, 50, [40, 40, 40]), (3, 1, [1, 1, 1])],
-)
-async def test_a_hand_over_packs_rows_into_as_few_even_batches_as_the_batch_size_allows(
-    rows: int, size: int, expected: list[int]
-) -> None:
-    """One row is a job of one row (latency unchanged); a backlog becomes even jobs of at most B rows."""
-    queue = InMemoryQueue(batch_size=size)
-    result = await queue.hand_over([PendingRow(i, f"cid-{i}") for i in range(rows)])
-    assert result.added == rows
-    assert [len(batch) for batch in queue.batches] == expected
-    assert sorted(row for batch in queue.batches for row in batch) == list(range(rows))
-
-
-async def test_known_rows_are_left_out_of_a_batch_and_orphaned_ones_are_scheduled_again() -> None:
-    """A row whose job waits is not packed again; a row whose marker names a lost job is."""
-    queue = InMemoryQueue()
-    await queue.hand_over([PendingRow(1, "a"), PendingRow(2, "b")])
-    result = await queue.hand_over([PendingRow(1, "a"), PendingRow(2, "b"), PendingRow(3, "c")])
-    assert (result.added, queue.batches) == (1, [[1, 2], [3]])
-    queue.orphan()  # the jobs are gone, their markers stay
-    assert set(queue.markers) == {"memory:a#0", "memory:b#0", "memory:c#0"}
-    result = await queue.hand_over([PendingRow(1, "a"), PendingRow(2, "b"), PendingRow(3, "c")])
-    assert (result.added, queue.batches[-1]) == (3, [1, 2, 3])
-    assert await queue.depth() == 1
-
-
-async def test_a_retry_in_a_batch_runs_that_row_alone_again_and_no_finished_row_twice() -> None:
-    """Failures stay per row: one row of a batch retried runs again alone; the others ran once."""
-    queue = InMemoryQueue()
-    runs: list[list[tuple[int, int]]] = []
-
-    async def one_flaky(jobs: Sequence[Job]) -> list[Outcome]:
-        runs.append([(job.row_id, job.delivery) for job in jobs])
-        return [
-            Outcome.retry(0.01) if (job.row_id, job.delivery) == (2, 1) else Outcome("finished")
-            for job in jobs
-        ]
-
-    await queue.hand_over([PendingRow(i, f"cid-{i}") for i in (1, 2, 3)])
-    stats = await asyncio.wait_for(queue.run(one_flaky, asyncio.Event(), burst=True), 5)
-    assert runs == [[(1, 1), (2, 1), (3, 1)], [(2, 2)]]
-    assert (stats.rows, stats.retried) == (4, 1)
-    assert queue.markers == {}, "a finished row kept its dedupe marker"
-
-
-async def test_rows_put_off_run_again_together_at_once_without_counting_a_delivery() -> None:
-    """Rows a batch had no time for run again at once, together, with the same delivery number."""
-    queue = InMemoryQueue()
-    runs: list[list[tuple[int, int]]] = []
-
-    async def first_only(jobs: Sequence[Job]) -> list[Outcome]:
-        runs.append([(job.row_id, job.delivery) for job in jobs])
-        if len(runs) == 1:
-            return [Outcome("finished")] + [Outcome.put_off() for _ in jobs[1:]]
-        return [Outcome("finished") for _ in jobs]
-
-    await queue.hand_over([PendingRow(i, f"cid-{i}") for i in (1, 2, 3)])
-    await asyncio.wait_for(queue.run(first_only, asyncio.Event(), burst=True), 5)
-    assert runs == [[(1, 1), (2, 1), (3, 1)], [(2, 1), (3, 1)]]
 
 
 @pytest.mark.parametrize("payload", ["sweep", "x1", ""])
