@@ -39,7 +39,7 @@ async def stopped_within(stop: asyncio.Event, seconds: float) -> bool:
 def raise_if_cancelling() -> None:
     """Honour a cancellation that was swallowed on the way.
 
-    On Python 3.11 ``asyncio.wait_for`` (which redis-py runs around every command)
+    On Python 3.11 ``asyncio.wait_for`` (which some queue clients run around every command)
     can eat a cancellation that arrives as the command completes: a task that lost
     its reason to run (a relay that lost its lock) must still stop at once.
     """

@@ -195,8 +195,8 @@ class Dispatcher:
     async def _queue(self, operation: Callable[[], Awaitable[T]]) -> T:
         """Run a queue operation, retrying forever (one log line per attempt).
 
-        An unreachable server is logged as "cannot reach Redis"; a refusal as what
-        it is ("Redis refused: WRONGTYPE ..."), retried all the same.
+        An unreachable server is logged as the backend says it ("cannot reach
+        <server>: ..."); a refusal as what it is, retried all the same.
         """
         backoff = Backoff(0.1, 5.0)
 
