@@ -273,11 +273,12 @@ def configure_doctor(parser: argparse.ArgumentParser) -> None:
 
 
 async def cmd_doctor(args: argparse.Namespace, settings: Settings) -> int:
+    from outbox_relay.arq_adapter import ArqDiagnostics
     from outbox_relay.doctor import DoctorConfig, render_json, run_doctor
 
     config = DoctorConfig(
         database_url=settings.require_database_url(),
-        redis_url=settings.redis_url.get_secret_value(),
+        queue=ArqDiagnostics(settings.redis_url.get_secret_value(), settings.queue_name),
         queue_name=settings.queue_name,
         requeue_after=settings.requeue_after,
         primary_url=settings.primary_url.get_secret_value() if settings.primary_url is not None else None,

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
+from outbox_relay.arq_adapter import ArqDiagnostics
 from outbox_relay.doctor import DoctorConfig, Report, run_doctor
 from outbox_relay.handlers import registry
 from outbox_relay.replication import subscribe
@@ -50,10 +51,10 @@ async def deployment(doctor_pg: PgServer, doctor_redis: RedisServer) -> AsyncIte
     await drop_outbox_env(env)
 
 
-def _config(env: OutboxEnv, **overrides: Any) -> DoctorConfig:
+def _config(env: OutboxEnv, redis_url: str | None = None, **overrides: Any) -> DoctorConfig:
     values: dict[str, Any] = {
         "database_url": env.service_url,
-        "redis_url": env.redis_url,
+        "queue": ArqDiagnostics(redis_url or env.redis_url, env.queue_name),
         "queue_name": env.queue_name,
         "requeue_after": 60.0,
         "primary_url": env.primary_url,
