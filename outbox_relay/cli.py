@@ -183,7 +183,7 @@ async def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     from outbox_relay.services import relay_process
 
     stop = stop_on_signals()
-    async with serving(settings) as (health, metrics):
+    async with serving(settings, "relay") as (health, metrics):
         await relay_process(settings, stop, health=health, metrics=metrics).run()
     return 0
 
@@ -202,7 +202,7 @@ async def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
 
     handlers = _plugins(settings)
     stop = stop_on_signals()
-    async with serving(settings) as (health, metrics):
+    async with serving(settings, "worker") as (health, metrics):
         await worker_process(settings, handlers, stop, burst=args.burst, health=health, metrics=metrics)
     return 0
 

@@ -20,7 +20,7 @@ from aiohttp import web
 
 from outbox_relay.exceptions import UnavailableError
 from outbox_relay.observability.health import Health
-from outbox_relay.observability.metrics import CONTENT_TYPE_LATEST, Metrics
+from outbox_relay.observability.metrics import CONTENT_TYPE_LATEST, Metrics, Role
 from outbox_relay.settings import Settings, env_name
 
 logger = logging.getLogger(__name__)
@@ -99,13 +99,13 @@ class ObservabilityServer:
 
 
 @contextlib.asynccontextmanager
-async def serving(settings: Settings) -> AsyncIterator[tuple[Health | None, Metrics | None]]:
-    """``(health, metrics)`` served on ``HTTP_HOST:HTTP_PORT`` while inside; ``(None, None)`` and no
-    server when ``HTTP_PORT`` is not set."""
+async def serving(settings: Settings, role: Role) -> AsyncIterator[tuple[Health | None, Metrics | None]]:
+    """``(health, metrics)`` served on ``HTTP_HOST:HTTP_PORT`` while inside, the metrics those of
+    ``role``; ``(None, None)`` and no server when ``HTTP_PORT`` is not set."""
     if settings.http_port is None:
         yield None, None
         return
-    health, metrics = Health(), Metrics()
+    health, metrics = Health(), Metrics(role)
     server = ObservabilityServer(health, metrics, host=settings.http_host, port=settings.http_port)
     try:
         await server.start()
