@@ -379,12 +379,12 @@ async def cmd_prune(args: argparse.Namespace, settings: Settings) -> int:
         await require_shape(conn, "primary" if args.primary else "service", "prune")
         if args.primary:
             await check_schema(conn, "primary")
-            pruned = await prune_primary(
+            stats = await prune_primary(
                 conn, older_than=older_than, batch_size=settings.prune_batch_size, wait_timeout=wait
             )
         else:
             await check_schema(conn, "service")
-            pruned = await prune_service(
+            stats = await prune_service(
                 conn,
                 older_than=older_than,
                 batch_size=settings.prune_batch_size,
@@ -392,6 +392,7 @@ async def cmd_prune(args: argparse.Namespace, settings: Settings) -> int:
             )
     finally:
         await conn.close()
+    pruned = stats.deleted
     print(f"pruned {pruned} row{'s' if pruned != 1 else ''} from the {label}")
     return 0
 
