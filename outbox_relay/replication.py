@@ -7,7 +7,7 @@ import hashlib
 import logging
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from outbox_relay.admin import require_shape
 from outbox_relay.db import Connection, connect_retrying, quote_ident, quote_literal
@@ -56,8 +56,13 @@ async def subscription_name(settings: Settings, service: Connection, primary: _I
     outbox publication (so one made under an older default keeps working); a
     slot recorded by an interrupted ``subscribe``; else the derived name.
     """
-    if settings.subscription_name:
-        return settings.subscription_name
+    return await _name(settings.subscription_name, service, primary)
+
+
+async def _name(configured: str | None, service: Connection, primary: _Identity) -> str:
+    """:func:`subscription_name`, given ``SUBSCRIPTION_NAME`` (None: not set)."""
+    if configured:
+        return configured
     existing = [r["subname"] for r in await service.fetch(query("outbox_subscriptions"))]
     if len(existing) > 1:
         raise ReplicationError(
@@ -85,6 +90,31 @@ class SubscribeResult:
     adopted: bool = False
 
 
+@dataclass(frozen=True)
+class _SubscribeInputs:
+    """What `subscribe` reads of the settings (URLs and conninfo are secrets)."""
+
+    primary_url: str
+    database_url: str
+    #: How the service database's server reaches the primary (SUBSCRIPTION_CONNINFO, else PRIMARY_URL).
+    conninfo: str
+    subscription_name: str | None
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> _SubscribeInputs:
+        primary_url = settings.require_primary_url()
+        conninfo = settings.subscription_conninfo
+        return cls(
+            primary_url=primary_url,
+            database_url=settings.require_database_url(),
+            conninfo=primary_url if conninfo is None else conninfo.get_secret_value(),
+            subscription_name=settings.subscription_name,
+        )
+
+    def __repr__(self) -> str:
+        return f"_SubscribeInputs(subscription_name={self.subscription_name!r})"
+
+
 async def subscribe(
     settings: Settings, *, wait: bool = True, sync_timeout: float = 300.0, adopt_slot: bool = False
 ) -> SubscribeResult:
@@ -100,65 +130,70 @@ async def subscribe(
     skipped by its ``outbox_skip_known`` trigger, so a re-subscription
     duplicates nothing and never stalls.
     """
-    conninfo = (
-        settings.subscription_conninfo.get_secret_value()
-        if settings.subscription_conninfo is not None
-        else settings.require_primary_url()
-    )
-    primary = await connect_retrying(settings.require_primary_url(), what="the primary")
+    inputs = _SubscribeInputs.from_settings(settings)
+    primary = await connect_retrying(inputs.primary_url, what="the primary")
     try:
-        service = await connect_retrying(settings.require_database_url(), what="the service database")
+        service = await connect_retrying(inputs.database_url, what="the service database")
         try:
             await service.execute(query("subscription_lock"))  # released when `service` closes
-            try:
-                await require_shape(primary, "primary", "subscribe")
-                await require_shape(service, "service", "subscribe")
-            except MigrationError as exc:
-                raise ReplicationError(str(exc)) from None
-            if not await primary.fetchval(query("publication_exists")):
-                raise ReplicationError(
-                    "the primary has no publication outbox_relay: run `migrate --primary` first"
-                )
-            try:
-                await check_schema(service, "service")
-            except MigrationError as exc:
-                raise ReplicationError(str(exc)) from None
+            await _check_databases(primary, service)
             primary_id = await _identity(primary)
-            name = await subscription_name(settings, service, primary_id)
+            name = await _name(inputs.subscription_name, service, primary_id)
             info = await service.fetchrow(query("subscription_info"), name)
-            slot_created = adopted = False
-            slot = name
             if info is not None:
-                slot = info["subslotname"] or name
-                if not info["subenabled"]:
-                    await service.execute(_ddl("enable_subscription", name))
-                    logger.info("subscription re-enabled", extra={"subscription": name})
-                created = False
+                result = await _reenable(service, name, info["subslotname"] or name, info["subenabled"])
             else:
-                exists, adopted = await _claim_slot(service, primary, primary_id, name, adopt=adopt_slot)
-                if not exists:
-                    # Waits for every open write transaction in the primary's cluster.
-                    await primary.fetchval(query("create_slot"), name)
-                    slot_created = True
-                await service.execute(
-                    render(
-                        query("create_subscription"),
-                        subscription=quote_ident(name),
-                        conninfo=quote_literal(conninfo),
-                        slot=quote_literal(name),
-                    )
-                )
-                created = True
-                logger.info(
-                    "subscription created", extra={"subscription": name, "slot": name, "adopted": adopted}
-                )
+                result = await _create(service, primary, primary_id, name, inputs.conninfo, adopt_slot)
             synced = await _wait_for_sync(service, name, sync_timeout) if wait else False
         finally:
             await service.close()
     finally:
         await primary.close()
+    return replace(result, synced=synced)
+
+
+async def _check_databases(primary: Connection, service: Connection) -> None:
+    """Both databases are what they should be: shapes, the primary's publication, the service schema."""
+    try:
+        await require_shape(primary, "primary", "subscribe")
+        await require_shape(service, "service", "subscribe")
+    except MigrationError as exc:
+        raise ReplicationError(str(exc)) from None
+    if not await primary.fetchval(query("publication_exists")):
+        raise ReplicationError("the primary has no publication outbox_relay: run `migrate --primary` first")
+    try:
+        await check_schema(service, "service")
+    except MigrationError as exc:
+        raise ReplicationError(str(exc)) from None
+
+
+async def _reenable(service: Connection, name: str, slot: str, enabled: bool) -> SubscribeResult:
+    """The subscription exists: enable it if it is not."""
+    if not enabled:
+        await service.execute(_ddl("enable_subscription", name))
+        logger.info("subscription re-enabled", extra={"subscription": name})
+    return SubscribeResult(name=name, created=False, slot_created=False, synced=False, slot=slot)
+
+
+async def _create(
+    service: Connection, primary: Connection, primary_id: _Identity, name: str, conninfo: str, adopt: bool
+) -> SubscribeResult:
+    """Claim (or make) slot ``name`` on the primary, then the subscription using it."""
+    exists, adopted = await _claim_slot(service, primary, primary_id, name, adopt=adopt)
+    if not exists:
+        # Waits for every open write transaction in the primary's cluster.
+        await primary.fetchval(query("create_slot"), name)
+    await service.execute(
+        render(
+            query("create_subscription"),
+            subscription=quote_ident(name),
+            conninfo=quote_literal(conninfo),
+            slot=quote_literal(name),
+        )
+    )
+    logger.info("subscription created", extra={"subscription": name, "slot": name, "adopted": adopted})
     return SubscribeResult(
-        name=name, created=created, slot_created=slot_created, synced=synced, slot=slot, adopted=adopted
+        name=name, created=True, slot_created=not exists, synced=False, slot=name, adopted=adopted
     )
 
 
