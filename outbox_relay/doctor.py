@@ -6,8 +6,8 @@ the fix: the SQL or the command. It reads, never writes. The queries are in
 (:class:`outbox_relay.queue.Diagnosable`: the backend names its own lines).
 
 A check is one function registered with :func:`check`: its place in the
-report (``order``) and what it needs (a connection to the service database or
-to the primary, or the queue). Checks of one need run together on one
+report (``order``) and what it needs (a connection to the service database,
+and its subscription, or to the primary; or the queue). Checks of one need run together on one
 connection; a check that finds the rest pointless ends its group (``halt``).
 
 How "one live worker" is told: the queue backend says how a worker consuming
@@ -115,8 +115,8 @@ class _Subscription:
 
 # -- the registry of checks ------------------------------------------------------------------------
 
-#: What a check needs: the service database's connection, the primary's, or the queue.
-Needs = Literal["service", "primary", "queue"]
+#: What a check needs: the service database's connection (and its subscription), the primary's, or the queue.
+Needs = Literal["service", "subscription", "primary", "queue"]
 
 
 @dataclass
@@ -137,6 +137,11 @@ class DoctorContext:
     diagnosis: Diagnosis | None = None
 
     @property
+    def sub(self) -> _Subscription:
+        assert self.subscription is not None, "a check needing the subscription ran without one"
+        return self.subscription
+
+    @property
     def db(self) -> Connection:
         assert self.conn is not None, "a check needing a database ran without one"
         return self.conn
@@ -150,6 +155,8 @@ class DoctorContext:
 
 CheckFunction = Callable[[DoctorContext], Awaitable[None]]
 _CHECKS: list[tuple[int, Needs, CheckFunction]] = []
+#: The checks that run only when the service database has a subscription (``needs="subscription"``).
+_NEED_SUBSCRIPTION: set[CheckFunction] = set()
 
 
 def check(order: int, needs: Needs) -> Callable[[CheckFunction], CheckFunction]:
@@ -157,6 +164,8 @@ def check(order: int, needs: Needs) -> Callable[[CheckFunction], CheckFunction]:
 
     def register(function: CheckFunction) -> CheckFunction:
         _CHECKS.append((order, needs, function))
+        if needs == "subscription":
+            _NEED_SUBSCRIPTION.add(function)
         _CHECKS.sort(key=lambda entry: entry[0])
         return function
 
@@ -164,7 +173,9 @@ def check(order: int, needs: Needs) -> Callable[[CheckFunction], CheckFunction]:
 
 
 def _group(needs: Needs) -> list[CheckFunction]:
-    return [function for _, n, function in _CHECKS if n == needs]
+    """The checks of one group, in order (a subscription's run with the service database's)."""
+    wanted = {needs, "subscription"} if needs == "service" else {needs}
+    return [function for _, n, function in _CHECKS if n in wanted]
 
 
 async def run_doctor(config: DoctorConfig) -> Report:
@@ -201,6 +212,8 @@ async def _run_group(ctx: DoctorContext, needs: Needs) -> None:
     for function in _group(needs):
         if ctx.halted:
             return
+        if function in _NEED_SUBSCRIPTION and ctx.subscription is None:
+            continue
         await function(ctx)
 
 
@@ -417,11 +430,9 @@ def _ident(sub: _Subscription) -> str:
     return quote_ident(sub.name)
 
 
-@check(61, needs="service")
+@check(61, needs="subscription")
 async def _apply_worker(ctx: DoctorContext) -> None:
-    sub = ctx.subscription
-    if sub is None:
-        return
+    sub = ctx.sub
     worker = await ctx.db.fetchrow(_SQL("apply_worker"), sub.oid)
     ctx.apply_running = worker is not None and worker["pid"] is not None
     if worker is None or worker["pid"] is None:
@@ -452,11 +463,9 @@ async def _apply_worker(ctx: DoctorContext) -> None:
         ctx.add("apply worker", "ok", f"pid {worker['pid']}, {heard}{lag_text}")
 
 
-@check(62, needs="service")
+@check(62, needs="subscription")
 async def _subscription_tables(ctx: DoctorContext) -> None:
-    sub = ctx.subscription
-    if sub is None:
-        return
+    sub = ctx.sub
     tables = await ctx.db.fetch(_SQL("subscription_tables"), sub.oid)
     ctx.tables_not_ready = [f"{t['relation']} ({t['state']})" for t in tables if t["state"] != "r"]
     if not tables:
@@ -477,11 +486,9 @@ async def _subscription_tables(ctx: DoctorContext) -> None:
         ctx.add("subscription tables", "ok", f"{len(tables)} ready")
 
 
-@check(63, needs="service")
+@check(63, needs="subscription")
 async def _subscription_errors(ctx: DoctorContext) -> None:
-    sub = ctx.subscription
-    if sub is None:
-        return
+    sub = ctx.sub
     errors = await ctx.db.fetchrow(_SQL("subscription_errors"), sub.oid)
     if errors is None:
         return
@@ -510,11 +517,9 @@ _STREAMING_MEANING = {
 }
 
 
-@check(64, needs="service")
+@check(64, needs="subscription")
 async def _subscription_streaming(ctx: DoctorContext) -> None:
-    sub = ctx.subscription
-    if sub is None:
-        return
+    sub = ctx.sub
     mode = _STREAMING_MODES.get(str(sub.streaming), str(sub.streaming))
     ctx.add("subscription streaming", "ok", f"streaming = {mode}" + _STREAMING_MEANING.get(mode, ""))
 
