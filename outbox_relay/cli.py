@@ -136,9 +136,10 @@ def configure_subscribe(parser: argparse.ArgumentParser) -> None:
 
 
 async def cmd_subscribe(args: argparse.Namespace, settings: Settings) -> int:
+    from outbox_relay.composition import replication_config
     from outbox_relay.replication import subscribe
 
-    result = await subscribe(settings, wait=not args.no_wait, adopt_slot=args.adopt_slot)
+    result = await subscribe(replication_config(settings), wait=not args.no_wait, adopt_slot=args.adopt_slot)
     verb = "created" if result.created else "already exists"
     adopted = ", adopted" if result.adopted else ""
     synced = "; initial copy done" if result.synced else ""
@@ -151,9 +152,10 @@ def configure_nothing(parser: argparse.ArgumentParser) -> None:
 
 
 async def cmd_unsubscribe(args: argparse.Namespace, settings: Settings) -> int:
+    from outbox_relay.composition import replication_config
     from outbox_relay.replication import unsubscribe
 
-    result = await unsubscribe(settings)
+    result = await unsubscribe(replication_config(settings))
     sub = "dropped" if result.subscription_dropped else "was not there"
     slot = "dropped" if result.slot_dropped else "was not there"
     print(f"subscription {result.name} {sub}; slot {result.name} on the primary {slot}")
@@ -170,11 +172,11 @@ def configure_run(parser: argparse.ArgumentParser) -> None:
 
 
 async def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
-    from outbox_relay.composition import relay_process
+    from outbox_relay.composition import http_config, relay_process
     from outbox_relay.observability.http import serving
 
     stop = stop_on_signals()
-    async with serving(settings) as (health, metrics):
+    async with serving(http_config(settings), "relay") as (health, metrics):
         await relay_process(settings, stop, health=health, metrics=metrics).run()
     return 0
 
@@ -188,12 +190,12 @@ def configure_worker(parser: argparse.ArgumentParser) -> None:
 
 
 async def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
-    from outbox_relay.composition import worker_process
+    from outbox_relay.composition import http_config, worker_process
     from outbox_relay.observability.http import serving
 
     handlers = _plugins(settings)
     stop = stop_on_signals()
-    async with serving(settings) as (health, metrics):
+    async with serving(http_config(settings), "worker") as (health, metrics):
         await worker_process(settings, handlers, stop, burst=args.burst, health=health, metrics=metrics)
     return 0
 
@@ -362,12 +364,12 @@ async def cmd_prune(args: argparse.Namespace, settings: Settings) -> int:
         await require_shape(conn, "primary" if args.primary else "service", "prune")
         if args.primary:
             await check_schema(conn, "primary")
-            pruned = await prune_primary(
+            stats = await prune_primary(
                 conn, older_than=older_than, batch_size=settings.prune_batch_size, wait_timeout=wait
             )
         else:
             await check_schema(conn, "service")
-            pruned = await prune_service(
+            stats = await prune_service(
                 conn,
                 older_than=older_than,
                 batch_size=settings.prune_batch_size,
@@ -375,6 +377,7 @@ async def cmd_prune(args: argparse.Namespace, settings: Settings) -> int:
             )
     finally:
         await conn.close()
+    pruned = stats.deleted
     print(f"pruned {pruned} row{'s' if pruned != 1 else ''} from the {label}")
     return 0
 

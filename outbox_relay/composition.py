@@ -23,12 +23,14 @@ from outbox_relay.handlers import HandlerRegistry, load_plugins
 from outbox_relay.handlers import registry as default_registry
 from outbox_relay.observability import Health, Metrics
 from outbox_relay.observability.hooks import RelayHooks, WorkerHooks
+from outbox_relay.observability.http import HttpConfig
 from outbox_relay.observability.refresh import GaugeRefresher
 from outbox_relay.prune import RetentionConfig, prune_periodically
 from outbox_relay.queue import ConsumerStats, Queue
 from outbox_relay.queue.backends import QueueBackend, QueueOptions, from_url
 from outbox_relay.relay import ActiveTask, Relay, RelayConfig
 from outbox_relay.relay.report import report_progress
+from outbox_relay.replication import ReplicationConfig
 from outbox_relay.settings import Settings, env_name
 from outbox_relay.sinks import Routing, enable_routes
 from outbox_relay.worker import WorkerConfig, run_worker
@@ -93,11 +95,31 @@ def routing(settings: Settings) -> Routing:
     return Routing(settings.routes, settings.require_database_url(), settings.worker_concurrency)
 
 
+def replication_config(settings: Settings) -> ReplicationConfig:
+    """What `subscribe` and `unsubscribe` need: both URLs, how the service database's server reaches
+    the primary, the subscription's name when set."""
+    primary_url = settings.require_primary_url()
+    conninfo = settings.subscription_conninfo
+    return ReplicationConfig(
+        primary_url=primary_url,
+        database_url=settings.require_database_url(),
+        conninfo=primary_url if conninfo is None else conninfo.get_secret_value(),
+        subscription_name=settings.subscription_name,
+    )
+
+
+def http_config(settings: Settings) -> HttpConfig | None:
+    """Where `run` and `worker` serve /healthz, /readyz and /metrics (None: HTTP_PORT not set)."""
+    if settings.http_port is None:
+        return None
+    return HttpConfig(settings.http_host, settings.http_port, env_name("http_port"))
+
+
 def doctor_config(settings: Settings, registry: HandlerRegistry) -> DoctorConfig:
     """What `doctor` needs."""
     return DoctorConfig(
         database_url=settings.require_database_url(),
-        redis_url=settings.redis_url.get_secret_value(),
+        queue=queue_backend(settings).diagnostics(),
         queue_name=settings.queue_name,
         requeue_after=settings.requeue_after,
         primary_url=settings.primary_url.get_secret_value() if settings.primary_url is not None else None,

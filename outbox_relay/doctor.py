@@ -2,35 +2,41 @@
 
 Each check says ``ok``, ``warn`` or ``fail``, what it found and, when not ok,
 the fix: the SQL or the command. It reads, never writes. The queries are in
-``doctor.sql``; Redis is read through the queue adapter
-(:func:`outbox_relay.arq_adapter.redis_facts`).
+``doctor.sql``; the queue's server is read through the queue port
+(:class:`outbox_relay.queue.Diagnosable`: the backend names its own lines).
 
-How "one live worker" is told: arq workers refresh a health-check key per
-queue (``<queue>:health-check``, TTL 61 s, refreshed every 60 s by each
-worker's loop), the signal that a worker is *consuming this queue*. The
-workers' database sessions (``application_name = 'outbox_relay.worker'``) are
-reported alongside but decide nothing on their own: a worker's pool closes
-idle connections after a minute, and the sessions do not name the queue.
+A check is one function registered with :func:`check`: its place in the
+report (``order``) and what it needs (a connection to the service database,
+and its subscription, or to the primary; or the queue). Checks of one need run together on one
+connection; a check that finds the rest pointless ends its group (``halt``).
+
+How "one live worker" is told: the queue backend says how a worker consuming
+*this queue* showed itself (the arq adapter: a health-check key its workers
+refresh). The workers' database sessions (``application_name =
+'outbox_relay.worker'``) are reported alongside but decide nothing on their
+own: a worker's pool closes idle connections after a minute, and the sessions
+do not name the queue.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from outbox_relay.db import Connection, DirectConnection, connect, quote_ident
+from outbox_relay.diagnosis import Check, Level
 from outbox_relay.handlers import Plugin
 from outbox_relay.logs import describe
 from outbox_relay.migrate import migration_sets
+from outbox_relay.queue import Diagnosable, Diagnosis
 from outbox_relay.sql import QueryFile, query
-from outbox_relay.terminal import escape_controls
+
+__all__ = ["Check", "DoctorConfig", "DoctorContext", "Level", "Report", "check", "render_json", "run_doctor"]
 
 _SQL = QueryFile(Path(__file__).resolve().parent / "doctor.sql")
-
-Level = Literal["ok", "warn", "fail"]
 
 #: Thresholds (documented in the README's "Operating it").
 SLOT_LAG_WARN_BYTES = 1 << 30  # 1 GiB of WAL the slot has not confirmed
@@ -47,7 +53,7 @@ class DoctorConfig:
     """What doctor needs of the settings (built once by the CLI). URLs are secrets."""
 
     database_url: str
-    redis_url: str
+    queue: Diagnosable
     queue_name: str
     requeue_after: float
     primary_url: str | None = None
@@ -56,26 +62,6 @@ class DoctorConfig:
 
     def __repr__(self) -> str:
         return f"DoctorConfig(queue_name={self.queue_name!r}, requeue_after={self.requeue_after})"
-
-
-@dataclass(frozen=True)
-class Check:
-    """One finding."""
-
-    name: str
-    status: Level
-    detail: str
-    fix: str | None = None
-
-    def as_json(self) -> dict[str, Any]:
-        return {"name": self.name, "status": self.status, "detail": self.detail, "fix": self.fix}
-
-    def as_text(self) -> str:
-        """``ok    name: detail``, and for anything not ok ``  fix: …`` on the same line, escaped."""
-        line = f"{self.status:<5} {escape_controls(self.name)}: {escape_controls(self.detail)}"
-        if self.status != "ok" and self.fix:
-            line += f"  fix: {escape_controls(self.fix)}"
-        return line
 
 
 @dataclass
@@ -127,23 +113,108 @@ class _Subscription:
     streaming: str | None
 
 
+# -- the registry of checks ------------------------------------------------------------------------
+
+#: What a check needs: the service database's connection (and its subscription), the primary's, or the queue.
+Needs = Literal["service", "subscription", "primary", "queue"]
+
+
+@dataclass
+class DoctorContext:
+    """What a check reads (the config, the connection of its group) and what checks tell later ones."""
+
+    config: DoctorConfig
+    report: Report = field(default_factory=Report)
+    #: The connection of the running group (service database or primary); None for the queue's.
+    conn: Connection | None = None
+    #: Set by a check to end its group (the remaining checks of the group are pointless).
+    halted: bool = False
+    subscription: _Subscription | None = None
+    apply_running: bool = False
+    tables_not_ready: list[str] = field(default_factory=list)
+    #: Worker sessions in the service database (None: not counted).
+    worker_sessions: int | None = None
+    diagnosis: Diagnosis | None = None
+
+    @property
+    def sub(self) -> _Subscription:
+        assert self.subscription is not None, "a check needing the subscription ran without one"
+        return self.subscription
+
+    @property
+    def db(self) -> Connection:
+        assert self.conn is not None, "a check needing a database ran without one"
+        return self.conn
+
+    def add(self, name: str, status: Level, detail: str, fix: str | None = None) -> None:
+        self.report.add(name, status, detail, fix)
+
+    def halt(self) -> None:
+        self.halted = True
+
+
+CheckFunction = Callable[[DoctorContext], Awaitable[None]]
+_CHECKS: list[tuple[int, Needs, CheckFunction]] = []
+#: The checks that run only when the service database has a subscription (``needs="subscription"``).
+_NEED_SUBSCRIPTION: set[CheckFunction] = set()
+
+
+def check(order: int, needs: Needs) -> Callable[[CheckFunction], CheckFunction]:
+    """Register a check: ``order`` places its lines in the report, ``needs`` says what it reads."""
+
+    def register(function: CheckFunction) -> CheckFunction:
+        _CHECKS.append((order, needs, function))
+        if needs == "subscription":
+            _NEED_SUBSCRIPTION.add(function)
+        _CHECKS.sort(key=lambda entry: entry[0])
+        return function
+
+    return register
+
+
+def _group(needs: Needs) -> list[CheckFunction]:
+    """The checks of one group, in order (a subscription's run with the service database's)."""
+    wanted = {needs, "subscription"} if needs == "service" else {needs}
+    return [function for _, n, function in _CHECKS if n in wanted]
+
+
 async def run_doctor(config: DoctorConfig) -> Report:
     """Make every check; never raises for what it finds (a failure to connect is a check too)."""
-    report = Report()
-    service = await _connect(report, "service database", config.database_url)
-    subscription: _Subscription | None = None
-    worker_sessions: int | None = None
-    if service is not None:
-        try:
-            if await _service_checks(report, service, config):
-                subscription = await _subscription_checks(report, service, config)
-                worker_sessions = await _relay_check(report, service)
-        finally:
-            await service.close()
-    if config.primary_url is not None:
-        await _primary_checks(report, config.primary_url, subscription)
-    await _queue_checks(report, config, worker_sessions)
-    return report
+    ctx = DoctorContext(config)
+    await _on_database(ctx, "service")
+    await _on_database(ctx, "primary")
+    await _run_group(ctx, "queue")
+    return ctx.report
+
+
+async def _on_database(ctx: DoctorContext, needs: Literal["service", "primary"]) -> None:
+    """The group ``needs`` on one connection; the primary's stops at its first error (a line)."""
+    url = ctx.config.database_url if needs == "service" else ctx.config.primary_url
+    if url is None:
+        return
+    conn = await _connect(ctx.report, "service database" if needs == "service" else "primary", url)
+    if conn is None:
+        return
+    ctx.conn = conn
+    try:
+        await _run_group(ctx, needs)
+    except Exception as exc:
+        if needs == "service":
+            raise
+        ctx.add("primary", "fail", f"could not read the primary: {describe(exc)}", None)
+    finally:
+        ctx.conn = None
+        await conn.close()
+
+
+async def _run_group(ctx: DoctorContext, needs: Needs) -> None:
+    ctx.halted = False
+    for function in _group(needs):
+        if ctx.halted:
+            return
+        if function in _NEED_SUBSCRIPTION and ctx.subscription is None:
+            continue
+        await function(ctx)
 
 
 async def _connect(report: Report, label: str, url: str) -> DirectConnection | None:
@@ -160,101 +231,104 @@ async def _connect(report: Report, label: str, url: str) -> DirectConnection | N
 # -- the service database -----------------------------------------------------------------
 
 
-async def _service_checks(report: Report, conn: Connection, config: DoctorConfig) -> bool:
-    """Schema, trigger, rows, statistics. False when the database is not a service database."""
+@check(10, needs="service")
+async def _service_database(ctx: DoctorContext) -> None:
+    """The database holds the service schema; else nothing more is read from it."""
     from outbox_relay.admin import database_shape
 
-    server = await conn.fetchrow(_SQL("server"))
+    server = await ctx.db.fetchrow(_SQL("server"))
     assert server is not None
-    shape = await database_shape(conn)
-    if shape != "service":
-        found = "the primary's producer schema" if shape == "primary" else "no outbox_relay schema"
-        fix = (
-            "point OUTBOX_RELAY_DATABASE_URL at the service database"
-            if shape == "primary"
-            else "outbox-relay migrate"
-        )
-        report.add("service database", "fail", f"{server['database']} holds {found}", fix)
-        return False
-    report.add("service database", "ok", f"{server['database']}, PostgreSQL {server['version']}")
-    await _schema_checks(report, conn, config.plugins)
-    await _trigger_check(report, conn, config)
-    await _rows_checks(report, conn, config)
-    await _maintenance_checks(report, conn)
-    return True
-
-
-async def _schema_checks(report: Report, conn: Connection, plugins: Sequence[Plugin]) -> None:
-    if not await conn.fetchval(query("migrations_table_exists")):
-        report.add("schema", "fail", "no outbox_relay.schema_migrations", "outbox-relay migrate")
+    shape = await database_shape(ctx.db)
+    if shape == "service":
+        ctx.add("service database", "ok", f"{server['database']}, PostgreSQL {server['version']}")
         return
-    for mset in migration_sets("service", plugins):
-        current = int(await conn.fetchval(query("schema_version"), mset.target))
+    found = "the primary's producer schema" if shape == "primary" else "no outbox_relay schema"
+    fix = (
+        "point OUTBOX_RELAY_DATABASE_URL at the service database"
+        if shape == "primary"
+        else "outbox-relay migrate"
+    )
+    ctx.add("service database", "fail", f"{server['database']} holds {found}", fix)
+    ctx.halt()
+
+
+@check(20, needs="service")
+async def _schema(ctx: DoctorContext) -> None:
+    if not await ctx.db.fetchval(query("migrations_table_exists")):
+        ctx.add("schema", "fail", "no outbox_relay.schema_migrations", "outbox-relay migrate")
+        return
+    for mset in migration_sets("service", ctx.config.plugins):
+        current = int(await ctx.db.fetchval(query("schema_version"), mset.target))
         name = f"schema {mset.target}"
         if current < mset.latest:
-            report.add(
-                name, "fail", f"version {current}, this code needs {mset.latest}", "outbox-relay migrate"
-            )
+            ctx.add(name, "fail", f"version {current}, this code needs {mset.latest}", "outbox-relay migrate")
         elif current > mset.latest:
-            report.add(
+            ctx.add(
                 name,
                 "fail",
                 f"version {current}, newer than this code's {mset.latest}",
                 "run the outbox_relay release that migrated it (or newer)",
             )
         else:
-            report.add(name, "ok", f"version {current}")
+            ctx.add(name, "ok", f"version {current}")
 
 
-async def _trigger_check(report: Report, conn: Connection, config: DoctorConfig) -> None:
-    enabled = await conn.fetchval(_SQL("notify_trigger"))
+@check(30, needs="service")
+async def _notify_trigger(ctx: DoctorContext) -> None:
+    enabled = await ctx.db.fetchval(_SQL("notify_trigger"))
     always = "ALTER TABLE outbox_relay.outbox ENABLE ALWAYS TRIGGER outbox_notify;"
     if enabled is None:
-        report.add("notify trigger", "fail", "outbox_notify is missing", "outbox-relay migrate")
+        ctx.add("notify trigger", "fail", "outbox_notify is missing", "outbox-relay migrate")
     elif enabled == "A":
-        report.add("notify trigger", "ok", "outbox_notify ENABLE ALWAYS")
+        ctx.add("notify trigger", "ok", "outbox_notify ENABLE ALWAYS")
     else:
         meaning = {
             "D": "disabled: no row wakes the relay, every row waits for the sweep",
             "O": "enabled for local rows only: replicated rows never wake the relay",
             "R": "enabled for replicated rows only: rows written here never wake the relay",
         }.get(str(enabled), f"in state {enabled!r}")
-        report.add("notify trigger", "fail", f"outbox_notify {meaning}", always)
+        ctx.add("notify trigger", "fail", f"outbox_notify {meaning}", always)
 
 
-async def _rows_checks(report: Report, conn: Connection, config: DoctorConfig) -> None:
-    age = await conn.fetchval(query("oldest_pending_age"))
-    limit = config.requeue_after
+@check(40, needs="service")
+async def _oldest_pending(ctx: DoctorContext) -> None:
+    age = await ctx.db.fetchval(query("oldest_pending_age"))
+    limit = ctx.config.requeue_after
     fix = (
         "see `outbox-relay status`; check the relay and worker lines here; start more workers "
         "(`outbox-relay worker`)"
     )
     if age is None:
-        report.add("oldest pending", "ok", "no pending row")
+        ctx.add("oldest pending", "ok", "no pending row")
+        return
+    age = max(0.0, float(age))
+    found = f"{_seconds(age)} old (REQUEUE_AFTER {_seconds(limit)})"
+    if age > PENDING_FAIL_FACTOR * limit:
+        ctx.add("oldest pending", "fail", found, fix)
+    elif age > limit:
+        ctx.add("oldest pending", "warn", found, fix)
     else:
-        age = max(0.0, float(age))
-        found = f"{_seconds(age)} old (REQUEUE_AFTER {_seconds(limit)})"
-        if age > PENDING_FAIL_FACTOR * limit:
-            report.add("oldest pending", "fail", found, fix)
-        elif age > limit:
-            report.add("oldest pending", "warn", found, fix)
-        else:
-            report.add("oldest pending", "ok", found)
-    failed = int(await conn.fetchval(_SQL("failed_count")))
-    if failed:
-        report.add(
-            "failed rows",
-            "warn",
-            f"{failed} row{'s' if failed != 1 else ''} failed",
-            "see their errors with `outbox-relay status`; after the cause is fixed: "
-            "`outbox-relay requeue --all-failed`",
-        )
-    else:
-        report.add("failed rows", "ok", "none")
+        ctx.add("oldest pending", "ok", found)
 
 
-async def _maintenance_checks(report: Report, conn: Connection) -> None:
-    usage = float(await conn.fetchval(_SQL("notification_queue")))
+@check(41, needs="service")
+async def _failed_rows(ctx: DoctorContext) -> None:
+    failed = int(await ctx.db.fetchval(_SQL("failed_count")))
+    if not failed:
+        ctx.add("failed rows", "ok", "none")
+        return
+    ctx.add(
+        "failed rows",
+        "warn",
+        f"{failed} row{'s' if failed != 1 else ''} failed",
+        "see their errors with `outbox-relay status`; after the cause is fixed: "
+        "`outbox-relay requeue --all-failed`",
+    )
+
+
+@check(50, needs="service")
+async def _notification_queue(ctx: DoctorContext) -> None:
+    usage = float(await ctx.db.fetchval(_SQL("notification_queue")))
     found = f"{usage * 100:.2f} % of the queue used"
     fix = (
         "a listening session inside a long transaction blocks its cleanup: find it with "
@@ -262,29 +336,36 @@ async def _maintenance_checks(report: Report, conn: Connection) -> None:
         "then SELECT pg_terminate_backend(pid);"
     )
     level: Level = "fail" if usage >= NOTIFY_QUEUE_FAIL else "warn" if usage >= NOTIFY_QUEUE_WARN else "ok"
-    report.add("notification queue", level, found, fix)
+    ctx.add("notification queue", level, found, fix)
 
-    tuples = await conn.fetchrow(_SQL("outbox_tuples"))
-    if tuples is not None:
-        live, dead = int(tuples["live"]), int(tuples["dead"])
-        ago = tuples["vacuumed_ago"]
-        found = f"{dead} dead / {live} live tuples, vacuumed " + (
-            "never" if ago is None else f"{_seconds(float(ago))} ago"
+
+@check(51, needs="service")
+async def _dead_tuples(ctx: DoctorContext) -> None:
+    tuples = await ctx.db.fetchrow(_SQL("outbox_tuples"))
+    if tuples is None:
+        return
+    live, dead = int(tuples["live"]), int(tuples["dead"])
+    ago = tuples["vacuumed_ago"]
+    found = f"{dead} dead / {live} live tuples, vacuumed " + (
+        "never" if ago is None else f"{_seconds(float(ago))} ago"
+    )
+    if dead >= DEAD_TUPLES_MIN and dead > DEAD_TUPLES_RATIO * live:
+        ctx.add(
+            "outbox dead tuples",
+            "warn",
+            found,
+            "VACUUM (VERBOSE) outbox_relay.outbox; if it removes little, an old transaction "
+            "holds it back (see the xmin line)",
         )
-        if dead >= DEAD_TUPLES_MIN and dead > DEAD_TUPLES_RATIO * live:
-            report.add(
-                "outbox dead tuples",
-                "warn",
-                found,
-                "VACUUM (VERBOSE) outbox_relay.outbox; if it removes little, an old transaction "
-                "holds it back (see the xmin line)",
-            )
-        else:
-            report.add("outbox dead tuples", "ok", found)
+    else:
+        ctx.add("outbox dead tuples", "ok", found)
 
-    oldest = await conn.fetchrow(_SQL("oldest_xmin"))
+
+@check(52, needs="service")
+async def _xmin_horizon(ctx: DoctorContext) -> None:
+    oldest = await ctx.db.fetchrow(_SQL("oldest_xmin"))
     if oldest is None or oldest["xact_seconds"] is None:
-        report.add("xmin horizon", "ok", "no transaction holds back vacuum")
+        ctx.add("xmin horizon", "ok", "no transaction holds back vacuum")
         return
     seconds = float(oldest["xact_seconds"])
     found = (
@@ -296,300 +377,193 @@ async def _maintenance_checks(report: Report, conn: Connection) -> None:
         f"SELECT pg_terminate_backend({oldest['pid']}); and set idle_in_transaction_session_timeout "
         "for the role that left it open"
     )
-    level = "fail" if seconds >= OLD_XACT_FAIL else "warn" if seconds >= OLD_XACT_WARN else "ok"
-    report.add("xmin horizon", level, found, fix)
+    level: Level = "fail" if seconds >= OLD_XACT_FAIL else "warn" if seconds >= OLD_XACT_WARN else "ok"
+    ctx.add("xmin horizon", level, found, fix)
 
 
-# -- replication ---------------------------------------------------------------------------------
+# -- replication, on the service database ------------------------------------------------------
 
 
-async def _subscription_checks(
-    report: Report, conn: Connection, config: DoctorConfig
-) -> _Subscription | None:
-    rows = await conn.fetch(_SQL("subscriptions"), config.subscription_name)
+@check(60, needs="service")
+async def _subscription(ctx: DoctorContext) -> None:
+    """The one subscription to the outbox publication (later checks read it from ``ctx``)."""
+    config = ctx.config
+    rows = await ctx.db.fetch(_SQL("subscriptions"), config.subscription_name)
     if not rows:
         if config.subscription_name is not None:
-            report.add(
-                "subscription",
-                "fail",
-                f"no subscription {config.subscription_name} in this database",
-                "outbox-relay subscribe",
-            )
+            found = f"no subscription {config.subscription_name} in this database"
+            ctx.add("subscription", "fail", found, "outbox-relay subscribe")
         elif config.primary_url is not None:
-            report.add(
-                "subscription",
-                "fail",
-                "PRIMARY_URL is set but this database subscribes to no outbox publication",
-                "outbox-relay subscribe",
-            )
+            found = "PRIMARY_URL is set but this database subscribes to no outbox publication"
+            ctx.add("subscription", "fail", found, "outbox-relay subscribe")
         else:
-            report.add("subscription", "ok", "none: the direct shape (rows are written here)")
-        return None
+            ctx.add("subscription", "ok", "none: the direct shape (rows are written here)")
+        return
     if len(rows) > 1:
         names = ", ".join(r["name"] for r in rows)
-        report.add(
+        ctx.add(
             "subscription",
             "fail",
             f"several subscriptions to the outbox publication: {names}",
             "set OUTBOX_RELAY_SUBSCRIPTION_NAME to the one in use; drop the others",
         )
-        return None
+        return
     row = rows[0]
     sub = _Subscription(int(row["oid"]), row["name"], row["enabled"], row["slot"], row["streaming"])
-    ident = quote_ident(sub.name)
+    ctx.subscription = sub
     if not sub.enabled:
-        report.add("subscription", "fail", f"{sub.name} is disabled", f"ALTER SUBSCRIPTION {ident} ENABLE;")
+        ctx.add(
+            "subscription", "fail", f"{sub.name} is disabled", f"ALTER SUBSCRIPTION {_ident(sub)} ENABLE;"
+        )
     elif sub.slot is None:
-        report.add(
+        ctx.add(
             "subscription",
             "fail",
             f"{sub.name} has no slot (slot_name = NONE)",
             "outbox-relay unsubscribe && outbox-relay subscribe",
         )
     else:
-        report.add("subscription", "ok", f"{sub.name} enabled, slot {sub.slot}")
+        ctx.add("subscription", "ok", f"{sub.name} enabled, slot {sub.slot}")
 
-    worker = await conn.fetchrow(_SQL("apply_worker"), sub.oid)
+
+def _ident(sub: _Subscription) -> str:
+    return quote_ident(sub.name)
+
+
+@check(61, needs="subscription")
+async def _apply_worker(ctx: DoctorContext) -> None:
+    sub = ctx.sub
+    worker = await ctx.db.fetchrow(_SQL("apply_worker"), sub.oid)
+    ctx.apply_running = worker is not None and worker["pid"] is not None
     if worker is None or worker["pid"] is None:
-        level: Level = "fail"
         fix = (
-            f"ALTER SUBSCRIPTION {ident} ENABLE;"
+            f"ALTER SUBSCRIPTION {_ident(sub)} ENABLE;"
             if not sub.enabled
             else "see the service database server's log for the apply worker's error "
             "(max_logical_replication_workers reached, primary unreachable, slot missing)"
         )
-        report.add("apply worker", level, "not running", fix)
-    else:
-        receipt = worker["receipt_age"]
-        heard = (
-            "never heard from the primary"
-            if receipt is None
-            else (f"last heard from the primary {_seconds(float(receipt))} ago")
+        ctx.add("apply worker", "fail", "not running", fix)
+        return
+    receipt = worker["receipt_age"]
+    heard = (
+        "never heard from the primary"
+        if receipt is None
+        else (f"last heard from the primary {_seconds(float(receipt))} ago")
+    )
+    lag = worker["lag_seconds"]
+    lag_text = "" if lag is None else f", lag {_seconds(max(0.0, float(lag)))}"
+    if receipt is not None and float(receipt) > RECEIPT_AGE_WARN:
+        ctx.add(
+            "apply worker",
+            "warn",
+            f"pid {worker['pid']}, {heard}{lag_text}",
+            "check the primary is reachable from the service database's server",
         )
-        lag = worker["lag_seconds"]
-        lag_text = "" if lag is None else f", lag {_seconds(max(0.0, float(lag)))}"
-        if receipt is not None and float(receipt) > RECEIPT_AGE_WARN:
-            report.add(
-                "apply worker",
-                "warn",
-                f"pid {worker['pid']}, {heard}{lag_text}",
-                "check the primary is reachable from the service database's server",
-            )
-        else:
-            report.add("apply worker", "ok", f"pid {worker['pid']}, {heard}{lag_text}")
-    running = worker is not None and worker["pid"] is not None
+    else:
+        ctx.add("apply worker", "ok", f"pid {worker['pid']}, {heard}{lag_text}")
 
-    tables = await conn.fetch(_SQL("subscription_tables"), sub.oid)
-    not_ready = [f"{t['relation']} ({t['state']})" for t in tables if t["state"] != "r"]
+
+@check(62, needs="subscription")
+async def _subscription_tables(ctx: DoctorContext) -> None:
+    sub = ctx.sub
+    tables = await ctx.db.fetch(_SQL("subscription_tables"), sub.oid)
+    ctx.tables_not_ready = [f"{t['relation']} ({t['state']})" for t in tables if t["state"] != "r"]
     if not tables:
-        report.add(
+        ctx.add(
             "subscription tables",
             "fail",
             "the subscription replicates no table",
-            f"check the primary's publication, then ALTER SUBSCRIPTION {ident} REFRESH PUBLICATION;",
+            f"check the primary's publication, then ALTER SUBSCRIPTION {_ident(sub)} REFRESH PUBLICATION;",
         )
-    elif not_ready:
-        report.add(
+    elif ctx.tables_not_ready:
+        ctx.add(
             "subscription tables",
-            "warn" if running else "fail",
-            "not ready: " + ", ".join(not_ready) + " (i/d: initial copy, f/s: catching up)",
+            "warn" if ctx.apply_running else "fail",
+            "not ready: " + ", ".join(ctx.tables_not_ready) + " (i/d: initial copy, f/s: catching up)",
             "wait for the initial copy; if it does not move, see the server log for sync errors",
         )
     else:
-        report.add("subscription tables", "ok", f"{len(tables)} ready")
-
-    errors = await conn.fetchrow(_SQL("subscription_errors"), sub.oid)
-    if errors is not None:
-        apply_errors, sync_errors = int(errors["apply_errors"]), int(errors["sync_errors"])
-        found = f"{apply_errors} apply errors, {sync_errors} sync errors"
-        if apply_errors or sync_errors:
-            recovered = running and not not_ready
-            report.add(
-                "subscription errors",
-                "warn" if recovered else "fail",
-                found + (" (counted earlier; replication runs now)" if recovered else ""),
-                "read the error in the service database server's log; a change that can never apply: "
-                f"ALTER SUBSCRIPTION {ident} SKIP (lsn = '<finish LSN from the log>'); then reset the "
-                f"counters: SELECT pg_stat_reset_subscription_stats({sub.oid});",
-            )
-        else:
-            report.add("subscription errors", "ok", found)
-
-    mode = {"f": "off", "t": "on", "p": "parallel", "false": "off", "true": "on"}.get(
-        str(sub.streaming), str(sub.streaming)
-    )
-    report.add(
-        "subscription streaming",
-        "ok",
-        f"streaming = {mode}"
-        + {
-            "off": " (large transactions reach the service database when they commit)",
-            "on": " (large transactions are streamed as they run, applied at commit)",
-            "parallel": " (large transactions are applied by parallel apply workers; the notify "
-            "trigger fires there too)",
-        }.get(mode, ""),
-    )
-    return sub
+        ctx.add("subscription tables", "ok", f"{len(tables)} ready")
 
 
-async def _primary_checks(report: Report, url: str, sub: _Subscription | None) -> None:
-    conn = await _connect(report, "primary", url)
-    if conn is None:
+@check(63, needs="subscription")
+async def _subscription_errors(ctx: DoctorContext) -> None:
+    sub = ctx.sub
+    errors = await ctx.db.fetchrow(_SQL("subscription_errors"), sub.oid)
+    if errors is None:
         return
-    try:
-        settings = await conn.fetchrow(_SQL("wal_level"))
-        assert settings is not None
-        restart = "ALTER SYSTEM SET wal_level = logical; then restart the primary"
-        level: Level = "ok" if settings["wal_level"] == "logical" else "fail"
-        report.add("primary wal_level", level, f"wal_level = {settings['wal_level']}", restart)
-
-        keep = str(settings["max_slot_wal_keep_size"])
-        unbounded = keep in ("-1", "-1MB")
-        report.add(
-            "primary max_slot_wal_keep_size",
-            "warn" if unbounded else "ok",
-            "unset (-1): a slot left behind keeps WAL until the disk fills" if unbounded else keep,
-            "ALTER SYSTEM SET max_slot_wal_keep_size = '50GB'; SELECT pg_reload_conf(); "
-            "(size it above the WAL of your longest subscriber outage)",
-        )
-        idle = settings["idle_replication_slot_timeout"]
-        if int(settings["version_num"]) >= 180000 and idle is not None:
-            off = str(idle) == "0"
-            report.add(
-                "primary idle_replication_slot_timeout",
-                "warn" if off and unbounded else "ok",
-                ("0 (off)" if off else f"{idle} s")
-                + (
-                    ": with max_slot_wal_keep_size unset nothing bounds an abandoned slot"
-                    if off and unbounded
-                    else ""
-                ),
-                "ALTER SYSTEM SET idle_replication_slot_timeout = '2d'; SELECT pg_reload_conf();",
-            )
-
-        pub = await conn.fetchrow(_SQL("publication"))
-        if pub is None:
-            report.add(
-                "primary publication", "fail", "no publication outbox_relay", "outbox-relay migrate --primary"
-            )
-        else:
-            extra = [
-                op
-                for op, on in (("update", pub["upd"]), ("delete", pub["del"]), ("truncate", pub["trunc"]))
-                if on
-            ]
-            if not pub["has_outbox"]:
-                report.add(
-                    "primary publication",
-                    "fail",
-                    "outbox_relay does not hold outbox_relay.outbox",
-                    "ALTER PUBLICATION outbox_relay ADD TABLE outbox_relay.outbox;",
-                )
-            elif not pub["ins"] or extra:
-                found = "publish = " + ", ".join(["insert"] * bool(pub["ins"]) + extra)
-                report.add(
-                    "primary publication",
-                    "fail",
-                    found + " (want 'insert' only: an update or delete there must never reach the service)",
-                    "ALTER PUBLICATION outbox_relay SET (publish = 'insert');",
-                )
-            else:
-                report.add("primary publication", "ok", "outbox_relay, publish = 'insert', holds the outbox")
-
-        if sub is None:
-            return
-        if sub.slot is None:
-            return  # reported with the subscription
-        slot = await conn.fetchrow(_SQL("slot"), sub.slot)
-        recreate = "outbox-relay unsubscribe && outbox-relay subscribe (copies only what is missing)"
-        if slot is None:
-            report.add("primary slot", "fail", f"slot {sub.slot} does not exist on the primary", recreate)
-            return
-        lag = slot["lag_bytes"]
-        found = (
-            f"{sub.slot} {'active' if slot['active'] else 'inactive'}, wal_status {slot['wal_status']}, "
-            f"lag {'unknown' if lag is None else _bytes(int(lag))}"
-        )
-        if slot["wal_status"] == "lost":
-            report.add("primary slot", "fail", found + " (the WAL it needed is gone)", recreate)
-        elif not slot["active"]:
-            report.add(
-                "primary slot",
-                "fail" if sub.enabled else "warn",
-                found + ": no subscriber streams from it, WAL piles up",
-                f"ALTER SUBSCRIPTION {quote_ident(sub.name)} ENABLE; (on the service database)"
-                if not sub.enabled
-                else "see the apply worker line and the service database server's log",
-            )
-        elif slot["wal_status"] == "unreserved" or (lag is not None and int(lag) > SLOT_LAG_WARN_BYTES):
-            report.add(
-                "primary slot",
-                "warn",
-                found,
-                "the subscriber falls behind: check the apply worker and the service database's load",
-            )
-        else:
-            report.add("primary slot", "ok", found)
-    except Exception as exc:
-        report.add("primary", "fail", f"could not read the primary: {describe(exc)}", None)
-    finally:
-        await conn.close()
+    apply_errors, sync_errors = int(errors["apply_errors"]), int(errors["sync_errors"])
+    found = f"{apply_errors} apply errors, {sync_errors} sync errors"
+    if not (apply_errors or sync_errors):
+        ctx.add("subscription errors", "ok", found)
+        return
+    recovered = ctx.apply_running and not ctx.tables_not_ready
+    ctx.add(
+        "subscription errors",
+        "warn" if recovered else "fail",
+        found + (" (counted earlier; replication runs now)" if recovered else ""),
+        "read the error in the service database server's log; a change that can never apply: "
+        f"ALTER SUBSCRIPTION {_ident(sub)} SKIP (lsn = '<finish LSN from the log>'); then reset the "
+        f"counters: SELECT pg_stat_reset_subscription_stats({sub.oid});",
+    )
 
 
-# -- relay, workers, Redis -------------------------------------------------------------------------
+_STREAMING_MODES = {"f": "off", "t": "on", "p": "parallel", "false": "off", "true": "on"}
+_STREAMING_MEANING = {
+    "off": " (large transactions reach the service database when they commit)",
+    "on": " (large transactions are streamed as they run, applied at commit)",
+    "parallel": " (large transactions are applied by parallel apply workers; the notify "
+    "trigger fires there too)",
+}
 
 
-async def _queue_checks(report: Report, config: DoctorConfig, worker_sessions: int | None) -> None:
-    from outbox_relay.arq_adapter import redis_facts
-
-    facts = await redis_facts(config.redis_url, config.queue_name)
-    if not facts["reachable"]:
-        report.add(
-            "redis",
-            "fail",
-            f"cannot reach Redis: {facts['error']}",
-            "check OUTBOX_RELAY_REDIS_URL and that Redis is up",
-        )
-    else:
-        report.add(
-            "redis",
-            "ok",
-            f"Redis {facts['version']}, {facts['queue_depth']} jobs waiting in {config.queue_name}",
-        )
-        policy = facts["maxmemory_policy"]
-        report.add(
-            "redis maxmemory-policy",
-            "ok" if policy == "noeviction" else "fail",
-            str(policy) if policy == "noeviction" else f"{policy}: Redis may evict queued jobs silently",
-            "redis-cli CONFIG SET maxmemory-policy noeviction (and set it in redis.conf)",
-        )
-    await _worker_check(report, config, facts, worker_sessions)
+@check(64, needs="subscription")
+async def _subscription_streaming(ctx: DoctorContext) -> None:
+    sub = ctx.sub
+    mode = _STREAMING_MODES.get(str(sub.streaming), str(sub.streaming))
+    ctx.add("subscription streaming", "ok", f"streaming = {mode}" + _STREAMING_MEANING.get(mode, ""))
 
 
-async def _relay_check(report: Report, conn: Connection) -> int:
-    """The relay line; returns how many worker sessions the service database has (for the workers line)."""
-    holders = await conn.fetch(_SQL("relay_lock_holders"))
+# -- the relay (service database) ------------------------------------------------------------------
+
+
+@check(70, needs="service")
+async def _relay(ctx: DoctorContext) -> None:
+    """The relay line; counts the worker sessions of the service database (for the workers line)."""
+    holders = await ctx.db.fetch(_SQL("relay_lock_holders"))
     lease = None
-    if await conn.fetchval(_SQL("relay_lease_exists")):
-        lease = await conn.fetchrow(_SQL("relay_lease"))
-    sessions = int(await conn.fetchval(_SQL("worker_sessions")))
+    if await ctx.db.fetchval(_SQL("relay_lease_exists")):
+        lease = await ctx.db.fetchrow(_SQL("relay_lease"))
+    ctx.worker_sessions = int(await ctx.db.fetchval(_SQL("worker_sessions")))
+    expires = None if lease is None or lease["expires_in"] is None else float(lease["expires_in"])
     lease_text = ""
-    if lease is not None and lease["expires_in"] is not None:
-        expires = float(lease["expires_in"])
+    if lease is not None and expires is not None:
         lease_text = f"; lease epoch {lease['epoch']} " + (
             f"expires in {_seconds(expires)}" if expires > 0 else f"expired {_seconds(-expires)} ago"
         )
-    start = "start `outbox-relay run` next to the service database (two for a hot standby)"
     if not holders:
-        report.add(
+        ctx.add(
             "relay",
             "fail",
             "no relay holds the leadership lock: rows are not handed to the queue" + lease_text,
-            start,
+            "start `outbox-relay run` next to the service database (two for a hot standby)",
         )
-        return sessions
+        return
     holder = holders[0]
-    found = (
+    found = _relay_holder(holder) + lease_text
+    if expires is not None and expires < 0:
+        ctx.add(
+            "relay",
+            "warn",
+            found + ": the lock holder does not renew its lease (frozen?)",
+            f"check the relay process; if it is hung: SELECT pg_terminate_backend({holder['pid']});",
+        )
+    else:
+        ctx.add("relay", "ok", found)
+
+
+def _relay_holder(holder: Any) -> str:
+    return (
         f"active relay: pid {holder['pid']} ({holder['application_name'] or '?'}"
         + (f", from {holder['client_addr']}" if holder["client_addr"] else "")
         + (
@@ -598,46 +572,147 @@ async def _relay_check(report: Report, conn: Connection) -> int:
             else ""
         )
         + ")"
-        + lease_text
     )
-    if lease is not None and lease["expires_in"] is not None and float(lease["expires_in"]) < 0:
-        report.add(
-            "relay",
-            "warn",
-            found + ": the lock holder does not renew its lease (frozen?)",
-            f"check the relay process; if it is hung: SELECT pg_terminate_backend({holder['pid']});",
+
+
+# -- the primary ---------------------------------------------------------------------------------
+
+
+@check(110, needs="primary")
+async def _primary_settings(ctx: DoctorContext) -> None:
+    """wal_level, and what bounds the WAL a slot left behind keeps."""
+    settings = await ctx.db.fetchrow(_SQL("wal_level"))
+    assert settings is not None
+    restart = "ALTER SYSTEM SET wal_level = logical; then restart the primary"
+    level: Level = "ok" if settings["wal_level"] == "logical" else "fail"
+    ctx.add("primary wal_level", level, f"wal_level = {settings['wal_level']}", restart)
+
+    keep = str(settings["max_slot_wal_keep_size"])
+    unbounded = keep in ("-1", "-1MB")
+    ctx.add(
+        "primary max_slot_wal_keep_size",
+        "warn" if unbounded else "ok",
+        "unset (-1): a slot left behind keeps WAL until the disk fills" if unbounded else keep,
+        "ALTER SYSTEM SET max_slot_wal_keep_size = '50GB'; SELECT pg_reload_conf(); "
+        "(size it above the WAL of your longest subscriber outage)",
+    )
+    idle = settings["idle_replication_slot_timeout"]
+    if int(settings["version_num"]) < 180000 or idle is None:
+        return
+    off = str(idle) == "0"
+    ctx.add(
+        "primary idle_replication_slot_timeout",
+        "warn" if off and unbounded else "ok",
+        ("0 (off)" if off else f"{idle} s")
+        + (
+            ": with max_slot_wal_keep_size unset nothing bounds an abandoned slot"
+            if off and unbounded
+            else ""
+        ),
+        "ALTER SYSTEM SET idle_replication_slot_timeout = '2d'; SELECT pg_reload_conf();",
+    )
+
+
+@check(120, needs="primary")
+async def _primary_publication(ctx: DoctorContext) -> None:
+    pub = await ctx.db.fetchrow(_SQL("publication"))
+    if pub is None:
+        ctx.add(
+            "primary publication", "fail", "no publication outbox_relay", "outbox-relay migrate --primary"
+        )
+        return
+    extra = [
+        op for op, on in (("update", pub["upd"]), ("delete", pub["del"]), ("truncate", pub["trunc"])) if on
+    ]
+    if not pub["has_outbox"]:
+        ctx.add(
+            "primary publication",
+            "fail",
+            "outbox_relay does not hold outbox_relay.outbox",
+            "ALTER PUBLICATION outbox_relay ADD TABLE outbox_relay.outbox;",
+        )
+    elif not pub["ins"] or extra:
+        found = "publish = " + ", ".join(["insert"] * bool(pub["ins"]) + extra)
+        ctx.add(
+            "primary publication",
+            "fail",
+            found + " (want 'insert' only: an update or delete there must never reach the service)",
+            "ALTER PUBLICATION outbox_relay SET (publish = 'insert');",
         )
     else:
-        report.add("relay", "ok", found)
-    return sessions
+        ctx.add("primary publication", "ok", "outbox_relay, publish = 'insert', holds the outbox")
 
 
-async def _worker_check(
-    report: Report, config: DoctorConfig, facts: dict[str, Any], sessions: int | None
-) -> None:
-    in_db = "" if sessions is None else f"; {sessions} worker sessions in the service database"
-    start = f"start `outbox-relay worker` with OUTBOX_RELAY_QUEUE_NAME={config.queue_name}"
-    if not facts["reachable"]:
-        report.add("workers", "fail", "unknown: Redis is unreachable" + in_db, start)
-    elif facts["worker_health"] is not None:
-        ttl = facts["worker_health_ttl"]
-        report.add(
-            "workers",
-            "ok",
-            f"a worker refreshed {facts['worker_health_key']}"
-            + ("" if ttl is None else f" (valid {ttl:.0f} s more)")
-            + f": {facts['worker_health']}{in_db}",
+@check(130, needs="primary")
+async def _primary_slot(ctx: DoctorContext) -> None:
+    """The subscription's slot on the primary (a subscription without one is reported with it)."""
+    sub = ctx.subscription
+    if sub is None or sub.slot is None:
+        return
+    slot = await ctx.db.fetchrow(_SQL("slot"), sub.slot)
+    recreate = "outbox-relay unsubscribe && outbox-relay subscribe (copies only what is missing)"
+    if slot is None:
+        ctx.add("primary slot", "fail", f"slot {sub.slot} does not exist on the primary", recreate)
+        return
+    lag = slot["lag_bytes"]
+    found = (
+        f"{sub.slot} {'active' if slot['active'] else 'inactive'}, wal_status {slot['wal_status']}, "
+        f"lag {'unknown' if lag is None else _bytes(int(lag))}"
+    )
+    if slot["wal_status"] == "lost":
+        ctx.add("primary slot", "fail", found + " (the WAL it needed is gone)", recreate)
+    elif not slot["active"]:
+        ctx.add(
+            "primary slot",
+            "fail" if sub.enabled else "warn",
+            found + ": no subscriber streams from it, WAL piles up",
+            f"ALTER SUBSCRIPTION {_ident(sub)} ENABLE; (on the service database)"
+            if not sub.enabled
+            else "see the apply worker line and the service database server's log",
         )
+    elif slot["wal_status"] == "unreserved" or (lag is not None and int(lag) > SLOT_LAG_WARN_BYTES):
+        ctx.add(
+            "primary slot",
+            "warn",
+            found,
+            "the subscriber falls behind: check the apply worker and the service database's load",
+        )
+    else:
+        ctx.add("primary slot", "ok", found)
+
+
+# -- the queue and its workers -------------------------------------------------------------------
+
+
+@check(210, needs="queue")
+async def _queue_server(ctx: DoctorContext) -> None:
+    """The queue backend's own lines: its server reachable, its settings, the jobs waiting."""
+    ctx.diagnosis = await ctx.config.queue.diagnose()
+    for line in ctx.diagnosis.checks:
+        ctx.add(line.name, line.status, line.detail, line.fix)
+
+
+@check(220, needs="queue")
+async def _workers(ctx: DoctorContext) -> None:
+    """A worker consuming this queue showed itself; its database sessions are said alongside."""
+    diagnosis, sessions, queue_name = ctx.diagnosis, ctx.worker_sessions, ctx.config.queue_name
+    assert diagnosis is not None
+    in_db = "" if sessions is None else f"; {sessions} worker sessions in the service database"
+    start = f"start `outbox-relay worker` with OUTBOX_RELAY_QUEUE_NAME={queue_name}"
+    if not diagnosis.reachable:
+        ctx.add("workers", "fail", f"unknown: {diagnosis.server} is unreachable" + in_db, start)
+    elif diagnosis.workers_seen is not None:
+        ctx.add("workers", "ok", diagnosis.workers_seen + in_db)
     elif sessions:
-        report.add(
+        ctx.add(
             "workers",
             "warn",
-            f"no worker refreshed {facts['worker_health_key']} in the last minute{in_db} "
+            f"no worker refreshed {diagnosis.workers_signal} in the last minute{in_db} "
             "(a worker stopping cleanly deletes the key; the others rewrite it within 60 s)",
             start,
         )
     else:
-        report.add("workers", "fail", f"no live worker for queue {config.queue_name}{in_db}", start)
+        ctx.add("workers", "fail", f"no live worker for queue {queue_name}{in_db}", start)
 
 
 def render_json(report: Report) -> str:

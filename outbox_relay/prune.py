@@ -97,50 +97,58 @@ async def prune_service(
     batch_size: int,
     include_failed: bool = False,
     fence: Fence | None = None,
-) -> int:
-    """Delete ``finished`` rows (and ``failed`` ones if ``include_failed``) finished more
-    than ``older_than`` seconds ago; return how many. Each batch is its own transaction,
-    and ``fence`` (when given) runs before each one."""
-    return (
-        await prune_service_stats(
-            conn_or_pool,
-            older_than=older_than,
-            batch_size=batch_size,
-            include_failed=include_failed,
-            fence=fence,
-        )
-    ).deleted
-
-
-async def prune_service_stats(
-    conn_or_pool: Executor,
-    *,
-    older_than: float,
-    batch_size: int,
-    include_failed: bool = False,
-    fence: Fence | None = None,
 ) -> PruneStats:
-    """:func:`prune_service`, telling also how many id ranges it visited."""
+    """Delete ``finished`` rows (and ``failed`` ones if ``include_failed``) finished more
+    than ``older_than`` seconds ago. Each batch is its own transaction, and ``fence``
+    (when given) runs before each one."""
     statuses = ["finished", "failed"] if include_failed else ["finished"]
     stats = PruneStats()
     started = time.monotonic()
     cutoff: datetime = await conn_or_pool.fetchval(query("cutoff"), older_than)
-    last_id: int | None = await conn_or_pool.fetchval(query("prune_last_id"))
-    lo: int | None = await conn_or_pool.fetchval(query("prune_first_id"), MIN_ID)
-    while last_id is not None and lo is not None and lo <= last_id:
-        hi = _range_end(lo, batch_size)
+
+    async def delete(lo: int, hi: int) -> datetime | None:
         if fence is not None:
             await fence()
         step = await conn_or_pool.fetchrow(query("prune_service_range"), lo, hi, cutoff, statuses)
         assert step is not None
-        stats.ranges += 1
         stats.deleted += int(step["pruned"])
         oldest: datetime | None = step["oldest"]
-        if (oldest is not None and oldest > cutoff) or hi >= last_id:
-            break
-        lo = await conn_or_pool.fetchval(query("prune_first_id"), hi + 1)
+        return oldest
+
+    await _walk(conn_or_pool, MIN_ID, cutoff, batch_size, stats, delete)
     _log("service database", stats, started)
     return stats
+
+
+#: One range of a walk: does its work on ids ``lo``..``hi``, returns the range's oldest ``created_at``.
+Visit = Callable[[int, int], Awaitable[datetime | None]]
+
+
+async def _walk(
+    executor: Executor,
+    first: int,
+    cutoff: datetime,
+    batch_size: int,
+    stats: PruneStats,
+    visit: Visit,
+    enough: Callable[[], bool] = lambda: False,
+) -> int | None:
+    """The one pruning loop: walk the primary key from ``first`` in ranges of ``batch_size``
+    ids (an empty stretch crossed with one probe), ``visit`` each, until a range created
+    wholly after ``cutoff`` or the largest id; return None then, or where to go on once
+    ``enough`` says so after a range."""
+    last_id: int | None = await executor.fetchval(query("prune_last_id"))
+    lo: int | None = await executor.fetchval(query("prune_first_id"), first)
+    while last_id is not None and lo is not None and lo <= last_id:
+        hi = _range_end(lo, batch_size)
+        oldest = await visit(lo, hi)
+        stats.ranges += 1
+        if (oldest is not None and oldest > cutoff) or hi >= last_id:
+            return None
+        if enough():
+            return hi + 1
+        lo = await executor.fetchval(query("prune_first_id"), hi + 1)
+    return None
 
 
 async def prune_periodically(
@@ -154,9 +162,10 @@ async def prune_periodically(
     """With RETENTION set, the active relay prunes finished rows every PRUNE_INTERVAL, until
     ``stop``; ``fence`` (its leadership check) runs before every DELETE."""
     while not await stopped_within(stop, config.interval):
-        deleted = await prune_service(
+        stats = await prune_service(
             pool, older_than=config.retention, batch_size=config.batch_size, fence=fence
         )
+        deleted = stats.deleted
         on_pruned(deleted)
         if deleted:
             logger.info("pruned finished rows", extra={"rows": deleted})
@@ -173,36 +182,14 @@ async def prune_primary(
     wait_timeout: float = DEFAULT_WAIT_TIMEOUT,
     poll_interval: float = 0.1,
     round_rows: int = PRIMARY_ROUND_ROWS,
-) -> int:
+) -> PruneStats:
     """Delete primary outbox rows created more than ``older_than`` seconds ago that every
-    logical slot of the database has confirmed; return how many.
+    logical slot of the database has confirmed; the stats tell the rounds (slot waits) too.
 
     Raises :class:`NoSubscriberError` when the database has no logical slot, and
     :class:`SubscriberLagError` when a slot does not confirm the candidates within
     ``wait_timeout`` seconds (rows of earlier rounds stay deleted; the error says how many).
     """
-    return (
-        await prune_primary_stats(
-            conn,
-            older_than=older_than,
-            batch_size=batch_size,
-            wait_timeout=wait_timeout,
-            poll_interval=poll_interval,
-            round_rows=round_rows,
-        )
-    ).deleted
-
-
-async def prune_primary_stats(
-    conn: Connection,
-    *,
-    older_than: float,
-    batch_size: int,
-    wait_timeout: float = DEFAULT_WAIT_TIMEOUT,
-    poll_interval: float = 0.1,
-    round_rows: int = PRIMARY_ROUND_ROWS,
-) -> PruneStats:
-    """:func:`prune_primary`, telling also the ranges visited and the rounds (slot waits)."""
     stats = PruneStats()
     started = time.monotonic()
     _no_subscriber_unless(await conn.fetch(query("prune_logical_slots"), "0/0"))
@@ -227,23 +214,16 @@ async def _candidates(
     """One snapshot: up to about ``round_rows`` candidate ids from ``lo`` on, the WAL
     insert LSN read after that snapshot exists, and where the next round starts (None: done)."""
     ids: list[int] = []
+
+    async def collect(first: int, hi: int) -> datetime | None:
+        step = await conn.fetchrow(query("prune_primary_range"), first, hi, cutoff)
+        assert step is not None
+        ids.extend(step["ids"])
+        oldest: datetime | None = step["oldest"]
+        return oldest
+
     async with conn.transaction(isolation="repeatable_read", readonly=True):
-        last_id: int | None = await conn.fetchval(query("prune_last_id"))
-        first: int | None = await conn.fetchval(query("prune_first_id"), lo)
-        following: int | None = None
-        while last_id is not None and first is not None and first <= last_id:
-            hi = _range_end(first, batch_size)
-            step = await conn.fetchrow(query("prune_primary_range"), first, hi, cutoff)
-            assert step is not None
-            stats.ranges += 1
-            ids.extend(step["ids"])
-            oldest: datetime | None = step["oldest"]
-            if (oldest is not None and oldest > cutoff) or hi >= last_id:
-                break
-            if len(ids) >= round_rows:
-                following = hi + 1
-                break
-            first = await conn.fetchval(query("prune_first_id"), hi + 1)
+        following = await _walk(conn, lo, cutoff, batch_size, stats, collect, lambda: len(ids) >= round_rows)
         lsn: str = await conn.fetchval(query("prune_wal_insert_lsn"))
     return ids, lsn, following
 

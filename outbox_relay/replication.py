@@ -7,13 +7,12 @@ import hashlib
 import logging
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 from outbox_relay.admin import require_shape
 from outbox_relay.db import Connection, connect_retrying, quote_ident, quote_literal
 from outbox_relay.exceptions import MigrationError, ReplicationError
 from outbox_relay.migrate import check_schema
-from outbox_relay.settings import Settings
 from outbox_relay.sql import query, render
 
 logger = logging.getLogger(__name__)
@@ -49,15 +48,16 @@ async def _identity(conn: Connection) -> _Identity:
     return _Identity(row["system_identifier"], int(row["database_oid"]), row["database"])
 
 
-async def subscription_name(settings: Settings, service: Connection, primary: _Identity) -> str:
+async def subscription_name(configured: str | None, service: Connection, primary: _Identity) -> str:
     """The name ``subscribe`` and ``unsubscribe`` use on this service database.
 
-    In order: ``SUBSCRIPTION_NAME``; the database's existing subscription to the
-    outbox publication (so one made under an older default keeps working); a
-    slot recorded by an interrupted ``subscribe``; else the derived name.
+    In order: ``SUBSCRIPTION_NAME`` (``configured``; None: not set); the
+    database's existing subscription to the outbox publication (so one made
+    under an older default keeps working); a slot recorded by an interrupted
+    ``subscribe``; else the derived name.
     """
-    if settings.subscription_name:
-        return settings.subscription_name
+    if configured:
+        return configured
     existing = [r["subname"] for r in await service.fetch(query("outbox_subscriptions"))]
     if len(existing) > 1:
         raise ReplicationError(
@@ -85,8 +85,20 @@ class SubscribeResult:
     adopted: bool = False
 
 
+@dataclass(frozen=True)
+class ReplicationConfig:
+    """What `subscribe` and `unsubscribe` need (URLs and conninfo are secrets: not in ``repr``)."""
+
+    primary_url: str = field(repr=False)
+    database_url: str = field(repr=False)
+    #: How the service database's server reaches the primary (SUBSCRIPTION_CONNINFO, else PRIMARY_URL).
+    conninfo: str = field(repr=False)
+    #: SUBSCRIPTION_NAME (None: derived, see :func:`subscription_name`).
+    subscription_name: str | None = None
+
+
 async def subscribe(
-    settings: Settings, *, wait: bool = True, sync_timeout: float = 300.0, adopt_slot: bool = False
+    config: ReplicationConfig, *, wait: bool = True, sync_timeout: float = 300.0, adopt_slot: bool = False
 ) -> SubscribeResult:
     """Create (or re-enable) the subscription of the service database to the primary.
 
@@ -100,65 +112,69 @@ async def subscribe(
     skipped by its ``outbox_skip_known`` trigger, so a re-subscription
     duplicates nothing and never stalls.
     """
-    conninfo = (
-        settings.subscription_conninfo.get_secret_value()
-        if settings.subscription_conninfo is not None
-        else settings.require_primary_url()
-    )
-    primary = await connect_retrying(settings.require_primary_url(), what="the primary")
+    primary = await connect_retrying(config.primary_url, what="the primary")
     try:
-        service = await connect_retrying(settings.require_database_url(), what="the service database")
+        service = await connect_retrying(config.database_url, what="the service database")
         try:
             await service.execute(query("subscription_lock"))  # released when `service` closes
-            try:
-                await require_shape(primary, "primary", "subscribe")
-                await require_shape(service, "service", "subscribe")
-            except MigrationError as exc:
-                raise ReplicationError(str(exc)) from None
-            if not await primary.fetchval(query("publication_exists")):
-                raise ReplicationError(
-                    "the primary has no publication outbox_relay: run `migrate --primary` first"
-                )
-            try:
-                await check_schema(service, "service")
-            except MigrationError as exc:
-                raise ReplicationError(str(exc)) from None
+            await _check_databases(primary, service)
             primary_id = await _identity(primary)
-            name = await subscription_name(settings, service, primary_id)
+            name = await subscription_name(config.subscription_name, service, primary_id)
             info = await service.fetchrow(query("subscription_info"), name)
-            slot_created = adopted = False
-            slot = name
             if info is not None:
-                slot = info["subslotname"] or name
-                if not info["subenabled"]:
-                    await service.execute(_ddl("enable_subscription", name))
-                    logger.info("subscription re-enabled", extra={"subscription": name})
-                created = False
+                result = await _reenable(service, name, info["subslotname"] or name, info["subenabled"])
             else:
-                exists, adopted = await _claim_slot(service, primary, primary_id, name, adopt=adopt_slot)
-                if not exists:
-                    # Waits for every open write transaction in the primary's cluster.
-                    await primary.fetchval(query("create_slot"), name)
-                    slot_created = True
-                await service.execute(
-                    render(
-                        query("create_subscription"),
-                        subscription=quote_ident(name),
-                        conninfo=quote_literal(conninfo),
-                        slot=quote_literal(name),
-                    )
-                )
-                created = True
-                logger.info(
-                    "subscription created", extra={"subscription": name, "slot": name, "adopted": adopted}
-                )
+                result = await _create(service, primary, primary_id, name, config.conninfo, adopt_slot)
             synced = await _wait_for_sync(service, name, sync_timeout) if wait else False
         finally:
             await service.close()
     finally:
         await primary.close()
+    return replace(result, synced=synced)
+
+
+async def _check_databases(primary: Connection, service: Connection) -> None:
+    """Both databases are what they should be: shapes, the primary's publication, the service schema."""
+    try:
+        await require_shape(primary, "primary", "subscribe")
+        await require_shape(service, "service", "subscribe")
+    except MigrationError as exc:
+        raise ReplicationError(str(exc)) from None
+    if not await primary.fetchval(query("publication_exists")):
+        raise ReplicationError("the primary has no publication outbox_relay: run `migrate --primary` first")
+    try:
+        await check_schema(service, "service")
+    except MigrationError as exc:
+        raise ReplicationError(str(exc)) from None
+
+
+async def _reenable(service: Connection, name: str, slot: str, enabled: bool) -> SubscribeResult:
+    """The subscription exists: enable it if it is not."""
+    if not enabled:
+        await service.execute(_ddl("enable_subscription", name))
+        logger.info("subscription re-enabled", extra={"subscription": name})
+    return SubscribeResult(name=name, created=False, slot_created=False, synced=False, slot=slot)
+
+
+async def _create(
+    service: Connection, primary: Connection, primary_id: _Identity, name: str, conninfo: str, adopt: bool
+) -> SubscribeResult:
+    """Claim (or make) slot ``name`` on the primary, then the subscription using it."""
+    exists, adopted = await _claim_slot(service, primary, primary_id, name, adopt=adopt)
+    if not exists:
+        # Waits for every open write transaction in the primary's cluster.
+        await primary.fetchval(query("create_slot"), name)
+    await service.execute(
+        render(
+            query("create_subscription"),
+            subscription=quote_ident(name),
+            conninfo=quote_literal(conninfo),
+            slot=quote_literal(name),
+        )
+    )
+    logger.info("subscription created", extra={"subscription": name, "slot": name, "adopted": adopted})
     return SubscribeResult(
-        name=name, created=created, slot_created=slot_created, synced=synced, slot=slot, adopted=adopted
+        name=name, created=True, slot_created=not exists, synced=False, slot=name, adopted=adopted
     )
 
 
@@ -223,20 +239,20 @@ class UnsubscribeResult:
     slot_dropped: bool
 
 
-async def unsubscribe(settings: Settings, *, slot_timeout: float = 30.0) -> UnsubscribeResult:
+async def unsubscribe(config: ReplicationConfig, *, slot_timeout: float = 30.0) -> UnsubscribeResult:
     """Drop the subscription, then its slot on the primary; either may already be gone.
 
     Only a slot this database's subscription used, or one recorded in
     ``outbox_relay.replication_slots``, is dropped: never a slot of another
     subscription that happens to have the same name.
     """
-    primary = await connect_retrying(settings.require_primary_url(), what="the primary")
+    primary = await connect_retrying(config.primary_url, what="the primary")
     try:
         primary_id = await _identity(primary)
-        service = await connect_retrying(settings.require_database_url(), what="the service database")
+        service = await connect_retrying(config.database_url, what="the service database")
         try:
             await service.execute(query("subscription_lock"))  # released when `service` closes
-            name = await subscription_name(settings, service, primary_id)
+            name = await subscription_name(config.subscription_name, service, primary_id)
             info = await service.fetchrow(query("subscription_info"), name)
             recorded = await _recorded(service, primary_id)
             slot: str | None = name if name in recorded else None

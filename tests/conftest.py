@@ -12,6 +12,7 @@ from typing import Any
 import asyncpg
 import pytest
 
+from outbox_relay.composition import replication_config
 from outbox_relay.db import quote_ident
 from outbox_relay.handlers import load_plugins, registry
 from outbox_relay.migrate import migrate
@@ -127,7 +128,7 @@ async def create_outbox_env(pg: PgServer, redis_url: str, *, migrate_primary: bo
 async def drop_outbox_env(env: OutboxEnv) -> None:
     """Drop the subscription and slot (if any) and both databases."""
     with contextlib.suppress(Exception):
-        await unsubscribe(env.settings(), slot_timeout=10)
+        await unsubscribe(replication_config(env.settings()), slot_timeout=10)
     admin = await asyncpg.connect(env.pg.url("postgres"))
     try:
         for name in (env.service_db, env.primary_db):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from outbox_relay.arq_adapter.consumer import ArqConsumer, ConsumerConfig
+from outbox_relay.arq_adapter.diagnose import ArqDiagnostics
 from outbox_relay.arq_adapter.producer import ArqQueue, QueueConfig
 from outbox_relay.queue.backends import QueueOptions
 
@@ -37,6 +38,10 @@ class ArqBackend:
                 idle_wait=self.options.idle_wait,
             )
         )
+
+    def diagnostics(self) -> ArqDiagnostics:
+        """What `doctor` asks of Redis."""
+        return ArqDiagnostics(self.url, self.options.queue_name)
 
 
 def backend(url: str, options: QueueOptions) -> ArqBackend:

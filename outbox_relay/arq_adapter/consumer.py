@@ -46,7 +46,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
-from arq import Retry
 from arq.connections import ArqRedis
 from arq.typing import WorkerCoroutine
 from arq.worker import Worker, func
@@ -57,6 +56,7 @@ from outbox_relay.arq_adapter.producer import (
     BATCH_FUNCTION_NAME,
     FUNCTION_NAME,
     JOB_TTL_MS,
+    MARKER_PREFIX,
     redis_client,
     translated_errors,
     wake_key,
@@ -251,12 +251,10 @@ async def _settle(
 
 async def _run_job(ctx: dict[str, Any], row_id: int, *_legacy: Any) -> str:
     """The arq function of 0.1.0's one-row jobs (``outbox_relay.process_row``, still in
-    a queue after an upgrade); they also carry the row's kind, no longer needed."""
-    function: JobFunction = ctx[CONTEXT_KEY]
-    [outcome] = await function([Job(row_id, int(ctx.get("job_try", 1)))])
-    if outcome.retry_in is not None:
-        raise Retry(defer=outcome.retry_in)
-    return outcome.result
+    a queue after an upgrade; they also carry the row's kind, no longer needed): a batch
+    of one through the batch door. 0.1.0's job id is the row's id in the queue, so its
+    marker is :data:`MARKER_PREFIX` + that id; a retry becomes a batch job holding it."""
+    return await _run_batch(ctx, [[row_id, MARKER_PREFIX + ctx["job_id"], 1]])
 
 
 def build_arq_worker(

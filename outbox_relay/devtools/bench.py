@@ -1170,7 +1170,7 @@ async def _prune_cost(conn: Connection) -> dict[str, float] | None:
     except ImportError:
         return None
     start = time.monotonic()
-    deleted = await prune_service(conn, older_than=3600, batch_size=5000)
+    deleted = (await prune_service(conn, older_than=3600, batch_size=5000)).deleted
     elapsed = time.monotonic() - start
     return {"rows": float(deleted), "seconds": elapsed, "rows_per_s": deleted / elapsed if elapsed else 0.0}
 

@@ -13,7 +13,7 @@ import time
 from collections.abc import Collection, Iterator, Sequence
 
 from outbox_relay.observability.health import Health
-from outbox_relay.observability.metrics import Metrics
+from outbox_relay.observability.metrics import Metrics, Role
 from outbox_relay.queue import Job, JobFunction, Outcome
 
 logger = logging.getLogger(__name__)
@@ -24,10 +24,53 @@ DEFAULT_DEADLINE = 30.0
 OTHER_KIND = "other"
 
 
-class RelayHooks:
+class _Hooks:
+    """What both roles report: one loop's heartbeat and waits, readiness with its role, the metrics."""
+
+    #: The loop's name on /healthz.
+    LOOP: str
+    #: The metrics role this process serves (a :class:`Metrics` of another role is refused).
+    ROLE: Role
+
+    def __init__(
+        self, health: Health | None, metrics: Metrics | None, *, deadline: float, starting: str, role: str
+    ) -> None:
+        if metrics is not None and metrics.role != self.ROLE:
+            raise ValueError(
+                f"{type(self).__name__} needs the {self.ROLE}'s metrics, not the {metrics.role}'s"
+            )
+        self.health = health
+        self.metrics = metrics
+        if health is not None:
+            health.register(self.LOOP, deadline)
+            health.set_ready(False, reasons=[starting], role=role)
+
+    def beat(self) -> None:
+        """The loop turned over."""
+        if self.health is not None:
+            self.health.beat(self.LOOP)
+
+    @contextlib.contextmanager
+    def waiting(self, on: str) -> Iterator[None]:
+        """The loop retries ``on`` (unreachable): alive, not ready meanwhile."""
+        if self.health is None:
+            yield
+            return
+        with self.health.waiting(self.LOOP, on):
+            yield
+
+    def _turned(self, ready: bool, *, role: str | None, reason: str | None = None) -> None:
+        """The loop turned over and found itself ``ready`` (or not, for ``reason``) as ``role``."""
+        if self.health is not None:
+            self.health.beat(self.LOOP)
+            self.health.set_ready(ready, reasons=[reason] if reason else (), role=role)
+
+
+class RelayHooks(_Hooks):
     """Liveness, readiness and metrics of one relay (loop ``relay``)."""
 
     LOOP = "relay"
+    ROLE = "relay"
 
     def __init__(
         self,
@@ -36,30 +79,17 @@ class RelayHooks:
         *,
         deadline: float = DEFAULT_DEADLINE,
     ) -> None:
-        self.health = health
-        self.metrics = metrics
-        if health is not None:
-            health.register(self.LOOP, deadline)
-            health.set_ready(False, reasons=["connecting to the service database"], role="standby")
-        if metrics is not None:
-            metrics.relay_active.set(0)
+        super().__init__(
+            health, metrics, deadline=deadline, starting="connecting to the service database", role="standby"
+        )
+        self._set_active(0)
 
-    def beat(self) -> None:
-        """The relay's loop turned over (standby poll, dispatch turn, hand-over batch)."""
-        if self.health is not None:
-            self.health.beat(self.LOOP)
-
-    @contextlib.contextmanager
-    def waiting(self, on: str) -> Iterator[None]:
-        """The relay retries ``on`` (unreachable): alive, not ready meanwhile."""
-        if self.health is None:
-            yield
-            return
-        with self.health.waiting(self.LOOP, on):
-            yield
+    def _set_active(self, value: int) -> None:
+        if self.metrics is not None:
+            self.metrics.relay_active.set(value)
 
     def reachable(self, what: str, ok: bool) -> None:
-        """The active relay's periodic check of ``what`` (Redis): not ready while it fails."""
+        """The active relay's periodic check of ``what`` (the queue's server): not ready while it fails."""
         if self.health is None:
             return
         readiness = self.health.readiness()
@@ -70,39 +100,28 @@ class RelayHooks:
 
     def standby(self) -> None:
         """Another relay holds the lock; this one polls to take over."""
-        if self.health is not None:
-            self.health.beat(self.LOOP)
-            self.health.set_ready(True, role="standby")
-        if self.metrics is not None:
-            self.metrics.relay_active.set(0)
+        self._turned(True, role="standby")
+        self._set_active(0)
 
     def active(self) -> None:
         """This relay holds the lock and hands rows over."""
-        if self.health is not None:
-            self.health.beat(self.LOOP)
-            self.health.set_ready(True, role="active")
-        if self.metrics is not None:
-            self.metrics.relay_active.set(1)
+        self._turned(True, role="active")
+        self._set_active(1)
 
     def session_ended(self, error: str) -> None:
-        """The session failed (listener lost, database or Redis away): reconnecting."""
-        if self.health is not None:
-            self.health.beat(self.LOOP)
-            reason = f"relay session ended ({error}); reconnecting"
-            self.health.set_ready(False, reasons=[reason], role="standby")
+        """The session failed (listener lost, database or queue away): reconnecting."""
+        self._turned(False, role="standby", reason=f"relay session ended ({error}); reconnecting")
+        self._set_active(0)
         if self.metrics is not None:
-            self.metrics.relay_active.set(0)
             self.metrics.listener_reconnects.inc()
 
     def inactive(self) -> None:
         """The session is over (stopping, or before a reconnect)."""
-        if self.metrics is not None:
-            self.metrics.relay_active.set(0)
+        self._set_active(0)
 
     def handed_over(self, path: str, rows: int) -> None:
         """``rows`` went to the queue; ``path`` is ``notify`` or ``sweep``."""
-        if self.health is not None:
-            self.health.beat(self.LOOP)
+        self.beat()
         if self.metrics is not None and rows:
             self.metrics.handed_over.labels(path=path).inc(rows)
 
@@ -116,10 +135,11 @@ class RelayHooks:
             self.metrics.queue_depth.set(depth)
 
 
-class WorkerHooks:
+class WorkerHooks(_Hooks):
     """Liveness, readiness and metrics of one worker process (loop ``worker``)."""
 
     LOOP = "worker"
+    ROLE = "worker"
 
     def __init__(
         self,
@@ -129,37 +149,26 @@ class WorkerHooks:
         kinds: Collection[str] = (),
         deadline: float = DEFAULT_DEADLINE,
     ) -> None:
-        self.health = health
-        self.metrics = metrics
+        super().__init__(
+            health,
+            metrics,
+            deadline=deadline,
+            starting="connecting to the service database and Redis",
+            role="worker",
+        )
         self.kinds = frozenset(kinds)
-        if health is not None:
-            health.register(self.LOOP, deadline)
-            health.set_ready(False, reasons=["connecting to the service database and Redis"], role="worker")
 
     def beat(self) -> None:
-        """arq's poll loop turned over (called from its ``heart_beat``): alive, and Redis answered."""
-        if self.health is not None:
-            self.health.beat(self.LOOP)
-            if not self.health.readiness().ready:
-                self.health.set_ready(True, role="worker")
-
-    @contextlib.contextmanager
-    def waiting(self, on: str) -> Iterator[None]:
-        if self.health is None:
-            yield
-            return
-        with self.health.waiting(self.LOOP, on):
-            yield
-
-    def ready(self) -> None:
-        if self.health is not None:
-            self.health.beat(self.LOOP)
+        """The queue's poll loop turned over (arq's ``heart_beat``): alive, and the server answered."""
+        super().beat()
+        if self.health is not None and not self.health.readiness().ready:
             self.health.set_ready(True, role="worker")
 
+    def ready(self) -> None:
+        self._turned(True, role="worker")
+
     def not_ready(self, reason: str) -> None:
-        if self.health is not None:
-            self.health.beat(self.LOOP)
-            self.health.set_ready(False, reasons=[reason], role="worker")
+        self._turned(False, role="worker", reason=reason)
 
     def label(self, kind: str | None) -> str:
         """A bounded ``kind`` label: a registered kind, else ``other``."""

@@ -14,14 +14,14 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from types import TracebackType
 
 from aiohttp import web
 
 from outbox_relay.exceptions import UnavailableError
 from outbox_relay.observability.health import Health
-from outbox_relay.observability.metrics import CONTENT_TYPE_LATEST, Metrics
-from outbox_relay.settings import Settings, env_name
+from outbox_relay.observability.metrics import CONTENT_TYPE_LATEST, Metrics, Role
 
 logger = logging.getLogger(__name__)
 
@@ -98,21 +98,31 @@ class ObservabilityServer:
         await self.stop()
 
 
+@dataclass(frozen=True)
+class HttpConfig:
+    """Where the endpoints are served, and the variable to name when the port cannot be bound."""
+
+    host: str
+    port: int
+    variable: str = "HTTP_PORT"
+
+
 @contextlib.asynccontextmanager
-async def serving(settings: Settings) -> AsyncIterator[tuple[Health | None, Metrics | None]]:
-    """``(health, metrics)`` served on ``HTTP_HOST:HTTP_PORT`` while inside; ``(None, None)`` and no
-    server when ``HTTP_PORT`` is not set."""
-    if settings.http_port is None:
+async def serving(
+    config: HttpConfig | None, role: Role
+) -> AsyncIterator[tuple[Health | None, Metrics | None]]:
+    """``(health, metrics)`` served on ``config``'s address while inside, the metrics those of
+    ``role``; ``(None, None)`` and no server without a config (``HTTP_PORT`` not set)."""
+    if config is None:
         yield None, None
         return
-    health, metrics = Health(), Metrics()
-    server = ObservabilityServer(health, metrics, host=settings.http_host, port=settings.http_port)
+    health, metrics = Health(), Metrics(role)
+    server = ObservabilityServer(health, metrics, host=config.host, port=config.port)
     try:
         await server.start()
     except OSError as exc:
         raise UnavailableError(
-            f"cannot serve HTTP on {settings.http_host}:{settings.http_port} "
-            f"({env_name('http_port')}): {exc.strerror or exc}"
+            f"cannot serve HTTP on {config.host}:{config.port} ({config.variable}): {exc.strerror or exc}"
         ) from None
     try:
         yield health, metrics

@@ -1,5 +1,11 @@
 """The Prometheus metrics of outbox_relay (contract section 6, plus what an operator expects).
 
+The metrics are declared as data (:data:`METRICS`: name, type, help, labels,
+role) and built from that table. Each process exposes only its role's
+metrics: a relay has no handler outcomes, a worker no rows or leadership
+(``Metrics(role="relay")`` / ``Metrics(role="worker")``); asking a process's
+:class:`Metrics` for the other role's metric raises :class:`AttributeError`.
+
 Every metric lives on a registry of its own (never prometheus-client's global
 one), so that tests, or a relay and a worker sharing one process, do not clash.
 No label ever carries a correlation id, a job id or any other unbounded value:
@@ -7,6 +13,10 @@ No label ever carries a correlation id, a job id or any other unbounded value:
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -20,108 +30,127 @@ PENDING_STATUSES = ("new", "queued", "failed")
 HAND_OVER_PATHS = ("notify", "sweep")
 EVENT_RESULTS = ("finished", "failed", "retried")
 
-__all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
+#: The process a :class:`Metrics` belongs to.
+Role = Literal["relay", "worker"]
+
+__all__ = ["CONTENT_TYPE_LATEST", "METRICS", "MetricSpec", "Metrics", "Role"]
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """One metric: the :class:`Metrics` attribute, its exposed name, type, help, labels and role."""
+
+    attr: str
+    name: str
+    type: Literal["counter", "gauge", "histogram"]
+    help: str
+    role: Literal["relay", "worker", "both"]
+    labels: tuple[str, ...] = ()
+    buckets: tuple[float, ...] = ()
+    #: Label values shown at 0 from the start, so that rate() and alerts see them.
+    known: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+
+    def build(self, registry: CollectorRegistry) -> Counter | Gauge | Histogram:
+        if self.type == "histogram":
+            return Histogram(self.name, self.help, self.labels, buckets=self.buckets, registry=registry)
+        kind = Counter if self.type == "counter" else Gauge
+        metric = kind(self.name, self.help, self.labels, registry=registry)
+        for label, values in self.known.items():
+            for value in values:
+                metric.labels(**{label: value})
+        return metric
+
+
+# fmt: off
+METRICS: tuple[MetricSpec, ...] = (
+    # -- contract section 6 ---------------------------------------------------
+    MetricSpec("rows", "outbox_relay_rows", "gauge",
+               "Rows in each pending or failed status (relay)", "relay", ("status",),
+               known={"status": PENDING_STATUSES}),
+    MetricSpec("oldest_pending_age", "outbox_relay_oldest_pending_age_seconds", "gauge",
+               "Age of the oldest new or queued row, from its created_at; 0 when none (relay)", "relay"),
+    MetricSpec("relay_active", "outbox_relay_relay_active", "gauge",
+               "1 on the active relay, 0 on a standby", "relay"),
+    MetricSpec("handed_over", "outbox_relay_handed_over", "counter",
+               "Rows handed to the queue, by how the relay found them", "relay", ("path",),
+               known={"path": HAND_OVER_PATHS}),
+    MetricSpec("events", "outbox_relay_events", "counter",
+               "Handler outcomes (worker)", "worker", ("kind", "result")),
+    MetricSpec("commit_to_finish", "outbox_relay_commit_to_finish_seconds", "histogram",
+               "From a row's created_at to its finished_at (worker)", "worker", ("kind",),
+               buckets=LATENCY_BUCKETS),
+    # -- the issue's extras ---------------------------------------------------
+    MetricSpec("listener_reconnects", "outbox_relay_listener_reconnects", "counter",
+               "Relay sessions that ended and reconnected (listener connection lost or failed)", "relay"),
+    MetricSpec("sweep_missed_notify", "outbox_relay_sweep_found_unnotified_rows", "counter",
+               "New rows the sweep found that no notification had delivered (the fast path's health)",
+               "relay"),
+    MetricSpec("queue_depth", "outbox_relay_queue_depth", "gauge",
+               "Jobs in the arq queue, as the relay last saw it", "relay"),
+    MetricSpec("replication_lag_seconds", "outbox_relay_replication_lag_seconds", "gauge",
+               "Seconds since the subscription last heard from the primary (pg_stat_subscription)", "relay"),
+    MetricSpec("replication_lag_bytes", "outbox_relay_replication_lag_bytes", "gauge",
+               "WAL bytes the subscription's slot has not confirmed (needs PRIMARY_URL)", "relay"),
+    MetricSpec("subscription_enabled", "outbox_relay_subscription_enabled", "gauge",
+               "1 when the subscription exists and is enabled, 0 otherwise (replicated shape)", "relay"),
+    MetricSpec("subscription_apply_errors", "outbox_relay_subscription_apply_errors", "gauge",
+               "Apply errors of the subscription (pg_stat_subscription_stats.apply_error_count)", "relay"),
+    MetricSpec("subscription_sync_errors", "outbox_relay_subscription_sync_errors", "gauge",
+               "Initial sync errors of the subscription (pg_stat_subscription_stats.sync_error_count)",
+               "relay"),
+    MetricSpec("refresh_errors", "outbox_relay_gauge_refresh_errors", "counter",
+               "Failed refreshes of the database-backed gauges (relay)", "relay"),
+    MetricSpec("jobs_in_flight", "outbox_relay_worker_jobs_in_flight", "gauge",
+               "Jobs this worker is running now", "worker"),
+    MetricSpec("handler_duration", "outbox_relay_handler_duration_seconds", "histogram",
+               "Duration of one handler attempt, whatever its outcome (worker)", "worker", ("kind",),
+               buckets=HANDLER_BUCKETS),
+    MetricSpec("retries", "outbox_relay_retries", "counter",
+               "Transient failures scheduled for another attempt (worker)", "worker", ("kind",)),
+)
+# fmt: on
+_BY_ATTR = {spec.attr: spec for spec in METRICS}
 
 
 class Metrics:
-    """All metrics of one process, on a dedicated :class:`CollectorRegistry`."""
+    """The metrics of one process's ``role``, built from :data:`METRICS` on a dedicated registry."""
 
-    def __init__(self) -> None:
+    # relay
+    rows: Gauge
+    oldest_pending_age: Gauge
+    relay_active: Gauge
+    handed_over: Counter
+    listener_reconnects: Counter
+    sweep_missed_notify: Counter
+    queue_depth: Gauge
+    replication_lag_seconds: Gauge
+    replication_lag_bytes: Gauge
+    subscription_enabled: Gauge
+    subscription_apply_errors: Gauge
+    subscription_sync_errors: Gauge
+    refresh_errors: Counter
+    # worker
+    events: Counter
+    commit_to_finish: Histogram
+    jobs_in_flight: Gauge
+    handler_duration: Histogram
+    retries: Counter
+
+    def __init__(self, role: Role) -> None:
+        self.role: Role = role
         self.registry = CollectorRegistry(auto_describe=True)
-        r = self.registry
-        # -- contract section 6 ---------------------------------------------------
-        self.rows = Gauge(
-            "outbox_relay_rows", "Rows in each pending or failed status (relay)", ["status"], registry=r
-        )
-        self.oldest_pending_age = Gauge(
-            "outbox_relay_oldest_pending_age_seconds",
-            "Age of the oldest new or queued row, from its created_at; 0 when none (relay)",
-            registry=r,
-        )
-        self.relay_active = Gauge(
-            "outbox_relay_relay_active", "1 on the active relay, 0 on a standby", registry=r
-        )
-        self.handed_over = Counter(
-            "outbox_relay_handed_over",
-            "Rows handed to the queue, by how the relay found them",
-            ["path"],
-            registry=r,
-        )
-        self.events = Counter(
-            "outbox_relay_events", "Handler outcomes (worker)", ["kind", "result"], registry=r
-        )
-        self.commit_to_finish = Histogram(
-            "outbox_relay_commit_to_finish_seconds",
-            "From a row's created_at to its finished_at (worker)",
-            ["kind"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
-        # -- the issue's extras ---------------------------------------------------
-        self.listener_reconnects = Counter(
-            "outbox_relay_listener_reconnects",
-            "Relay sessions that ended and reconnected (listener connection lost or failed)",
-            registry=r,
-        )
-        self.sweep_missed_notify = Counter(
-            "outbox_relay_sweep_found_unnotified_rows",
-            "New rows the sweep found that no notification had delivered (the fast path's health)",
-            registry=r,
-        )
-        self.queue_depth = Gauge(
-            "outbox_relay_queue_depth", "Jobs in the arq queue, as the relay last saw it", registry=r
-        )
-        self.replication_lag_seconds = Gauge(
-            "outbox_relay_replication_lag_seconds",
-            "Seconds since the subscription last heard from the primary (pg_stat_subscription)",
-            registry=r,
-        )
-        self.replication_lag_bytes = Gauge(
-            "outbox_relay_replication_lag_bytes",
-            "WAL bytes the subscription's slot has not confirmed (needs PRIMARY_URL)",
-            registry=r,
-        )
-        self.subscription_enabled = Gauge(
-            "outbox_relay_subscription_enabled",
-            "1 when the subscription exists and is enabled, 0 otherwise (replicated shape)",
-            registry=r,
-        )
-        self.subscription_apply_errors = Gauge(
-            "outbox_relay_subscription_apply_errors",
-            "Apply errors of the subscription (pg_stat_subscription_stats.apply_error_count)",
-            registry=r,
-        )
-        self.subscription_sync_errors = Gauge(
-            "outbox_relay_subscription_sync_errors",
-            "Initial sync errors of the subscription (pg_stat_subscription_stats.sync_error_count)",
-            registry=r,
-        )
-        self.refresh_errors = Counter(
-            "outbox_relay_gauge_refresh_errors",
-            "Failed refreshes of the database-backed gauges (relay)",
-            registry=r,
-        )
-        self.jobs_in_flight = Gauge(
-            "outbox_relay_worker_jobs_in_flight", "Jobs this worker is running now", registry=r
-        )
-        self.handler_duration = Histogram(
-            "outbox_relay_handler_duration_seconds",
-            "Duration of one handler attempt, whatever its outcome (worker)",
-            ["kind"],
-            buckets=HANDLER_BUCKETS,
-            registry=r,
-        )
-        self.retries = Counter(
-            "outbox_relay_retries",
-            "Transient failures scheduled for another attempt (worker)",
-            ["kind"],
-            registry=r,
-        )
-        # Known label values appear at 0 from the start, so that rate() and alerts see them.
-        for status in PENDING_STATUSES:
-            self.rows.labels(status=status)
-        for path in HAND_OVER_PATHS:
-            self.handed_over.labels(path=path)
+        for spec in METRICS:
+            if spec.role in (role, "both"):
+                setattr(self, spec.attr, spec.build(self.registry))
+
+    if not TYPE_CHECKING:  # for mypy every metric is declared above; at run time only the role's exist
+
+        def __getattr__(self, attr: str) -> object:
+            spec = _BY_ATTR.get(attr)
+            if spec is None:
+                raise AttributeError(f"{type(self).__name__!r} object has no attribute {attr!r}")
+            role = self.__dict__.get("role")
+            raise AttributeError(f"{spec.name} is a {spec.role} metric: the {role}'s metrics do not have it")
 
     def exposition(self) -> bytes:
         """The Prometheus text exposition of this registry."""

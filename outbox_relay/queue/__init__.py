@@ -167,3 +167,30 @@ def split_batches(count: int, batch_size: int) -> list[int]:
     batches = -(-count // batch_size)
     base, extra = divmod(count, batches)
     return [base + 1 if i < extra else base for i in range(batches)]
+
+
+# -- what a queue backend says of itself for `doctor` ---------------------------------------------
+
+from outbox_relay.diagnosis import Check  # noqa: E402  (kept with the section that uses it)
+
+
+@dataclass(frozen=True)
+class Diagnosis:
+    """What a queue backend says of itself for `doctor`."""
+
+    #: The server's own lines, e.g. "redis", "redis maxmemory-policy".
+    checks: tuple[Check, ...]
+    reachable: bool
+    #: How a live worker showed itself (e.g. "a worker refreshed KEY (valid 40 s more): VALUE"),
+    #: None when none did.
+    workers_seen: str | None
+    #: What was looked at, e.g. "outbox_relay:health-check", for the "no worker refreshed ..." lines.
+    workers_signal: str
+    #: What to call the queue's server in doctor's lines ("Redis").
+    server: str = "the queue's server"
+
+
+class Diagnosable(Protocol):
+    """A queue backend `doctor` can ask about itself (reads only, never raises for what it finds)."""
+
+    async def diagnose(self) -> Diagnosis: ...

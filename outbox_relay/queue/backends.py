@@ -16,7 +16,7 @@ from typing import Protocol
 from urllib.parse import urlsplit
 
 from outbox_relay.exceptions import SettingsError
-from outbox_relay.queue import Consumer, Queue
+from outbox_relay.queue import Consumer, Diagnosable, Queue
 
 #: The entry-point group queue backends are published under (name = URL scheme).
 ENTRY_POINT_GROUP = "outbox_relay.queues"
@@ -54,6 +54,10 @@ class QueueBackend(Protocol):
 
     def consumer(self) -> Consumer:
         """A worker's side (run jobs)."""
+        ...
+
+    def diagnostics(self) -> Diagnosable:
+        """What `doctor` asks of the server."""
         ...
 
 

@@ -18,9 +18,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
+from outbox_relay.diagnosis import Check
 from outbox_relay.queue import (
     ConsumerObserver,
     ConsumerStats,
+    Diagnosis,
     HandOver,
     Job,
     JobFunction,
@@ -62,6 +64,8 @@ class InMemoryQueue:
         #: The row ids of every job ever added, in order (tests read it).
         self.batches: list[list[int]] = []
         self.available = True
+        #: Consumers running now (``run`` inside its loop).
+        self._consumers = 0
 
     # -- producer side ---------------------------------------------------------------
 
@@ -131,6 +135,18 @@ class InMemoryQueue:
     async def close(self) -> None:
         """Nothing to release."""
 
+    async def diagnose(self) -> Diagnosis:
+        """For `doctor`: always reachable; a worker shows itself by running a consumer."""
+        waiting = len(self._waiting)
+        seen = f"a consumer runs on {self.namespace}" if self._consumers else None
+        return Diagnosis(
+            checks=(Check("queue", "ok", f"in memory, {waiting} jobs waiting"),),
+            reachable=True,
+            workers_seen=seen,
+            workers_signal=f"a running consumer of {self.namespace}",
+            server=self.server,
+        )
+
     # -- consumer side ---------------------------------------------------------------
 
     async def wait_until_ready(self, stop: asyncio.Event) -> None:
@@ -146,6 +162,15 @@ class InMemoryQueue:
     ) -> ConsumerStats:
         """Run jobs one at a time, in hand-over order, until ``stop`` (or empty, with ``burst``);
         consumers sharing the queue never run the same job."""
+        self._consumers += 1
+        try:
+            return await self._consume(function, stop, burst, observer)
+        finally:
+            self._consumers -= 1
+
+    async def _consume(
+        self, function: JobFunction, stop: asyncio.Event, burst: bool, observer: ConsumerObserver | None
+    ) -> ConsumerStats:
         stats = ConsumerStats()
         loop = asyncio.get_running_loop()
         while not stop.is_set():
@@ -216,6 +241,10 @@ class MemoryBackend:
 
     def consumer(self) -> InMemoryQueue:
         """A worker's side: the same queue."""
+        return self.queue
+
+    def diagnostics(self) -> InMemoryQueue:
+        """`doctor`'s view: the queue answers for itself."""
         return self.queue
 
 

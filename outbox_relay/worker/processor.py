@@ -85,9 +85,8 @@ class RowProcessor:
         self._coalescer = _Coalescer(self._run_fast_path)
 
     async def __call__(self, jobs: Sequence[Job]) -> list[Outcome]:
-        """The job function of the queue port (:data:`outbox_relay.queue.JobFunction`)."""
-        if len(jobs) == 1:
-            return [await self.process(jobs[0].row_id, jobs[0].delivery)]
+        """The job function of the queue port (:data:`outbox_relay.queue.JobFunction`): the one
+        door, a one-row job is a batch of one."""
         return await self.process_batch(jobs)
 
     async def process_batch(self, jobs: Sequence[Job]) -> list[Outcome]:

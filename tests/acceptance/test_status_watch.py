@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from outbox_relay.composition import replication_config
 from outbox_relay.replication import subscribe
 from outbox_relay.terminal import escape_controls
 from tests.conftest import OutboxEnv
@@ -258,7 +259,7 @@ async def test_watch_shows_the_subscription_and_replicated_rows(
     outbox_env: OutboxEnv, service: Any, primary: Any, terminals: list[Terminal]
 ) -> None:
     """Replicated: the view shows the subscription enabled with its lag, and rows committed on the primary."""
-    await subscribe(outbox_env.settings())
+    await subscribe(replication_config(outbox_env.settings()))
     terminal = Terminal(cli_env(outbox_env.env()), "--interval", "0.2")
     terminals.append(terminal)
     await in_thread(terminal.wait_for, lambda t: re.search(r"replication: enabled, (lag \d|no apply)", t))

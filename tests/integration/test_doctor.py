@@ -9,6 +9,8 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
+from outbox_relay.arq_adapter import ArqDiagnostics
+from outbox_relay.composition import replication_config
 from outbox_relay.doctor import DoctorConfig, Report, run_doctor
 from outbox_relay.handlers import registry
 from outbox_relay.replication import subscribe
@@ -45,15 +47,15 @@ async def deployment(doctor_pg: PgServer, doctor_redis: RedisServer) -> AsyncIte
         await admin.close()
     env = await create_outbox_env(doctor_pg, doctor_redis.url())
     env.defaults["requeue_after"] = 60
-    await subscribe(env.settings())
+    await subscribe(replication_config(env.settings()))
     yield env
     await drop_outbox_env(env)
 
 
-def _config(env: OutboxEnv, **overrides: Any) -> DoctorConfig:
+def _config(env: OutboxEnv, redis_url: str | None = None, **overrides: Any) -> DoctorConfig:
     values: dict[str, Any] = {
         "database_url": env.service_url,
-        "redis_url": env.redis_url,
+        "queue": ArqDiagnostics(redis_url or env.redis_url, env.queue_name),
         "queue_name": env.queue_name,
         "requeue_after": 60.0,
         "primary_url": env.primary_url,
@@ -369,4 +371,4 @@ async def test_direct_shape_without_primary_reports_no_subscription_as_ok(deploy
 async def drop_outbox_env_subscription(env: OutboxEnv) -> None:
     from outbox_relay.replication import unsubscribe
 
-    await unsubscribe(env.settings())
+    await unsubscribe(replication_config(env.settings()))

@@ -24,6 +24,7 @@ import psutil
 import pytest
 from redis.asyncio import Redis
 
+from outbox_relay.composition import replication_config
 from outbox_relay.db import quote_ident
 from outbox_relay.replication import subscribe
 from tests.conftest import OutboxEnv, create_outbox_env, drop_outbox_env
@@ -241,7 +242,7 @@ async def test_standby_relay_takes_over_after_the_active_one_is_sigkilled(
     env: OutboxEnv, services: Services
 ) -> None:
     """A standby relay takes over within seconds of the active relay's SIGKILL, and every row finishes."""
-    await subscribe(env.settings())
+    await subscribe(replication_config(env.settings()))
     load = await prepare_load(env.service_url, 1500)
     cli = cli_env(env.env())
     first = services.start("relay-a", "run", env=cli)
@@ -489,7 +490,7 @@ async def test_rows_finish_through_the_sweep_when_notifications_are_missed(
     env: OutboxEnv, services: Services
 ) -> None:
     """With the notify trigger disabled on the replica, replicated rows still finish through the sweep."""
-    await subscribe(env.settings())
+    await subscribe(replication_config(env.settings()))
     conn = await asyncpg.connect(env.service_url)
     try:
         await conn.execute("ALTER TABLE outbox_relay.outbox DISABLE TRIGGER outbox_notify")

@@ -11,14 +11,14 @@ import aiohttp
 from tests.conftest import OutboxEnv
 from tests.helpers import Services, cli_env, connect, open_account, produce, reserve
 
-CONTRACT_METRICS = (
+#: The contract's metrics, by the process that exposes them (each process only its role's).
+RELAY_METRICS = (
     "outbox_relay_rows",
     "outbox_relay_oldest_pending_age_seconds",
     "outbox_relay_relay_active",
     "outbox_relay_handed_over_total",
-    "outbox_relay_events_total",
-    "outbox_relay_commit_to_finish_seconds",
 )
+WORKER_METRICS = ("outbox_relay_events_total", "outbox_relay_commit_to_finish_seconds")
 _SAMPLE = re.compile(r"^(?P<name>[a-z_]+)(?:\{(?P<labels>[^}]*)\})? (?P<value>\S+)$")
 
 
@@ -66,7 +66,8 @@ async def test_relays_and_worker_serve_health_readiness_and_metrics(
     outbox_env: OutboxEnv, services: Services
 ) -> None:
     """Two relays: one says active, the other standby on /readyz; /healthz is 200 on all three
-    processes; /metrics carries the contract's names, and the counters and gauges move as rows flow."""
+    processes; /metrics carries the contract's names, each process its role's only, and the counters
+    and gauges move as rows flow."""
     ports = {"relay-a": free_port(), "relay-b": free_port(), "worker": free_port()}
     for name, port in ports.items():
         command = "worker" if name == "worker" else "run"
@@ -97,8 +98,15 @@ async def test_relays_and_worker_serve_health_readiness_and_metrics(
         assert body["ok"] is True
 
     _, before = await get(ports[active], "/metrics")
-    for metric in CONTRACT_METRICS:
+    _, worker_before = await get(ports["worker"], "/metrics")
+    for metric in RELAY_METRICS:
         assert f"# TYPE {metric.removesuffix('_total')}" in before, metric
+        assert f"# TYPE {metric.removesuffix('_total')}" not in worker_before, metric
+    for metric in WORKER_METRICS:
+        assert f"# TYPE {metric.removesuffix('_total')}" in worker_before, metric
+        assert f"# TYPE {metric.removesuffix('_total')}" not in before, metric
+    assert "outbox_relay_worker_jobs_in_flight" not in before
+    assert "outbox_relay_queue_depth" not in worker_before
     assert total(before, "outbox_relay_relay_active") == 1
     _, standby_metrics = await get(ports[standby], "/metrics")
     assert total(standby_metrics, "outbox_relay_relay_active") == 0

@@ -10,6 +10,7 @@ from typing import Any
 import asyncpg
 import pytest
 
+from outbox_relay.composition import replication_config
 from outbox_relay.db import quote_ident
 from outbox_relay.devtools.embedded import EmbeddedPostgres
 from outbox_relay.replication import subscribe
@@ -55,7 +56,7 @@ async def test_notify_trigger_fires_for_a_large_transaction_applied_in_parallel(
         f"ALTER DATABASE {quote_ident(outbox_env.primary_db)} SET logical_decoding_work_mem = '64kB'"
     )
     settings = outbox_env.settings(sweep_interval=3600)
-    await subscribe(settings)
+    await subscribe(replication_config(settings))
     name = settings.subscription_name
     await service.execute(f"ALTER SUBSCRIPTION {quote_ident(name)} SET (streaming = parallel)")
     mode = await service.fetchval("SELECT substream::text FROM pg_subscription WHERE subname = $1", name)

@@ -10,14 +10,13 @@ from typing import Any
 
 import pytest
 
+from outbox_relay.composition import replication_config
 from outbox_relay.db import create_pool, quote_ident
 from outbox_relay.prune import (
     NoSubscriberError,
     SubscriberLagError,
     prune_primary,
-    prune_primary_stats,
     prune_service,
-    prune_service_stats,
 )
 from outbox_relay.replication import subscribe
 from outbox_relay.sql import query
@@ -82,7 +81,7 @@ async def test_prune_service_deletes_only_finished_rows_finished_before_the_cuto
     await _rows(service, range(22, 25), prefix="old-failed-", status="failed", created=5, finished=4)
     await _rows(service, range(25, 30), prefix="fresh-done-", created=0, finished=0)
 
-    pruned = await prune_service(service, older_than=HOUR, batch_size=100)
+    pruned = (await prune_service(service, older_than=HOUR, batch_size=100)).deleted
 
     assert pruned == 10
     left = await _cids(service)
@@ -95,7 +94,9 @@ async def test_prune_service_deletes_only_finished_rows_finished_before_the_cuto
         "old-failed",
         "fresh-done",
     }
-    assert await prune_service(service, older_than=HOUR, batch_size=100) == 0, "a second run found more"
+    assert (await prune_service(service, older_than=HOUR, batch_size=100)).deleted == 0, (
+        "a second run found more"
+    )
 
 
 async def test_prune_service_include_failed_also_deletes_old_failed_rows(service: Any) -> None:
@@ -104,7 +105,7 @@ async def test_prune_service_include_failed_also_deletes_old_failed_rows(service
     await _rows(service, range(6, 9), prefix="recent-failed-", status="failed", created=5, finished=0)
     await _rows(service, range(9, 12), prefix="old-done-", created=5, finished=4)
 
-    assert await prune_service(service, older_than=HOUR, batch_size=100, include_failed=True) == 8
+    assert (await prune_service(service, older_than=HOUR, batch_size=100, include_failed=True)).deleted == 8
     assert await _cids(service) == {f"recent-failed-{i}" for i in range(6, 9)}
 
 
@@ -113,7 +114,7 @@ async def test_prune_service_works_in_batches_smaller_than_the_rows(service: Any
     await _rows(service, range(1, 96), prefix="old-", created=5, finished=4)
     await _rows(service, range(96, 111), prefix="fresh-", created=0, finished=0)
 
-    stats = await prune_service_stats(service, older_than=HOUR, batch_size=10)
+    stats = await prune_service(service, older_than=HOUR, batch_size=10)
 
     assert stats.deleted == 95
     assert stats.ranges >= 10, "fewer statements than 95 rows / 10 per batch"
@@ -127,7 +128,7 @@ async def test_prune_service_crosses_gaps_in_ids_without_walking_them(service: A
         await _rows(service, ids, prefix=f"old-{n}-", created=5, finished=4)
     await _rows(service, [9_000_000_000_000_000_000], prefix="fresh-", created=0, finished=0)
 
-    stats = await prune_service_stats(service, older_than=HOUR, batch_size=10)
+    stats = await prune_service(service, older_than=HOUR, batch_size=10)
 
     assert stats.deleted == 12
     assert stats.ranges == 4, "empty id stretches were walked range by range"
@@ -141,7 +142,7 @@ async def test_prune_service_stops_at_the_first_range_created_after_the_cutoff(s
     await _rows(service, [21], prefix="long-txn-", created=5, finished=0)
     await _rows(service, range(22, 2022), prefix="recent-", created=0, finished=0)
 
-    stats = await prune_service_stats(service, older_than=HOUR, batch_size=10)
+    stats = await prune_service(service, older_than=HOUR, batch_size=10)
 
     assert stats.deleted == 20
     assert stats.ranges <= 4, f"walked {stats.ranges} ranges through rows newer than the cut-off"
@@ -171,7 +172,7 @@ async def test_prune_service_range_delete_uses_the_primary_key_on_a_large_table(
         assert "outbox_pkey" in text, text
 
     started = time.monotonic()
-    stats = await prune_service_stats(service, older_than=HOUR, batch_size=5000)
+    stats = await prune_service(service, older_than=HOUR, batch_size=5000)
     assert stats.deleted == 0
     assert stats.ranges == 1
     assert time.monotonic() - started < 1.0
@@ -182,7 +183,7 @@ async def test_prune_service_accepts_a_pool(outbox_env: OutboxEnv, service: Any)
     await _rows(service, range(1, 31), prefix="old-", created=5, finished=4)
     pool = await create_pool(outbox_env.service_url, max_size=2)
     try:
-        assert await prune_service(pool, older_than=HOUR, batch_size=4) == 30
+        assert (await prune_service(pool, older_than=HOUR, batch_size=4)).deleted == 30
     finally:
         await pool.close()
     assert await _cids(service) == set()
@@ -205,7 +206,7 @@ async def test_pruning_while_rows_flow_loses_nothing_and_settles_each_reservatio
     async def prune_loop() -> None:
         nonlocal pruned
         while not stop.is_set():
-            pruned += await prune_service(pool, older_than=0.001, batch_size=7, include_failed=True)
+            pruned += (await prune_service(pool, older_than=0.001, batch_size=7, include_failed=True)).deleted
             await asyncio.sleep(0)
 
     async with running_worker(settings), running_relay(settings):
@@ -224,7 +225,7 @@ async def test_pruning_while_rows_flow_loses_nothing_and_settles_each_reservatio
             await pruner
             await pool.close()
     assert pruned > 0, "nothing was pruned while rows flowed"
-    pruned += await prune_service(service, older_than=0.001, batch_size=7)
+    pruned += (await prune_service(service, older_than=0.001, batch_size=7)).deleted
     assert pruned == len(cids), "rows were pruned before they finished, or not at all"
     assert await count_status(service, "new", "queued", "failed", "finished") == 0
     assert await money_total(service) == total
@@ -239,7 +240,7 @@ async def test_prune_primary_deletes_only_rows_the_subscriber_has_received(
     """Received old rows go; after the subscription is disabled, rows it has not received are kept."""
     settings = outbox_env.settings()
     name = settings.subscription_name
-    await subscribe(settings)
+    await subscribe(replication_config(settings))
     await _old_primary_rows(primary, "got-", 30)
     await primary.execute(
         "INSERT INTO outbox_relay.outbox (correlation_id, outcome) VALUES ('fresh-1', 'success')"
@@ -247,7 +248,7 @@ async def test_prune_primary_deletes_only_rows_the_subscriber_has_received(
     await wait_until(lambda: _count(service, "got-%", 30), message="old rows replicated", timeout=30)
     await wait_until(lambda: _count(service, "fresh-%"), message="fresh row replicated", timeout=30)
 
-    assert await prune_primary(primary, older_than=HOUR, batch_size=7, wait_timeout=30) == 30
+    assert (await prune_primary(primary, older_than=HOUR, batch_size=7, wait_timeout=30)).deleted == 30
     assert await _count(primary, "got-%") == 0
     assert await _count(primary, "fresh-%") == 1, "a row newer than the cut-off was pruned"
     assert await _count(service, "got-%") == 30, "pruning the primary touched the service database"
@@ -265,7 +266,7 @@ async def test_prune_primary_deletes_only_rows_the_subscriber_has_received(
 
     await service.execute(f"ALTER SUBSCRIPTION {quote_ident(name)} ENABLE")
     await wait_until(lambda: _count(service, "unsent-%", 12), message="rows replicated", timeout=30)
-    assert await prune_primary(primary, older_than=HOUR, batch_size=5, wait_timeout=30) == 12
+    assert (await prune_primary(primary, older_than=HOUR, batch_size=5, wait_timeout=30)).deleted == 12
     assert await _count(service, "unsent-%") == 12
 
 
@@ -281,11 +282,11 @@ async def test_prune_primary_reads_candidates_in_rounds_each_confirmed_by_the_sl
     outbox_env: OutboxEnv, service: Any, primary: Any
 ) -> None:
     """More candidates than one round holds are pruned over several snapshots, each waited for."""
-    await subscribe(outbox_env.settings())
+    await subscribe(replication_config(outbox_env.settings()))
     await _old_primary_rows(primary, "r-", 50)
     await wait_until(lambda: _count(service, "r-%", 50), message="rows replicated", timeout=30)
 
-    stats = await prune_primary_stats(primary, older_than=HOUR, batch_size=10, round_rows=20)
+    stats = await prune_primary(primary, older_than=HOUR, batch_size=10, round_rows=20)
 
     assert stats.deleted == 50
     assert stats.rounds == 3

@@ -77,6 +77,6 @@ async def test_the_retention_loop_of_a_relay_that_lost_its_lease_deletes_nothing
         assert await service.fetchval("SELECT count(*) FROM outbox_relay.outbox") == 20
         current = RelayStore(pool, batch_size=5, requeue_after=60, epoch=theirs)
         fence = current.check_leadership
-        assert await prune_service(pool, older_than=3600, batch_size=100, fence=fence) == 20
+        assert (await prune_service(pool, older_than=3600, batch_size=100, fence=fence)).deleted == 20
     finally:
         await pool.close()

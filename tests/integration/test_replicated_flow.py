@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from outbox_relay.composition import replication_config
 from outbox_relay.replication import subscribe, unsubscribe
 from tests.conftest import OutboxEnv
 from tests.helpers import (
@@ -24,7 +25,7 @@ async def test_row_committed_on_primary_finishes_through_notify_without_the_swee
 ) -> None:
     """A row committed on the primary is finished on the replica through NOTIFY, the sweep an hour away."""
     settings = outbox_env.settings(sweep_interval=3600)
-    await subscribe(settings)
+    await subscribe(replication_config(settings))
     await open_account(service, "acc", 1_000)
     await reserve(service, "acc", 100, "job-1")
     await reserve(service, "acc", 50, "job-2")
@@ -51,7 +52,7 @@ async def test_sweep_alone_finishes_replicated_rows_when_the_notify_trigger_is_d
     """With the notify trigger disabled, the periodic sweep alone finishes replicated rows."""
     await service.execute("ALTER TABLE outbox_relay.outbox DISABLE TRIGGER outbox_notify")
     settings = outbox_env.settings(sweep_interval=0.3)
-    await subscribe(settings)
+    await subscribe(replication_config(settings))
     await open_account(service, "acc", 1_000)
     await reserve(service, "acc", 100, "sw-1")
     await reserve(service, "acc", 40, "sw-2")
@@ -84,10 +85,10 @@ async def test_subscribe_copies_existing_rows_leaves_a_slot_and_is_safe_to_run_a
         await produce(primary, cid, "failure")
     total = await money_total(service)
 
-    first = await subscribe(settings, wait=False)
+    first = await subscribe(replication_config(settings), wait=False)
     assert first.created
     assert await _slot_exists(primary, name), "no replication slot on the primary after subscribe"
-    second = await subscribe(settings)
+    second = await subscribe(replication_config(settings))
     assert not second.created, "a second subscribe created another subscription"
     assert second.synced
     assert await _slot_exists(primary, name)
@@ -139,7 +140,7 @@ async def test_resubscription_brings_over_only_the_missing_rows_and_never_stalls
 
     async with running_worker(settings), running_relay(settings) as relay:
         await wait_until(lambda: _active(relay), message="relay active")
-        await subscribe(settings)
+        await subscribe(replication_config(settings))
         for i in range(4):
             await produce(primary, f"r-{i}", "failure")
         await wait_until(
@@ -150,11 +151,11 @@ async def test_resubscription_brings_over_only_the_missing_rows_and_never_stalls
             for r in await service.fetch("SELECT * FROM outbox_relay.outbox")
         }
 
-        await unsubscribe(settings)
+        await unsubscribe(replication_config(settings))
         for i in range(4, 8):
             await produce(primary, f"r-{i}", "failure")
         # A stalled copy (a duplicate refused by the replica) never reaches 'ready': fail in time.
-        await subscribe(settings, sync_timeout=60)
+        await subscribe(replication_config(settings), sync_timeout=60)
         await wait_until(
             lambda: _equals(count_status(service, "finished"), 8), timeout=30, message="missing rows finished"
         )
@@ -185,16 +186,16 @@ async def test_unsubscribe_drops_subscription_and_slot_and_is_safe_to_run_again(
     """unsubscribe leaves neither the subscription nor its slot, and a second run succeeds doing nothing."""
     settings = outbox_env.settings()
     name = settings.subscription_name
-    await subscribe(settings)
+    await subscribe(replication_config(settings))
     assert await _slot_exists(primary, name)
 
-    first = await unsubscribe(settings)
+    first = await unsubscribe(replication_config(settings))
     assert first.subscription_dropped
     assert first.slot_dropped
     assert not await _slot_exists(primary, name), "the slot was left behind on the primary"
     assert await service.fetchval("SELECT count(*) FROM pg_subscription WHERE subname = $1", name) == 0
 
-    second = await unsubscribe(settings)
+    second = await unsubscribe(replication_config(settings))
     assert not second.subscription_dropped
     assert not second.slot_dropped
     assert not await _slot_exists(primary, name)

@@ -10,6 +10,7 @@ from typing import Any
 import asyncpg
 import pytest
 
+from outbox_relay.composition import replication_config
 from outbox_relay.db import quote_ident
 from outbox_relay.exceptions import ReplicationError
 from outbox_relay.migrate import migrate
@@ -138,8 +139,8 @@ async def test_svc_dash_a_and_svc_underscore_a_get_their_own_subscriptions_and_s
     primary_url, service = cluster
     dash, underscore = await service("svc-a"), await service("svc_a")
 
-    first = await subscribe(_settings(dash, primary_url))
-    second = await subscribe(_settings(underscore, primary_url))
+    first = await subscribe(replication_config(_settings(dash, primary_url)))
+    second = await subscribe(replication_config(_settings(underscore, primary_url)))
 
     assert first.name != second.name
     assert first.name.startswith("outbox_relay_svc_a_")
@@ -158,8 +159,8 @@ async def test_upper_and_lower_case_names_differ(cluster: tuple[str, Factory]) -
     """App and app (case only) in one cluster derive different subscription names."""
     primary_url, service = cluster
     upper, lower = await service("App"), await service("app")
-    first = await subscribe(_settings(upper, primary_url), wait=False)
-    second = await subscribe(_settings(lower, primary_url), wait=False)
+    first = await subscribe(replication_config(_settings(upper, primary_url)), wait=False)
+    second = await subscribe(replication_config(_settings(lower, primary_url)), wait=False)
     assert first.name != second.name
     assert await _slots(primary_url) == {first.name, second.name}
 
@@ -170,10 +171,10 @@ async def test_an_explicit_name_that_collides_is_refused_naming_the_slot(
     """A second service configured with the first one's name is refused, the slot named, nothing made."""
     primary_url, service = cluster
     first_url, second_url = await service("one"), await service("two")
-    first = await subscribe(_settings(first_url, primary_url))
+    first = await subscribe(replication_config(_settings(first_url, primary_url)))
 
     with pytest.raises(ReplicationError, match=first.name) as caught:
-        await subscribe(_settings(second_url, primary_url, subscription_name=first.name))
+        await subscribe(replication_config(_settings(second_url, primary_url, subscription_name=first.name)))
     assert "--adopt-slot" in str(caught.value)
     assert await _subscription(second_url) is None
     assert await _slots(primary_url) == {first.name}
@@ -184,9 +185,9 @@ async def test_rerunning_subscribe_is_a_no_op(cluster: tuple[str, Factory]) -> N
     primary_url, service = cluster
     url = await service("again")
     settings = _settings(url, primary_url)
-    first = await subscribe(settings)
+    first = await subscribe(replication_config(settings))
     for _ in range(2):
-        again = await subscribe(settings)
+        again = await subscribe(replication_config(settings))
         assert again.name == first.name
         assert not again.created
         assert not again.slot_created
@@ -201,7 +202,7 @@ async def test_rerun_after_a_crash_between_slot_and_subscription_uses_its_own_sl
     primary_url, service = cluster
     url = await service("crashed")
     settings = _settings(url, primary_url)
-    first = await subscribe(settings)
+    first = await subscribe(replication_config(settings))
     # Undo only the subscription, as if the run had died right after creating the slot.
     conn = await asyncpg.connect(url)
     try:
@@ -213,7 +214,7 @@ async def test_rerun_after_a_crash_between_slot_and_subscription_uses_its_own_sl
         await conn.close()
     assert await _slots(primary_url) == {first.name}
 
-    again = await subscribe(settings)
+    again = await subscribe(replication_config(settings))
     assert again.name == first.name
     assert again.created
     assert not again.slot_created
@@ -226,15 +227,17 @@ async def test_unsubscribe_of_one_never_drops_the_others_slot(cluster: tuple[str
     """unsubscribe on a service configured with another's name, or on a neighbour, leaves that slot alone."""
     primary_url, service = cluster
     first_url, second_url = await service("keep"), await service("other")
-    first = await subscribe(_settings(first_url, primary_url))
-    second = await subscribe(_settings(second_url, primary_url))
+    first = await subscribe(replication_config(_settings(first_url, primary_url)))
+    second = await subscribe(replication_config(_settings(second_url, primary_url)))
 
-    colliding = await unsubscribe(_settings(second_url, primary_url, subscription_name=first.name))
+    colliding = await unsubscribe(
+        replication_config(_settings(second_url, primary_url, subscription_name=first.name))
+    )
     assert not colliding.subscription_dropped
     assert not colliding.slot_dropped
     assert first.name in await _slots(primary_url)
 
-    dropped = await unsubscribe(_settings(second_url, primary_url))
+    dropped = await unsubscribe(replication_config(_settings(second_url, primary_url)))
     assert dropped.name == second.name
     assert dropped.subscription_dropped
     assert dropped.slot_dropped
@@ -254,11 +257,11 @@ async def test_adopt_slot_takes_an_idle_foreign_slot_on_purpose(cluster: tuple[s
         await conn.close()
     settings = _settings(url, primary_url, subscription_name="handmade_slot")
     with pytest.raises(ReplicationError, match="handmade_slot"):
-        await subscribe(settings)
-    adopted = await subscribe(settings, adopt_slot=True)
+        await subscribe(replication_config(settings))
+    adopted = await subscribe(replication_config(settings), adopt_slot=True)
     assert adopted.created
     assert adopted.adopted
-    gone = await unsubscribe(settings)
+    gone = await unsubscribe(replication_config(settings))
     assert gone.slot_dropped
     assert await _slots(primary_url) == set()
 
@@ -285,14 +288,14 @@ async def test_a_subscription_made_under_the_old_default_name_keeps_working(
     finally:
         await conn.close()
 
-    result = await subscribe(_settings(url, primary_url))
+    result = await subscribe(replication_config(_settings(url, primary_url)))
     assert result.name == legacy
     assert not result.created
     assert await _subscription(url) == (legacy, legacy)
     await _produce(primary_url, "legacy-1")
     await wait_until(lambda: _replicated(url, "legacy-1"), timeout=30, message="legacy subscription runs")
 
-    gone = await unsubscribe(_settings(url, primary_url))
+    gone = await unsubscribe(replication_config(_settings(url, primary_url)))
     assert gone.name == legacy
     assert gone.subscription_dropped
     assert gone.slot_dropped

@@ -23,15 +23,20 @@ ALERT_TESTS = ALERTS.with_name("alerts_test.yml")
 
 
 def _exposed_metrics() -> set[str]:
-    """Every sample name the processes really expose (read from the metrics module's registry)."""
+    """Every sample name the processes really expose (a relay's registry and a worker's)."""
     from outbox_relay.observability import Metrics
 
-    metrics = Metrics()
-    metrics.handed_over.labels(path="notify").inc()  # labelled families expose samples once used
-    metrics.events.labels(kind="reservation", result="finished").inc()
-    metrics.commit_to_finish.labels(kind="reservation").observe(0.01)
-    metrics.rows.labels(status="new").set(0)
-    return {sample.name for family in metrics.registry.collect() for sample in family.samples}
+    relay, worker = Metrics("relay"), Metrics("worker")
+    relay.handed_over.labels(path="notify").inc()  # labelled families expose samples once used
+    worker.events.labels(kind="reservation", result="finished").inc()
+    worker.commit_to_finish.labels(kind="reservation").observe(0.01)
+    relay.rows.labels(status="new").set(0)
+    return {
+        sample.name
+        for metrics in (relay, worker)
+        for family in metrics.registry.collect()
+        for sample in family.samples
+    }
 
 
 #: What the processes expose: a rule over any other name would never fire.

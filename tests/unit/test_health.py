@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 
 import aiohttp
 import pytest
 
 from outbox_relay.observability import Health, Metrics
-from outbox_relay.observability.hooks import OTHER_KIND, WorkerHooks
+from outbox_relay.observability.hooks import OTHER_KIND, RelayHooks, WorkerHooks
 from outbox_relay.observability.http import ObservabilityServer
 
 
@@ -104,7 +105,7 @@ def test_worker_kind_labels_are_bounded() -> None:
 
 def test_two_metrics_objects_do_not_clash() -> None:
     """Each Metrics has its own registry: two in one process register the same names without error."""
-    first, second = Metrics(), Metrics()
+    first, second = Metrics("relay"), Metrics("relay")
     first.relay_active.set(1)
     assert b"outbox_relay_relay_active 1.0" in first.exposition()
     assert b"outbox_relay_relay_active 0.0" in second.exposition()
@@ -116,7 +117,7 @@ async def test_healthz_turns_503_when_a_loop_stops_beating() -> None:
     health.register("relay", 0.3)
     health.set_ready(True, role="active")
     async with (
-        ObservabilityServer(health, Metrics(), host="127.0.0.1", port=0) as server,
+        ObservabilityServer(health, Metrics("relay"), host="127.0.0.1", port=0) as server,
         aiohttp.ClientSession() as http,
     ):
         base = f"http://127.0.0.1:{server.port}"
@@ -144,3 +145,59 @@ async def test_healthz_turns_503_when_a_loop_stops_beating() -> None:
             text = await response.text()
             assert 'outbox_relay_rows{status="new"} 0.0' in text
             assert 'outbox_relay_handed_over_total{path="notify"} 0.0' in text
+
+
+def _exposed(metrics: Metrics) -> set[str]:
+    return {family.name for family in metrics.registry.collect()}
+
+
+def test_each_role_exposes_only_its_own_metrics() -> None:
+    """A relay's registry holds the relay metrics only, a worker's the worker ones; together: the table."""
+    from outbox_relay.observability.metrics import METRICS
+
+    relay, worker = _exposed(Metrics("relay")), _exposed(Metrics("worker"))
+    assert not relay & worker
+    assert {"outbox_relay_rows", "outbox_relay_relay_active", "outbox_relay_handed_over"} <= relay
+    assert {"outbox_relay_events", "outbox_relay_commit_to_finish_seconds"} <= worker
+    assert "outbox_relay_worker_jobs_in_flight" not in relay
+    assert relay | worker == {spec.name for spec in METRICS}
+
+
+def test_the_other_roles_metric_fails_loudly() -> None:
+    """Asking a relay's Metrics for a worker metric raises, naming the metric and its role."""
+    with pytest.raises(AttributeError, match="outbox_relay_events is a worker metric"):
+        Metrics("relay").events  # noqa: B018
+    with pytest.raises(AttributeError, match="outbox_relay_relay_active is a relay metric"):
+        Metrics("worker").relay_active  # noqa: B018
+    with pytest.raises(ValueError, match="needs the worker's metrics"):
+        WorkerHooks(metrics=Metrics("relay"))
+
+
+def test_the_hooks_of_a_role_touch_only_its_metrics() -> None:
+    """Every RelayHooks call runs on a relay's Metrics (a worker metric would raise there)."""
+    relay = RelayHooks(Health(), Metrics("relay"))
+    relay.standby()
+    relay.active()
+    relay.handed_over("notify", 3)
+    relay.swept_unnotified(1)
+    relay.queue_depth(2)
+    relay.session_ended("lost")
+    relay.inactive()
+    assert b"outbox_relay_listener_reconnects_total 1.0" in relay.metrics.exposition()  # type: ignore[union-attr]
+
+
+async def test_the_worker_hooks_count_outcomes_on_a_workers_metrics() -> None:
+    """WorkerHooks.instrument counts each row's outcome on a worker's Metrics (no relay metric touched)."""
+    from outbox_relay.queue import Job, Outcome
+
+    hooks = WorkerHooks(Health(), Metrics("worker"), kinds=["reservation"])
+    hooks.ready()
+    hooks.not_ready("database away")
+
+    async def apply(jobs: Sequence[Job]) -> list[Outcome]:
+        return [Outcome("finished", kind="reservation", commit_to_finish=0.1), Outcome.retry(1.0, "x")]
+
+    await hooks.instrument(apply)([Job(1), Job(2)])
+    text = hooks.metrics.exposition()  # type: ignore[union-attr]
+    assert b'outbox_relay_events_total{kind="reservation",result="finished"} 1.0' in text
+    assert b'outbox_relay_retries_total{kind="other"} 1.0' in text

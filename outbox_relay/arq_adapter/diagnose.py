@@ -1,0 +1,106 @@
+"""What `doctor` learns of the queue's Redis, read without changing anything.
+
+How "one live worker" is told: arq workers refresh a health-check key per
+queue (``<queue>:health-check``, TTL 61 s, refreshed every 60 s by each
+worker's loop), the signal that a worker is *consuming this queue*.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from arq.connections import ArqRedis
+from arq.constants import health_check_key_suffix
+from redis.exceptions import RedisError
+
+from outbox_relay.arq_adapter.producer import redis_client
+from outbox_relay.diagnosis import Check
+from outbox_relay.logs import describe
+from outbox_relay.queue import Diagnosis
+
+SERVER = "Redis"
+
+
+@dataclass(frozen=True)
+class _Facts:
+    version: str | None
+    policy: str | None
+    depth: int
+    health: str | None
+    ttl: float | None
+
+
+class ArqDiagnostics:
+    """The queue's Redis at ``redis_url`` (a secret: never shown) for the queue ``queue_name``:
+    reachable, its version and eviction policy, the jobs waiting, the workers' health-check key."""
+
+    def __init__(self, redis_url: str, queue_name: str) -> None:
+        self._url = redis_url
+        self.queue_name = queue_name
+        self.health_key = queue_name + health_check_key_suffix
+
+    def __repr__(self) -> str:
+        return f"ArqDiagnostics(queue_name={self.queue_name!r})"
+
+    async def diagnose(self) -> Diagnosis:
+        """The ``redis`` and ``redis maxmemory-policy`` lines and what the health-check key shows."""
+        redis = redis_client(self._url, queue_name=self.queue_name, max_connections=2)
+        try:
+            facts = await self._read(redis)
+        except (RedisError, OSError, TimeoutError) as exc:
+            return self._unreachable(describe(exc))
+        finally:
+            await redis.aclose(close_connection_pool=True)
+        return Diagnosis(
+            checks=self._checks(facts),
+            reachable=True,
+            workers_seen=self._seen(facts),
+            workers_signal=self.health_key,
+            server=SERVER,
+        )
+
+    async def _read(self, redis: ArqRedis) -> _Facts:
+        # INFO memory works where a managed Redis disables CONFIG.
+        server = await redis.info("server")
+        memory = await redis.info("memory")
+        depth = int(await redis.zcard(self.queue_name))
+        health, ttl = await redis.get(self.health_key), None
+        if health is not None:
+            ttl_ms = int(await redis.pttl(self.health_key))
+            ttl = ttl_ms / 1000 if ttl_ms >= 0 else None
+        return _Facts(
+            server.get("redis_version"),
+            memory.get("maxmemory_policy"),
+            depth,
+            None if health is None else health.decode(errors="replace"),
+            ttl,
+        )
+
+    def _unreachable(self, error: str) -> Diagnosis:
+        fix = "check OUTBOX_RELAY_REDIS_URL and that Redis is up"
+        return Diagnosis(
+            checks=(Check("redis", "fail", f"cannot reach Redis: {error}", fix),),
+            reachable=False,
+            workers_seen=None,
+            workers_signal=self.health_key,
+            server=SERVER,
+        )
+
+    def _checks(self, facts: _Facts) -> tuple[Check, ...]:
+        redis = Check(
+            "redis", "ok", f"Redis {facts.version}, {facts.depth} jobs waiting in {self.queue_name}"
+        )
+        if facts.policy == "noeviction":
+            return redis, Check("redis maxmemory-policy", "ok", str(facts.policy))
+        return redis, Check(
+            "redis maxmemory-policy",
+            "fail",
+            f"{facts.policy}: Redis may evict queued jobs silently",
+            "redis-cli CONFIG SET maxmemory-policy noeviction (and set it in redis.conf)",
+        )
+
+    def _seen(self, facts: _Facts) -> str | None:
+        if facts.health is None:
+            return None
+        valid = "" if facts.ttl is None else f" (valid {facts.ttl:.0f} s more)"
+        return f"a worker refreshed {self.health_key}{valid}: {facts.health}"
