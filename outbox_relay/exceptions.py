@@ -125,7 +125,3 @@ class EmbeddedServerError(OutboxRelayError):
 
 class DemoError(OutboxRelayError):
     """The demo could not complete (a process exited, the flow stalled)."""
-
-
-class BenchError(OutboxRelayError):
-    """The benchmark could not complete a measurement."""
