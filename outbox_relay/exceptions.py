@@ -116,7 +116,7 @@ class PluginError(OutboxRelayError):
     """A plugin (domain or sink) could not be loaded or is malformed."""
 
 
-# -- developer tools (demo, bench, embedded servers) ----------------------------------------
+# -- developer tools (demo, embedded servers) -----------------------------------------------
 
 
 class EmbeddedServerError(OutboxRelayError):

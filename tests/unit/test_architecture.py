@@ -106,7 +106,7 @@ def test_the_import_reader_resolves_package_imports() -> None:
 
 
 def test_the_core_does_not_import_the_developer_tools() -> None:
-    """demo, bench and embedded servers live apart: only the CLI reaches them, lazily, inside commands."""
+    """demo and embedded servers live apart: only the CLI reaches them, lazily, inside commands."""
     for name, path in _modules().items():
         if name.startswith("outbox_relay.devtools") or name == "outbox_relay.cli":
             continue
@@ -117,6 +117,13 @@ def test_the_core_does_not_import_the_developer_tools() -> None:
         node.module for node in tree.body if isinstance(node, ast.ImportFrom) and node.module is not None
     }
     assert not {m for m in top_level if m.startswith("outbox_relay.devtools")}, "cli imports devtools eagerly"
+
+
+def test_the_package_never_imports_the_benchmark() -> None:
+    """bench/ sits next to the package and is not in the wheel: nothing in outbox_relay imports it."""
+    for name, path in _modules().items():
+        bench = {i for i in _imports(path, name) if i == "bench" or i.startswith("bench.")}
+        assert not bench, f"{name} imports {bench}"
 
 
 def test_the_core_reads_no_environment() -> None:
