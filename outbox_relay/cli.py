@@ -19,7 +19,6 @@ import math
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from outbox_relay import logs
@@ -47,7 +46,6 @@ class Command:
     help: str
     configure: Callable[[argparse.ArgumentParser], None]
     run: CommandFunction
-    hidden: bool = False
 
     def __call__(self, args: argparse.Namespace, settings: Settings) -> Coroutine[Any, Any, int]:
         """The command's coroutine for ``args``."""
@@ -58,7 +56,7 @@ class Command:
 
 
 def _quiet_logs() -> None:
-    """`demo` and `bench` narrate themselves: only problems should interrupt them."""
+    """`demo` narrates itself: only problems should interrupt it."""
     logging.getLogger().setLevel(max(logging.WARNING, logging.getLogger().level))
 
 
@@ -382,7 +380,7 @@ async def cmd_prune(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-# -- demo, bench (developer tools, imported only when asked for) -------------------------------
+# -- demo (a developer tool, imported only when asked for) -------------------------------------
 
 
 def configure_demo(parser: argparse.ArgumentParser) -> None:
@@ -423,101 +421,6 @@ async def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
             sink=args.sink,
         )
     )
-
-
-def configure_bench(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--quick", action="store_true", help="a smoke run of a few seconds")
-    parser.add_argument("--json", type=Path, metavar="PATH", help="also write the results as JSON")
-    parser.add_argument("--events", type=_positive_int, default=10_000, help="events per throughput run")
-    parser.add_argument("--workers", type=_positive_int, default=2, help="worker processes (2)")
-    parser.add_argument("--backlog", type=_positive_int, default=50_000, help="backlog rows (50000)")
-    parser.add_argument(
-        "--table-rows",
-        type=_positive_int,
-        default=1_000_000,
-        help="finished rows for the table-scale check (1000000)",
-    )
-    parser.add_argument(
-        "--rounds",
-        type=_positive_int,
-        default=3,
-        help="rounds of the scaling runs, interleaved; each figure is their median (3)",
-    )
-    parser.add_argument(
-        "--drain-rows",
-        type=_drain_rows,
-        default=20_000,
-        help="backlog rows each worker count drains in the scaling rounds (20000; 0: skip)",
-    )
-    parser.add_argument(
-        "--accounts",
-        type=_positive_int,
-        default=100,
-        help="ledger accounts the reservations are spread over (100; 1: one hot account)",
-    )
-    parser.add_argument(
-        "--fsync-off",
-        action="store_true",
-        help="run the embedded PostgreSQL with fsync and synchronous_commit off (default: durable)",
-    )
-    parser.add_argument(
-        "--use-settings",
-        action="store_true",
-        help="run on the servers of OUTBOX_RELAY_DATABASE_URL and _REDIS_URL (it creates and "
-        "drops its own databases there) instead of embedded ones",
-    )
-
-
-def _drain_rows(text: str) -> int:
-    value = int(text)
-    if not 0 <= value <= 1_000_000:
-        raise argparse.ArgumentTypeError("must be 0 (skip) to 1000000")
-    return value
-
-
-async def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
-    from outbox_relay.devtools.bench import BenchOptions, run_bench
-
-    if args.use_settings:
-        settings.require_database_url()
-    if args.quick:
-        options = BenchOptions.quick(
-            json_path=args.json,
-            use_settings=args.use_settings,
-            fsync_off=args.fsync_off,
-            accounts=args.accounts,
-        )
-    else:
-        options = BenchOptions(
-            events=args.events,
-            workers=args.workers,
-            backlog=args.backlog,
-            table_rows=args.table_rows,
-            json_path=args.json,
-            use_settings=args.use_settings,
-            fsync_off=args.fsync_off,
-            accounts=args.accounts,
-            rounds=args.rounds,
-            drain_rows=args.drain_rows,
-        )
-    _quiet_logs()
-    return await run_bench(options, settings)
-
-
-async def cmd_bench_noop_worker(args: argparse.Namespace, settings: Settings) -> int:
-    """The bench's ceiling: raw arq with outbox_relay's arq settings and a job that does nothing."""
-    from outbox_relay.arq_adapter import ConsumerConfig, run_noop_worker
-
-    config = ConsumerConfig(
-        redis_url=settings.redis_url.get_secret_value(),
-        queue_name=settings.queue_name,
-        concurrency=settings.worker_concurrency,
-        poll_delay=settings.worker_poll_delay,
-        job_timeout=settings.job_timeout,
-        idle_wait=settings.worker_idle_wait,
-    )
-    await run_noop_worker(config, stop_on_signals())
-    return 0
 
 
 COMMANDS: tuple[Command, ...] = (
@@ -562,19 +465,6 @@ COMMANDS: tuple[Command, ...] = (
         configure_demo,
         cmd_demo,
     ),
-    Command(
-        "bench",
-        "measure throughput, latency, backlog drain and table-scale costs",
-        configure_bench,
-        cmd_bench,
-    ),
-    Command(
-        "bench-noop-worker",
-        "(internal) the bench's no-op arq worker",
-        configure_nothing,
-        cmd_bench_noop_worker,
-        hidden=True,
-    ),
 )
 
 
@@ -587,10 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="name", required=True, metavar="COMMAND")
     for command in COMMANDS:
-        if command.hidden:
-            sub = subparsers.add_parser(command.name)
-        else:
-            sub = subparsers.add_parser(command.name, help=command.help, description=command.help)
+        sub = subparsers.add_parser(command.name, help=command.help, description=command.help)
         command.configure(sub)
         sub.set_defaults(command=command)
     return parser

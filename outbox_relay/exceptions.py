@@ -116,7 +116,7 @@ class PluginError(OutboxRelayError):
     """A plugin (domain or sink) could not be loaded or is malformed."""
 
 
-# -- developer tools (demo, bench, embedded servers) ----------------------------------------
+# -- developer tools (demo, embedded servers) -----------------------------------------------
 
 
 class EmbeddedServerError(OutboxRelayError):
@@ -125,7 +125,3 @@ class EmbeddedServerError(OutboxRelayError):
 
 class DemoError(OutboxRelayError):
     """The demo could not complete (a process exited, the flow stalled)."""
-
-
-class BenchError(OutboxRelayError):
-    """The benchmark could not complete a measurement."""

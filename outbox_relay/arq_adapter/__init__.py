@@ -2,16 +2,16 @@
 
 This package is the only place in outbox_relay that imports arq or redis:
 the producer (:class:`ArqQueue`, used by the relay), the consumer
-(:class:`ArqConsumer`, used by the worker), what `doctor` reads of Redis
-(:class:`ArqDiagnostics`) and the bench's raw no-op worker.
+(:class:`ArqConsumer`, used by the worker) and what `doctor` reads of Redis
+(:class:`ArqDiagnostics`), composed as a queue backend (:func:`backend`).
 """
 
 from __future__ import annotations
 
 from outbox_relay.arq_adapter.backend import ArqBackend, backend
-from outbox_relay.arq_adapter.consumer import ArqConsumer, ConsumerConfig, run_noop_worker
+from outbox_relay.arq_adapter.consumer import ArqConsumer, ConsumerConfig
 from outbox_relay.arq_adapter.diagnose import ArqDiagnostics
-from outbox_relay.arq_adapter.producer import ArqQueue, QueueConfig, enqueue_raw_jobs, job_id
+from outbox_relay.arq_adapter.producer import ArqQueue, QueueConfig, job_id
 
 __all__ = [
     "ArqBackend",
@@ -21,7 +21,5 @@ __all__ = [
     "ConsumerConfig",
     "QueueConfig",
     "backend",
-    "enqueue_raw_jobs",
     "job_id",
-    "run_noop_worker",
 ]

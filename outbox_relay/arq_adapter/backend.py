@@ -26,18 +26,20 @@ class ArqBackend:
             )
         )
 
+    def consumer_config(self) -> ConsumerConfig:
+        """How a worker's arq Worker is set up (the bench's no-op worker uses the same)."""
+        return ConsumerConfig(
+            redis_url=self.url,
+            queue_name=self.options.queue_name,
+            concurrency=self.options.concurrency,
+            poll_delay=self.options.poll_delay,
+            job_timeout=self.options.job_timeout,
+            idle_wait=self.options.idle_wait,
+        )
+
     def consumer(self) -> ArqConsumer:
         """A worker's side."""
-        return ArqConsumer(
-            ConsumerConfig(
-                redis_url=self.url,
-                queue_name=self.options.queue_name,
-                concurrency=self.options.concurrency,
-                poll_delay=self.options.poll_delay,
-                job_timeout=self.options.job_timeout,
-                idle_wait=self.options.idle_wait,
-            )
-        )
+        return ArqConsumer(self.consumer_config())
 
     def diagnostics(self) -> ArqDiagnostics:
         """What `doctor` asks of Redis."""

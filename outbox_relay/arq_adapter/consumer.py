@@ -268,9 +268,9 @@ def build_arq_worker(
 ) -> Worker:
     """An arq Worker with outbox_relay's settings (see the module docstring).
 
-    The bench's no-op ceiling is built by the same function with a no-op
-    ``coroutine`` (registered under the one-row name) and arq's plain ``Worker``,
-    so that both run identical arq settings.
+    ``coroutine`` (registered under the one-row name) and ``worker_class`` (e.g.
+    arq's plain ``Worker``) build another worker with identical arq settings: the
+    bench's no-op ceiling (``python -m bench.noop_worker``) is built so.
     """
     timeout = config.job_timeout + ARQ_TIMEOUT_MARGIN
     coroutines: dict[str, WorkerCoroutine] = (
@@ -396,22 +396,3 @@ async def _drain(worker: Worker, timeout: float) -> None:
     running = [task for task in worker.tasks.values() if not task.done()]
     if running:
         await asyncio.wait(running, timeout=timeout)
-
-
-async def run_noop_worker(config: ConsumerConfig, stop: asyncio.Event) -> None:
-    """Raw arq with outbox_relay's arq settings, whose job does nothing: the bench's ceiling."""
-
-    async def noop(ctx: dict[str, Any], row_id: int, *_: Any) -> None:
-        return None
-
-    redis = redis_client(
-        config.redis_url, queue_name=config.queue_name, max_connections=config.concurrency + 10
-    )
-    try:
-        worker = build_arq_worker(config, redis, {}, coroutine=noop, worker_class=Worker)
-        task = asyncio.create_task(worker.main(), name="bench.noop_worker")
-        await stop.wait()
-        await cancel_and_wait(task)
-    finally:
-        with contextlib.suppress(Exception):
-            await redis.aclose(close_connection_pool=True)

@@ -17,8 +17,6 @@ from pathlib import Path
 from typing import Any
 
 from arq.connections import ArqRedis
-from arq.constants import job_key_prefix
-from arq.jobs import serialize_job
 from redis.asyncio import ConnectionPool
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
@@ -155,23 +153,3 @@ class ArqQueue:
     async def close(self) -> None:
         """Close the Redis connections."""
         await self.redis.aclose(close_connection_pool=True)
-
-
-async def enqueue_raw_jobs(config: QueueConfig, first: int, count: int) -> None:
-    """Plain arq jobs, one per id (``outbox_relay.process_row``, pickled as arq writes them):
-    the bench's no-op ceiling, arq at its own game."""
-    redis = redis_client(config.redis_url, queue_name=config.queue_name)
-    try:
-        now_ms = int(time.time() * 1000)
-        async with translated_errors():
-            for start in range(first, first + count, 500):
-                async with redis.pipeline(transaction=False) as pipe:
-                    for i in range(start, min(first + count, start + 500)):
-                        jid = f"{config.namespace}:{i}"
-                        payload = serialize_job(FUNCTION_NAME, (i,), {}, None, now_ms)
-                        pipe.psetex(job_key_prefix + jid, JOB_TTL_MS, payload)
-                        pipe.zadd(config.queue_name, {jid: now_ms})
-                    pipe.rpush(wake_key(config.queue_name), 1)
-                    await pipe.execute()
-    finally:
-        await redis.aclose(close_connection_pool=True)

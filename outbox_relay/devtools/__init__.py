@@ -1,5 +1,6 @@
-"""Developer tools, apart from the core: the demo, the benchmark, embedded servers, process helpers.
+"""Developer tools, apart from the core: the demo, embedded servers, the shared set-up, process helpers.
 
-Imported only by the CLI's `demo`, `bench` and by the tests; they need the
-``embedded`` (and, for the bench, ``bench``) extras.
+Imported only by the CLI's `demo`, by the benchmark (``bench/`` next to the
+package, `./dev bench`) and by the tests; they need the ``embedded`` extra
+(the benchmark also the ``bench`` extra).
 """

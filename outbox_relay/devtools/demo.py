@@ -28,14 +28,14 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
+from outbox_relay.composition import replication_config
 from outbox_relay.db import Connection, connect
 from outbox_relay.devtools.embedded import EmbeddedPostgres, EmbeddedRedis
 from outbox_relay.devtools.processes import log_tails, service_env, spawn
 from outbox_relay.devtools.processes import stop as stop_processes
-from outbox_relay.domains.reservation import plugin as reservation
+from outbox_relay.devtools.setup import prepare
 from outbox_relay.exceptions import DemoError
-from outbox_relay.migrate import migrate
-from outbox_relay.replication import subscribe, unsubscribe
+from outbox_relay.replication import unsubscribe
 from outbox_relay.settings import Settings
 
 ACCOUNTS = 20
@@ -131,14 +131,9 @@ async def _demo(
 ) -> DemoReport:
     service_url = settings.require_database_url()
     primary_url = settings.require_primary_url()
-    for url, target in ((service_url, "service"), (primary_url, "primary")):
-        conn = await connect(url)
-        try:
-            await migrate(conn, target, [reservation])  # type: ignore[arg-type]
-        finally:
-            await conn.close()
+    subscribed = await prepare(settings)
+    assert subscribed is not None, "the demo's settings name a primary"
     say("  schemas migrated (service database and primary)")
-    subscribed = await subscribe(settings)
     say(f"  subscription {subscribed.name} created; replication running")
 
     service = await connect(service_url)
@@ -197,7 +192,7 @@ async def _demo(
         return await _report(service, steady, burst, amounts, initial_total, options)
     finally:
         await service.close()
-        await unsubscribe(settings)
+        await unsubscribe(replication_config(settings))
 
 
 async def _warm_up(

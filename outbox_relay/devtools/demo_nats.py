@@ -27,9 +27,9 @@ from outbox_relay.devtools.embedded import EmbeddedPostgres, EmbeddedRedis
 from outbox_relay.devtools.nats_server import EmbeddedNats
 from outbox_relay.devtools.processes import log_tails, service_env, spawn
 from outbox_relay.devtools.processes import stop as stop_processes
+from outbox_relay.devtools.setup import prepare
 from outbox_relay.exceptions import DemoError
 from outbox_relay.handlers import HandlerRegistry
-from outbox_relay.migrate import migrate
 from outbox_relay.settings import Settings
 from outbox_relay.sinks.routes import parse_routes
 from outbox_relay.terminal import escape_controls as printable
@@ -71,11 +71,7 @@ async def run_nats_demo(events: int, workers: int) -> int:
             routes=parse_routes(ROUTES),
         )
         registry = plugins(settings, HandlerRegistry())
-        conn = await connect(settings.require_database_url())
-        try:
-            await migrate(conn, "service", registry.plugins())
-        finally:
-            await conn.close()
+        await prepare(settings, registry.plugins())
         client = await nats.connect(broker.url)
         try:
             js = client.jetstream()

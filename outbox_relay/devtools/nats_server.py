@@ -16,9 +16,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from types import TracebackType
 
-from outbox_relay.devtools.embedded import _wait_for_port, free_port
+from outbox_relay.devtools.embedded import EmbeddedServer, free_port, stop_process, wait_for_port
 from outbox_relay.exceptions import EmbeddedServerError
 
 
@@ -33,7 +32,7 @@ def nats_server_binary() -> Path:
     return Path(found)
 
 
-class EmbeddedNats:
+class EmbeddedNats(EmbeddedServer):
     """A nats-server with JetStream, on 127.0.0.1 and a port of its own."""
 
     def __init__(self, port: int | None = None, store: Path | None = None) -> None:
@@ -56,7 +55,7 @@ class EmbeddedNats:
         args += ["-sd", str(self.store / "jetstream"), "-l", str(self.log)]
         self._proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
         try:
-            _wait_for_port(self.port, time.monotonic() + timeout, "nats-server")
+            wait_for_port(self.port, time.monotonic() + timeout, "nats-server")
         except EmbeddedServerError:
             self.kill()
             raise
@@ -77,12 +76,7 @@ class EmbeddedNats:
     def stop(self) -> None:
         """Stop the server gracefully (SIGTERM), killing it if it does not exit."""
         if self._proc is not None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait(10)
+            stop_process(self._proc)
             self._proc = None
 
     def cleanup(self) -> None:
@@ -90,12 +84,3 @@ class EmbeddedNats:
         self.stop()
         if self._owned_store:
             shutil.rmtree(self.store, ignore_errors=True)
-
-    def __enter__(self) -> EmbeddedNats:
-        self.start()
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.cleanup()

@@ -1,4 +1,4 @@
-"""Relay and worker processes started by `demo` and `bench`: the real CLI, as an operator runs it."""
+"""Relay and worker processes started by `demo` and the benchmark: the real CLI, as an operator runs it."""
 
 from __future__ import annotations
 

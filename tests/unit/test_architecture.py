@@ -78,10 +78,14 @@ def queue_libraries_outside_the_adapter(modules: Modules) -> dict[str, str]:
 
 
 def tooling_in_the_core(modules: Modules) -> dict[str, str]:
-    """Core modules importing tooling, and a CLI importing the developer tools at its top level."""
+    """Core modules importing tooling, a CLI importing the developer tools at its top level, and any
+    module of the package importing the bench (it is not in the wheel) or the tests."""
     found = {}
     for name, path in modules.items():
-        if _is_tool(name):
+        if _is_tool(name):  # the demo's tools may use each other, never the bench or the tests
+            tools = sorted(i for i in _imports(path, name) if i.split(".")[0] in {"bench", "tests"})
+            if tools:
+                found[name] = ",".join(tools)
             continue
         if name == "outbox_relay.cli":
             tree = ast.parse(path.read_text())
@@ -149,7 +153,7 @@ RULES: dict[str, Rule] = {
 PLANTED: dict[str, tuple[str, str]] = {
     "settings below the edge": ("relay/planted.py", "from outbox_relay.settings import Settings\n"),
     "arq/redis outside the adapter": ("worker/planted.py", "from redis.asyncio import Redis\n"),
-    "tooling in the core": ("doctor_planted.py", "import bench.scenarios\n"),
+    "tooling in the core": ("devtools/planted.py", "import bench.scenarios\n"),
     "environment read outside settings": ("prune_planted.py", "import os\nX = os.environ['X']\n"),
     "import cycle": ("events_planted.py", "import outbox_relay.events_planted2\n"),
 }

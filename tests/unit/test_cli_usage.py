@@ -83,6 +83,16 @@ def test_unknown_or_missing_command_is_a_usage_error(capsys: pytest.CaptureFixtu
     assert "usage:" in capsys.readouterr().err
 
 
+def test_the_operator_cli_has_no_bench_command(capsys: pytest.CaptureFixture[str]) -> None:
+    """`bench` and `bench-noop-worker` are unknown commands (exit 2): the benchmark is `./dev bench`."""
+    assert not {"bench", "bench-noop-worker"} & set(subcommands(cli.build_parser()))
+    for name in ("bench", "bench-noop-worker"):
+        with pytest.raises(SystemExit) as caught:
+            cli.main([name])
+        assert caught.value.code == 2
+        assert "invalid choice" in capsys.readouterr().err
+
+
 def test_status_has_a_json_flag() -> None:
     """status --json sets json; plain status does not."""
     parser = cli.build_parser()

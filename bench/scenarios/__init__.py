@@ -1,0 +1,1 @@
+"""The bench's measurements, one module each; :mod:`bench.run` runs them in order."""
