@@ -242,3 +242,19 @@ def test_the_stack_settles_a_reservation_and_survives_the_active_relay_dying(com
     assert (stack.readyz(leader) or {}).get("role") == "standby"  # back, standing by
     status = json.loads(stack.run("run", "--rm", "--no-deps", "-T", "relay", "status", "--json").stdout)
     assert status["counts"] == {"new": 0, "queued": 0, "finished": 3, "failed": 0}
+
+
+def test_the_image_holds_no_benchmark(compose: Compose) -> None:
+    """The operator image has no `bench` command and no bench code: `outbox-relay bench` is unknown
+    (exit 2) and neither `bench` nor `outbox_relay.devtools.bench` imports."""
+    command = compose.run("run", "--rm", "--no-deps", "-T", "worker", "bench", check=False, timeout=120)
+    assert command.returncode == 2, command.stdout + command.stderr
+    assert "invalid choice: 'bench'" in command.stderr
+    probe = (
+        "import importlib.util, sys; "
+        "sys.exit(any(importlib.util.find_spec(m) for m in ('bench', 'outbox_relay.devtools.bench')))"
+    )
+    found = compose.run(
+        "run", "--rm", "--no-deps", "-T", "--entrypoint", "python", "worker", "-c", probe, check=False
+    )
+    assert found.returncode == 0, found.stdout + found.stderr

@@ -214,14 +214,19 @@ async def test_jobs_a_worker_runs_at_once_commit_together_and_each_row_settles_o
 async def test_a_one_row_job_of_0_1_0_runs_as_a_batch_of_one(outbox_env: OutboxEnv, service: Any) -> None:
     """A 0.1.0 one-row job (``outbox_relay.process_row``) goes through the batch door: its transient
     failure is retried as a batch job, the row finishes on its second attempt, no marker stays."""
-    from outbox_relay.arq_adapter.producer import QueueConfig, enqueue_raw_jobs, redis_client
+    from bench.noop_worker import enqueue_raw_jobs
+    from outbox_relay.arq_adapter.producer import redis_client
 
     settings = outbox_env.settings(max_attempts=5)
     calls: Counter[str] = Counter()
     row_id = await _insert(service, "legacy-1", None, kind="flaky")
     url = settings.redis_url.get_secret_value()
+    redis = redis_client(url, queue_name=settings.queue_name)
     async with running_worker(settings, _with_flaky(calls, 1)):
-        await enqueue_raw_jobs(QueueConfig(url, settings.queue_name, settings.job_namespace), row_id, 1)
+        try:
+            await enqueue_raw_jobs(redis, settings.queue_name, settings.job_namespace, row_id, 1)
+        finally:
+            await redis.aclose(close_connection_pool=True)
         await wait_until(
             lambda: _equals(count_status(service, "finished"), 1), timeout=30, message="the row finished"
         )
