@@ -146,7 +146,7 @@ async def outbox_env(pg_server: PgServer, redis_server: RedisServer) -> AsyncIte
 
 
 @pytest.fixture
-async def service(outbox_env: OutboxEnv) -> AsyncIterator[asyncpg.Connection]:  # type: ignore[type-arg]
+async def service(outbox_env: OutboxEnv) -> AsyncIterator[asyncpg.Connection]:
     """A connection to the service database."""
     conn = await asyncpg.connect(outbox_env.service_url)
     yield conn
@@ -154,7 +154,7 @@ async def service(outbox_env: OutboxEnv) -> AsyncIterator[asyncpg.Connection]:  
 
 
 @pytest.fixture
-async def primary(outbox_env: OutboxEnv) -> AsyncIterator[asyncpg.Connection]:  # type: ignore[type-arg]
+async def primary(outbox_env: OutboxEnv) -> AsyncIterator[asyncpg.Connection]:
     """A connection to the primary database."""
     conn = await asyncpg.connect(outbox_env.primary_url)
     yield conn

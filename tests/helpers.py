@@ -167,7 +167,7 @@ def spawn_cli(*args: str, env: Mapping[str, str], log: Path) -> subprocess.Popen
         handle.close()
 
 
-async def connect(url: str) -> asyncpg.Connection:  # type: ignore[type-arg]
+async def connect(url: str) -> asyncpg.Connection:
     """A plain connection for the test's own queries."""
     return await asyncpg.connect(url)
 

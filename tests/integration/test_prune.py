@@ -11,9 +11,8 @@ from typing import Any
 import pytest
 
 from outbox_relay.db import create_pool, quote_ident
+from outbox_relay.exceptions import NoSubscriberError, SubscriberLagError
 from outbox_relay.prune import (
-    NoSubscriberError,
-    SubscriberLagError,
     prune_primary,
     prune_primary_stats,
     prune_service,
@@ -239,6 +238,7 @@ async def test_prune_primary_deletes_only_rows_the_subscriber_has_received(
     """Received old rows go; after the subscription is disabled, rows it has not received are kept."""
     settings = outbox_env.settings()
     name = settings.subscription_name
+    assert name is not None
     await subscribe(settings)
     await _old_primary_rows(primary, "got-", 30)
     await primary.execute(

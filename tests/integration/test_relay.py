@@ -305,7 +305,7 @@ async def test_a_marker_naming_no_waiting_or_running_job_is_orphaned_and_replace
     namespace, queue_name = settings.job_namespace, settings.queue_name
     async with _job_queue(settings.redis_url.get_secret_value(), queue_name, namespace) as (queue, redis):
         await redis.set(marker_key(namespace, "lost"), b"a-job-nobody-has")
-        await redis.hset(marker_key(namespace, "hash"), "x", "y")  # type: ignore[misc]
+        await redis.hset(marker_key(namespace, "hash"), "x", "y")
         await redis.set(marker_key(namespace, "running"), b"busy-job")
         await redis.set(in_progress_key_prefix + "busy-job", b"1")
         rows = [PendingRow(1, "lost"), PendingRow(2, "hash"), PendingRow(3, "running")]

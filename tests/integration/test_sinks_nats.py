@@ -41,7 +41,7 @@ def prefix() -> str:
 
 
 def nats_settings(env: OutboxEnv, server: EmbeddedNats, prefix: str, **overrides: Any) -> Any:
-    values = {"routes": "ev.*=nats", "nats_url": server.url, "nats_subject_prefix": prefix}
+    values: dict[str, Any] = {"routes": "ev.*=nats", "nats_url": server.url, "nats_subject_prefix": prefix}
     values["nats_timeout"] = 1.0
     return env.settings(**{**values, **overrides})
 

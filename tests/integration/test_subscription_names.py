@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -151,7 +152,7 @@ async def test_svc_dash_a_and_svc_underscore_a_get_their_own_subscriptions_and_s
     assert await _subscription(underscore) == (second.name, second.name)
     await _produce(primary_url, "both-1")
     for url in (dash, underscore):
-        await wait_until(lambda url=url: _replicated(url, "both-1"), timeout=30, message="row replicated")
+        await wait_until(functools.partial(_replicated, url, "both-1"), timeout=30, message="row replicated")
 
 
 async def test_upper_and_lower_case_names_differ(cluster: tuple[str, Factory]) -> None:
