@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -22,6 +23,14 @@ from tests.servers import PgServer, RedisServer, session_postgres, session_redis
 
 # What the CLI does at its edge: the installed plugins (the reservation domain) register.
 load_plugins(registry)
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No OUTBOX_RELAY_* variable of the developer's shell leaks into the test."""
+    for name in list(os.environ):
+        if name.upper().startswith("OUTBOX_RELAY_"):
+            monkeypatch.delenv(name)
 
 
 @pytest.fixture(scope="session")
