@@ -77,10 +77,10 @@ class Fleet:
         self.restarts: Counter[str] = Counter()
 
     def start_relay(self, name: str) -> None:
-        self.relays[name] = self.services.start(name, "run", env=self.cli)
+        self.relays[name] = self.services.start_relay(name, self.cli)
 
     def start_worker(self, name: str) -> None:
-        self.workers[name] = self.services.start(name, "worker", env=self.cli)
+        self.workers[name] = self.services.start_worker(name, self.cli)
 
     async def active_relay(self, service_url: str) -> tuple[str, Service] | None:
         """The relay whose pid holds the lease (None while the database is away)."""
@@ -214,12 +214,12 @@ async def test_chaos_soak_loses_nothing_and_settles_each_reservation_once(
     )
     fleet = Fleet(services, cli)
     fleet.start_relay("relay-a")
-    await services.wait_logged(fleet.relays["relay-a"], "relay active")
+    await services.ready(fleet.relays["relay-a"], role="active")
     fleet.start_relay("relay-b")
     for name in ("worker-1", "worker-2"):
         fleet.start_worker(name)
     for worker in fleet.workers.values():
-        await services.wait_logged(worker, "worker started")
+        await services.ready(worker, role="worker")
 
     faults: Counter[str] = Counter()
     schedule: list[str] = []

@@ -63,8 +63,8 @@ async def test_notify_trigger_fires_for_a_large_transaction_applied_in_parallel(
     assert mode == "p"
 
     async with running_relay(settings) as relay:
-        await wait_until(lambda: _true(relay.active.is_set()), message="relay active")
-        await wait_until(lambda: _true(relay.stats.sweeps >= 1), message="initial sweep")
+        await wait_until(lambda: relay.active.is_set(), message="relay active")
+        await wait_until(lambda: relay.stats.sweeps >= 1, message="initial sweep")
         sweeps, notifications = relay.stats.sweeps, relay.stats.notifications
         streamed_before = await _streamed(primary, name)
         async with primary.transaction():
@@ -105,10 +105,6 @@ async def _parallel_workers(service: Any, name: str) -> int:
             "SELECT count(*) FROM pg_stat_subscription WHERE subname = $1 AND leader_pid IS NOT NULL", name
         )
     )
-
-
-async def _true(value: bool) -> bool:
-    return value
 
 
 async def _at_least(value: Any, expected: int) -> bool:

@@ -65,7 +65,7 @@ async def cluster(pg_server: PgServer) -> AsyncIterator[tuple[str, Factory]]:
                     await conn.close()
         with contextlib.suppress(Exception):
             await wait_until(
-                lambda: _true(admin.fetchval(IDLE_SLOTS, primary_db)),
+                lambda: admin.fetchval(IDLE_SLOTS, primary_db),
                 timeout=10,
             )
             await admin.execute(
@@ -76,10 +76,6 @@ async def cluster(pg_server: PgServer) -> AsyncIterator[tuple[str, Factory]]:
             with contextlib.suppress(Exception):
                 await admin.execute(f"DROP DATABASE IF EXISTS {quote_ident(name)} WITH (FORCE)")
         await admin.close()
-
-
-async def _true(value: Awaitable[Any]) -> bool:
-    return bool(await value)
 
 
 def _settings(service_url: str, primary_url: str, **extra: Any) -> Settings:
