@@ -30,7 +30,7 @@ import asyncpg
 import pytest
 
 from tests.conftest import OutboxEnv
-from tests.helpers import Service, Services, cli_env, money_total
+from tests.helpers import Service, Services, cli_env
 from tests.integration.test_faults import (
     ACCOUNTS,
     EXPECTED_STATE,
@@ -39,6 +39,7 @@ from tests.integration.test_faults import (
     ensure_up,
     env,  # noqa: F401  (fixture)
     prepare_load,
+    read_ledger,
     servers,  # noqa: F401  (fixture)
 )
 from tests.servers import PgServer, RedisServer
@@ -159,18 +160,7 @@ async def terminate_backends(url: str) -> int:
 
 async def settle_check(service_url: str, load: Load) -> dict[str, int]:
     """Every row finished or failed with its reason, reservations settled at most once, money conserved."""
-    conn = await asyncpg.connect(service_url)
-    try:
-        records = await conn.fetch(
-            "SELECT correlation_id, o.status, o.last_error, r.state"
-            "  FROM outbox_relay.outbox o FULL JOIN ledger.reservations r USING (correlation_id)"
-        )
-        accounts = await conn.fetch("SELECT id, balance FROM ledger.accounts")
-        balances = {r["id"]: r["balance"] for r in accounts}
-        money = await money_total(conn)
-    finally:
-        await conn.close()
-    rows = {r["correlation_id"]: r for r in records}
+    rows, balances, money = await read_ledger(service_url)
     assert set(rows) == set(load.outcomes), "outbox rows lost or made up"
     pending = sorted(cid for cid, r in rows.items() if r["status"] not in ("finished", "failed"))
     assert not pending, f"{len(pending)} rows never finished, e.g. {pending[:5]}"

@@ -166,8 +166,9 @@ async def produce_at_once(url: str, rows: list[tuple[str, str]]) -> None:
         await conn.close()
 
 
-async def assert_settled(service_url: str, load: Load) -> None:
-    """Nothing lost, every reservation settled once as its outcome says, money conserved."""
+async def read_ledger(service_url: str) -> tuple[dict[str, asyncpg.Record], dict[str, int], int]:
+    """Each outbox row (status, last_error) with its reservation's state by correlation id, the
+    accounts' balances, and the money total."""
     conn = await asyncpg.connect(service_url)
     try:
         records = await conn.fetch(
@@ -178,8 +179,12 @@ async def assert_settled(service_url: str, load: Load) -> None:
         money = await money_total(conn)
     finally:
         await conn.close()
-    balances = {r["id"]: r["balance"] for r in accounts}
-    rows = {r["correlation_id"]: r for r in records}
+    return {r["correlation_id"]: r for r in records}, {r["id"]: r["balance"] for r in accounts}, money
+
+
+async def assert_settled(service_url: str, load: Load) -> None:
+    """Nothing lost, every reservation settled once as its outcome says, money conserved."""
+    rows, balances, money = await read_ledger(service_url)
     assert set(rows) == set(load.outcomes), "outbox rows lost or made up"
     pending = sorted(cid for cid, r in rows.items() if r["status"] not in ("finished", "failed"))
     assert not pending, f"{len(pending)} rows never finished, e.g. {pending[:5]}"

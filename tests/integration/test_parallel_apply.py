@@ -56,8 +56,7 @@ async def test_notify_trigger_fires_for_a_large_transaction_applied_in_parallel(
     )
     settings = outbox_env.settings(sweep_interval=3600)
     await subscribe(settings)
-    name = settings.subscription_name
-    assert name is not None
+    name = outbox_env.subscription_name
     await service.execute(f"ALTER SUBSCRIPTION {quote_ident(name)} SET (streaming = parallel)")
     mode = await service.fetchval("SELECT substream::text FROM pg_subscription WHERE subname = $1", name)
     assert mode == "p"

@@ -237,8 +237,7 @@ async def test_prune_primary_deletes_only_rows_the_subscriber_has_received(
 ) -> None:
     """Received old rows go; after the subscription is disabled, rows it has not received are kept."""
     settings = outbox_env.settings()
-    name = settings.subscription_name
-    assert name is not None
+    name = outbox_env.subscription_name
     await subscribe(settings)
     await _old_primary_rows(primary, "got-", 30)
     await primary.execute(

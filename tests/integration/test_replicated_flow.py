@@ -77,8 +77,7 @@ async def test_subscribe_copies_existing_rows_leaves_a_slot_and_is_safe_to_run_a
 ) -> None:
     """subscribe copies rows already on the primary, leaves its slot there on return, and can run again."""
     settings = outbox_env.settings(sweep_interval=3600)
-    name = settings.subscription_name
-    assert name is not None
+    name = outbox_env.subscription_name
     await open_account(service, "acc", 1_000)
     cids = [f"pre-{i}" for i in range(5)]
     for cid in cids:
@@ -115,8 +114,7 @@ async def test_concurrent_subscribes_both_succeed_with_one_subscription_and_one_
 ) -> None:
     """Two subscribe runs started at once (two relay instances) both succeed and make one subscription."""
     settings = outbox_env.settings()
-    name = settings.subscription_name
-    assert name is not None
+    name = outbox_env.subscription_name
     await produce(primary, "conc-1", "success")
 
     results = await asyncio.gather(subscribe(settings), subscribe(settings))
@@ -187,8 +185,7 @@ async def test_unsubscribe_drops_subscription_and_slot_and_is_safe_to_run_again(
 ) -> None:
     """unsubscribe leaves neither the subscription nor its slot, and a second run succeeds doing nothing."""
     settings = outbox_env.settings()
-    name = settings.subscription_name
-    assert name is not None
+    name = outbox_env.subscription_name
     await subscribe(settings)
     assert await _slot_exists(primary, name)
 
