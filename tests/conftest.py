@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -23,6 +24,14 @@ from tests.servers import PgServer, RedisServer, session_postgres, session_redis
 
 # What the CLI does at its edge: the installed plugins (the reservation domain) register.
 load_plugins(registry)
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No OUTBOX_RELAY_* variable of the developer's shell leaks into the test."""
+    for name in list(os.environ):
+        if name.upper().startswith("OUTBOX_RELAY_"):
+            monkeypatch.delenv(name)
 
 
 @pytest.fixture(scope="session")
@@ -147,7 +156,7 @@ async def outbox_env(pg_server: PgServer, redis_server: RedisServer) -> AsyncIte
 
 
 @pytest.fixture
-async def service(outbox_env: OutboxEnv) -> AsyncIterator[asyncpg.Connection]:  # type: ignore[type-arg]
+async def service(outbox_env: OutboxEnv) -> AsyncIterator[asyncpg.Connection]:
     """A connection to the service database."""
     conn = await asyncpg.connect(outbox_env.service_url)
     yield conn
@@ -155,7 +164,7 @@ async def service(outbox_env: OutboxEnv) -> AsyncIterator[asyncpg.Connection]:  
 
 
 @pytest.fixture
-async def primary(outbox_env: OutboxEnv) -> AsyncIterator[asyncpg.Connection]:  # type: ignore[type-arg]
+async def primary(outbox_env: OutboxEnv) -> AsyncIterator[asyncpg.Connection]:
     """A connection to the primary database."""
     conn = await asyncpg.connect(outbox_env.primary_url)
     yield conn

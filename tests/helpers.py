@@ -1,44 +1,57 @@
-"""Shared test helpers: polling with a deadline, running services, producing rows, the CLI."""
+"""Shared test helpers: polling with a deadline, running services, producing rows, the CLI, and the
+signals a test waits on (``/readyz`` of a process, the relay's lease row) instead of log lines."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import os
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import asyncpg
 
 from outbox_relay.composition import relay_process, worker_process
+from outbox_relay.devtools.embedded import free_port
 from outbox_relay.handlers import HandlerRegistry, registry
 from outbox_relay.queue import ConsumerStats
 from outbox_relay.relay import Relay
 from outbox_relay.settings import Settings
+from outbox_relay.sql import query
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 async def wait_until(
-    predicate: Callable[[], Awaitable[Any]],
+    predicate: Callable[[], Any],
     *,
     timeout: float = 15.0,
     interval: float = 0.02,
     message: str = "condition",
 ) -> Any:
-    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` seconds."""
+    """Poll ``predicate`` until it returns something truthy (or an awaitable of it); fail after
+    ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     last: Any = None
     while time.monotonic() < deadline:
-        last = await predicate()
+        last = predicate()
+        if inspect.isawaitable(last):
+            last = await last
         if last:
             return last
         await asyncio.sleep(interval)
     raise AssertionError(f"timed out after {timeout} s waiting for {message} (last value: {last!r})")
+
+
+async def equals(value: Awaitable[Any], expected: Any) -> bool:
+    """True when ``value`` comes to ``expected`` (a predicate for :func:`wait_until`)."""
+    return bool(await value == expected)
 
 
 @contextlib.asynccontextmanager
@@ -167,9 +180,75 @@ def spawn_cli(*args: str, env: Mapping[str, str], log: Path) -> subprocess.Popen
         handle.close()
 
 
-async def connect(url: str) -> asyncpg.Connection:  # type: ignore[type-arg]
+async def connect(url: str) -> asyncpg.Connection:
     """A plain connection for the test's own queries."""
     return await asyncpg.connect(url)
+
+
+# -- signals: /readyz of a process, the relay's lease row ---------------------------
+
+
+async def http_get(port: int, path: str) -> tuple[int, Any]:
+    """(status, body) of GET ``path`` on 127.0.0.1: JSON decoded except for /metrics; (0, None) when
+    nothing answers."""
+    try:
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=3)) as http,
+            http.get(f"http://127.0.0.1:{port}{path}") as response,
+        ):
+            if path == "/metrics":
+                return response.status, await response.text()
+            return response.status, await response.json()
+    except (aiohttp.ClientError, TimeoutError):
+        return 0, None
+
+
+async def wait_ready(
+    port: int, *, role: str | None = None, ready: bool = True, timeout: float = 30.0
+) -> dict[str, Any]:
+    """Poll ``/readyz`` on ``port`` until it says ``ready`` (and ``role``, when given); its body.
+
+    Roles: ``active`` and ``standby`` for a relay, ``worker`` for a worker."""
+
+    async def answered() -> dict[str, Any] | None:
+        _, body = await http_get(port, "/readyz")
+        if isinstance(body, dict) and body.get("ready") is ready and role in (None, body.get("role")):
+            return body
+        return None
+
+    wanted = f"ready={ready}" + (f" role={role}" if role else "")
+    result: dict[str, Any] = await wait_until(
+        answered, timeout=timeout, interval=0.05, message=f"/readyz on port {port} to say {wanted}"
+    )
+    return result
+
+
+async def lease(url: str) -> asyncpg.Record | None:
+    """The relay lease row (holder, epoch, expires_at, valid); None while the database is away."""
+    try:
+        conn = await asyncpg.connect(url, timeout=3)
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
+        return None
+    try:
+        record: asyncpg.Record | None = await conn.fetchrow(query("lease_state"))
+        return record
+    finally:
+        await conn.close()
+
+
+async def wait_relay_active(url: str, *, after_epoch: int = 0, timeout: float = 30.0) -> int:
+    """Wait until a relay holds a valid lease of an epoch above ``after_epoch``; that epoch."""
+
+    async def leading() -> int | None:
+        record = await lease(url)
+        if record is not None and record["valid"] and record["epoch"] > after_epoch:
+            return int(record["epoch"])
+        return None
+
+    epoch: int = await wait_until(
+        leading, timeout=timeout, interval=0.05, message=f"a relay lease of an epoch above {after_epoch}"
+    )
+    return epoch
 
 
 # -- CLI services in subprocesses (fault and acceptance tests) ---------------------
@@ -187,10 +266,12 @@ def log_tail(path: Path, lines: int = 30) -> str:
 class Service:
     """One ``python -m outbox_relay`` subprocess and its log."""
 
-    def __init__(self, name: str, proc: subprocess.Popen[bytes], log: Path) -> None:
+    def __init__(self, name: str, proc: subprocess.Popen[bytes], log: Path, port: int | None = None) -> None:
         self.name = name
         self.proc = proc
         self.log = log
+        #: OUTBOX_RELAY_HTTP_PORT of the process (``/readyz``), when it serves one.
+        self.port = port
 
     def running(self) -> bool:
         """True while the process has not exited."""
@@ -215,19 +296,63 @@ class Services:
         self.directory = directory
         self.started: list[Service] = []
 
-    def start(self, name: str, *args: str, env: Mapping[str, str]) -> Service:
-        """Start ``python -m outbox_relay ARGS``; its output goes to ``<name>.log``."""
+    def start(self, name: str, *args: str, env: Mapping[str, str], http: bool = False) -> Service:
+        """Start ``python -m outbox_relay ARGS``; its output goes to ``<name>.log``. With ``http``
+        it serves /healthz, /readyz and /metrics on a free port (:attr:`Service.port`)."""
         log = self.directory / f"{name}.log"
-        service = Service(name, spawn_cli(*args, env=env, log=log), log)
+        port = free_port() if http else None
+        if port is not None:
+            env = {**env, "OUTBOX_RELAY_HTTP_PORT": str(port)}
+        service = Service(name, spawn_cli(*args, env=env, log=log), log, port)
         self.started.append(service)
         return service
+
+    def start_relay(self, name: str, env: Mapping[str, str]) -> Service:
+        """Start ``run``, serving /readyz (see :meth:`ready`)."""
+        return self.start(name, "run", env=env, http=True)
+
+    def start_worker(self, name: str, env: Mapping[str, str]) -> Service:
+        """Start ``worker``, serving /readyz (see :meth:`ready`)."""
+        return self.start(name, "worker", env=env, http=True)
+
+    async def start_fleet(
+        self,
+        env: Mapping[str, str],
+        *,
+        relays: Sequence[str] = ("relay",),
+        workers: Sequence[str] = ("worker",),
+        timeout: float = 30.0,
+    ) -> list[Service]:
+        """Start the relays and workers named; return once the first relay is active, every other
+        relay (started after it) stands by and each worker is ready: relays first, then workers."""
+        first = [self.start_relay(relays[0], env)] if relays else []
+        started_workers = [self.start_worker(name, env) for name in workers]
+        for relay in first:
+            await self.ready(relay, role="active", timeout=timeout)
+        standbys = [self.start_relay(name, env) for name in relays[1:]]
+        for relay in standbys:
+            await self.ready(relay, role="standby", timeout=timeout)
+        for worker in started_workers:
+            await self.ready(worker, role="worker", timeout=timeout)
+        return [*first, *standbys, *started_workers]
+
+    async def ready(
+        self, service: Service, *, role: str | None = None, ready: bool = True, timeout: float = 30.0
+    ) -> None:
+        """:func:`wait_ready` on ``service``'s /readyz, with the logs' tails in the failure message."""
+        if service.port is None:
+            raise ValueError(f"{service.name} serves no /readyz: start it with http=True")
+        try:
+            await wait_ready(service.port, role=role, ready=ready, timeout=timeout)
+        except AssertionError as exc:
+            raise AssertionError(f"{service.name}: {exc}\n{self.tails()}") from None
 
     def tails(self, lines: int = 30) -> str:
         """The end of every log, for a failure message."""
         return "\n".join(log_tail(s.log, lines) for s in self.started)
 
     async def wait(
-        self, predicate: Callable[[], Awaitable[Any]], *, timeout: float = 30.0, message: str = "condition"
+        self, predicate: Callable[[], Any], *, timeout: float = 30.0, message: str = "condition"
     ) -> Any:
         """:func:`wait_until`, with the logs' tails in the failure message."""
         try:

@@ -370,14 +370,10 @@ async def test_subscribe_and_unsubscribe_twice(outbox_env: OutboxEnv, primary: A
 async def test_run_and_worker_stop_cleanly_on_sigterm(outbox_env: OutboxEnv, services: Services) -> None:
     """`run` (active and standby) and `worker` exit 0 soon after SIGTERM, saying they stopped."""
     env = cli_env(outbox_env.env())
-    relay = services.start("relay", "run", env=env)
-    await services.wait_logged(relay, "relay active")
-    standby = services.start("standby", "run", env=env)
     # Several workers: a stop that races arq's Redis polling must end each of them.
-    workers = [services.start(f"worker-{i}", "worker", env=env) for i in range(4)]
-    await services.wait_logged(standby, "standing by")
-    for worker in workers:
-        await services.wait_logged(worker, "worker started")
+    relay, standby, *workers = await services.start_fleet(
+        env, relays=("relay", "standby"), workers=[f"worker-{i}" for i in range(4)]
+    )
     for service in (relay, standby, *workers):
         service.proc.send_signal(signal.SIGTERM)
     for service in (relay, standby, *workers):

@@ -71,9 +71,9 @@ async def test_run_worker_and_status_as_least_privileged_users(
     def env_for(duty: str) -> dict[str, str]:
         return cli_env(outbox_env.env(DATABASE_URL=_as(outbox_env.service_url, users[duty])))
 
-    relay = services.start("relay", "run", env=env_for("relay"))
-    worker = services.start("worker", "worker", env=env_for("worker"))
-    await services.wait_logged(relay, "relay active")
+    relay = services.start_relay("relay", env_for("relay"))
+    worker = services.start_worker("worker", env_for("worker"))
+    await services.ready(relay, role="active")
     await produce(service, "least-1", "success")
     await produce(service, "least-2", "failure")
 

@@ -15,6 +15,7 @@ from outbox_relay.worker import RowProcessor
 from tests.conftest import OutboxEnv
 from tests.helpers import (
     count_status,
+    equals,
     money_total,
     open_account,
     reserve,
@@ -34,10 +35,6 @@ async def _insert(conn: Any, cid: str, outcome: str | None, *, kind: str = "rese
             outcome,
         )
     )
-
-
-async def _equals(value: Any, expected: Any) -> bool:
-    return bool(await value == expected)
 
 
 def _with_flaky(calls: Counter[str], fail_times: int) -> HandlerRegistry:
@@ -108,13 +105,13 @@ async def test_through_relay_and_worker_a_retry_reruns_only_its_row_and_leaves_n
     total = await money_total(service)
     calls: Counter[str] = Counter()
     async with running_worker(settings, _with_flaky(calls, 1)), running_relay(settings) as relay:
-        await wait_until(lambda: _equals(_active(relay), True), message="relay active")
+        await wait_until(lambda: relay.active.is_set(), message="relay active")
         async with service.transaction():
             for cid in good:
                 await _insert(service, cid, "success")
             await _insert(service, "t-flaky", "success", kind="flaky")
         await wait_until(
-            lambda: _equals(count_status(service, "finished"), len(good) + 1),
+            lambda: equals(count_status(service, "finished"), len(good) + 1),
             timeout=30,
             message="every row finished",
         )
@@ -131,10 +128,6 @@ async def test_through_relay_and_worker_a_retry_reruns_only_its_row_and_leaves_n
     finally:
         await redis.aclose(close_connection_pool=True)
     assert markers == [], "ended rows kept their dedupe markers"
-
-
-async def _active(relay: Any) -> bool:
-    return bool(relay.active.is_set())
 
 
 async def test_concurrent_batches_refunding_the_same_accounts_each_commit_in_one_statement(
@@ -228,7 +221,7 @@ async def test_a_one_row_job_of_0_1_0_runs_as_a_batch_of_one(outbox_env: OutboxE
         finally:
             await redis.aclose(close_connection_pool=True)
         await wait_until(
-            lambda: _equals(count_status(service, "finished"), 1), timeout=30, message="the row finished"
+            lambda: equals(count_status(service, "finished"), 1), timeout=30, message="the row finished"
         )
     assert calls["legacy-1"] == 2
     assert await service.fetchval("SELECT attempts FROM outbox_relay.outbox WHERE id = $1", row_id) == 2

@@ -30,7 +30,7 @@ import asyncpg
 import pytest
 
 from tests.conftest import OutboxEnv
-from tests.helpers import Service, Services, cli_env, money_total
+from tests.helpers import Service, Services, cli_env
 from tests.integration.test_faults import (
     ACCOUNTS,
     EXPECTED_STATE,
@@ -39,6 +39,7 @@ from tests.integration.test_faults import (
     ensure_up,
     env,  # noqa: F401  (fixture)
     prepare_load,
+    read_ledger,
     servers,  # noqa: F401  (fixture)
 )
 from tests.servers import PgServer, RedisServer
@@ -77,10 +78,10 @@ class Fleet:
         self.restarts: Counter[str] = Counter()
 
     def start_relay(self, name: str) -> None:
-        self.relays[name] = self.services.start(name, "run", env=self.cli)
+        self.relays[name] = self.services.start_relay(name, self.cli)
 
     def start_worker(self, name: str) -> None:
-        self.workers[name] = self.services.start(name, "worker", env=self.cli)
+        self.workers[name] = self.services.start_worker(name, self.cli)
 
     async def active_relay(self, service_url: str) -> tuple[str, Service] | None:
         """The relay whose pid holds the lease (None while the database is away)."""
@@ -159,18 +160,7 @@ async def terminate_backends(url: str) -> int:
 
 async def settle_check(service_url: str, load: Load) -> dict[str, int]:
     """Every row finished or failed with its reason, reservations settled at most once, money conserved."""
-    conn = await asyncpg.connect(service_url)
-    try:
-        records = await conn.fetch(
-            "SELECT correlation_id, o.status, o.last_error, r.state"
-            "  FROM outbox_relay.outbox o FULL JOIN ledger.reservations r USING (correlation_id)"
-        )
-        accounts = await conn.fetch("SELECT id, balance FROM ledger.accounts")
-        balances = {r["id"]: r["balance"] for r in accounts}
-        money = await money_total(conn)
-    finally:
-        await conn.close()
-    rows = {r["correlation_id"]: r for r in records}
+    rows, balances, money = await read_ledger(service_url)
     assert set(rows) == set(load.outcomes), "outbox rows lost or made up"
     pending = sorted(cid for cid, r in rows.items() if r["status"] not in ("finished", "failed"))
     assert not pending, f"{len(pending)} rows never finished, e.g. {pending[:5]}"
@@ -214,12 +204,12 @@ async def test_chaos_soak_loses_nothing_and_settles_each_reservation_once(
     )
     fleet = Fleet(services, cli)
     fleet.start_relay("relay-a")
-    await services.wait_logged(fleet.relays["relay-a"], "relay active")
+    await services.ready(fleet.relays["relay-a"], role="active")
     fleet.start_relay("relay-b")
     for name in ("worker-1", "worker-2"):
         fleet.start_worker(name)
     for worker in fleet.workers.values():
-        await services.wait_logged(worker, "worker started")
+        await services.ready(worker, role="worker")
 
     faults: Counter[str] = Counter()
     schedule: list[str] = []

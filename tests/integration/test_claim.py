@@ -18,10 +18,6 @@ from tests.helpers import wait_until
 from tests.servers import RedisServer
 
 
-async def _true(value: bool) -> bool:
-    return value
-
-
 @pytest.fixture
 async def queue(redis_server: RedisServer) -> AsyncIterator[tuple[str, Any]]:
     """A fresh queue name on the shared Redis, and a client; the queue's keys are dropped after."""
@@ -104,7 +100,7 @@ async def test_a_poll_skips_running_jobs_jobs_in_progress_elsewhere_and_jobs_not
     try:
         await worker.start_jobs([i.encode() for i in [*free, held, later, gone]])
         assert set(worker.tasks) == set(free)
-        await wait_until(lambda: _true(sorted(ran) == sorted(free)), message="the claimed jobs run")
+        await wait_until(lambda: sorted(ran) == sorted(free), message="the claimed jobs run")
         await worker.start_jobs([i.encode() for i in free])  # running here: nothing new, nothing doubled
         assert worker.job_counter == 3
         assert sorted(ran) == sorted(free)

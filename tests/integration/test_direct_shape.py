@@ -10,6 +10,7 @@ import pytest
 from tests.conftest import OutboxEnv
 from tests.helpers import (
     count_status,
+    equals,
     money_total,
     open_account,
     produce,
@@ -33,12 +34,12 @@ async def test_rows_inserted_into_the_service_database_finish_through_notify(
     total = await money_total(service)
 
     async with running_worker(settings), running_relay(settings) as relay:
-        await wait_until(lambda: _true(relay.active.is_set() and relay.stats.sweeps >= 1), message="swept")
+        await wait_until(lambda: relay.active.is_set() and relay.stats.sweeps >= 1, message="swept")
         sweeps_before = relay.stats.sweeps
         for cid, outcome in outcomes.items():
             await produce(service, cid, outcome)  # the producer omits id: the identity default fills it
         await wait_until(
-            lambda: _equals(count_status(service, "finished"), len(outcomes)),
+            lambda: equals(count_status(service, "finished"), len(outcomes)),
             timeout=10,
             message="every row finished",
         )
@@ -61,11 +62,3 @@ async def test_direct_insert_with_a_duplicate_correlation_id_is_refused(service:
         await produce(service, "twice", "failure")
     rows = await service.fetch("SELECT outcome FROM outbox_relay.outbox WHERE correlation_id = 'twice'")
     assert [r["outcome"] for r in rows] == ["success"]
-
-
-async def _equals(value: Any, expected: Any) -> bool:
-    return bool(await value == expected)
-
-
-async def _true(value: bool) -> bool:
-    return value

@@ -225,7 +225,7 @@ async def test_apply_errors_fail_the_subscription_errors_check(deployment: Outbo
 
 async def test_evicting_redis_fails(deployment: OutboxEnv) -> None:
     """Redis with maxmemory-policy allkeys-lru fails the policy check, with CONFIG SET as the fix."""
-    client = aioredis.from_url(deployment.redis_url)
+    client = aioredis.Redis.from_url(deployment.redis_url)
     try:
         await client.config_set("maxmemory-policy", "allkeys-lru")
         check = _by_name(await _doctor(deployment))["redis maxmemory-policy"]

@@ -19,6 +19,7 @@ from outbox_relay.worker import RowProcessor
 from tests.conftest import OutboxEnv
 from tests.helpers import (
     count_status,
+    equals,
     money_total,
     open_account,
     reserve,
@@ -70,7 +71,7 @@ async def test_success_burns_and_failure_reclaims_with_money_conserved(
         for cid, outcome in outcomes.items():
             await _insert(service, cid, outcome)
         await wait_until(
-            lambda: _equals(count_status(service, "finished"), len(outcomes)),
+            lambda: equals(count_status(service, "finished"), len(outcomes)),
             timeout=30,
             message="every row finished",
         )
@@ -185,14 +186,14 @@ async def test_poison_rows_fail_at_once_while_good_rows_in_the_same_batch_finish
     total = await money_total(service)
 
     async with running_worker(settings), running_relay(settings) as relay:
-        await wait_until(lambda: _true(relay.active.is_set()), message="relay active")
+        await wait_until(lambda: relay.active.is_set(), message="relay active")
         async with service.transaction():  # one commit: the rows reach the relay together
             for cid, outcome in good.items():
                 await _insert(service, cid, outcome)
             for cid, (kind, poison_outcome, payload, _) in poison.items():
                 await _insert(service, cid, poison_outcome, kind=kind, payload=payload)
         await wait_until(
-            lambda: _equals(count_status(service, "finished", "failed"), len(good) + len(poison)),
+            lambda: equals(count_status(service, "finished", "failed"), len(good) + len(poison)),
             timeout=30,
             message="every row finished or failed",
         )
@@ -229,9 +230,7 @@ async def test_transient_failure_is_retried_until_max_attempts_then_fails(
 
     async with running_worker(settings, handlers), running_relay(settings):
         await _insert(service, "flaky-1", "success", kind="flaky")
-        await wait_until(
-            lambda: _equals(count_status(service, "failed"), 1), timeout=30, message="row failed"
-        )
+        await wait_until(lambda: equals(count_status(service, "failed"), 1), timeout=30, message="row failed")
 
     row = await _row(service, "flaky-1")
     assert row["attempts"] == 3
@@ -259,7 +258,7 @@ async def test_transient_failure_that_recovers_finishes_with_the_attempts_counte
     async with running_worker(settings, handlers), running_relay(settings):
         await _insert(service, "rec-1", "success", kind="recovers")
         await wait_until(
-            lambda: _equals(count_status(service, "finished"), 1), timeout=30, message="row finished"
+            lambda: equals(count_status(service, "finished"), 1), timeout=30, message="row finished"
         )
 
     row = await _row(service, "rec-1")
@@ -287,7 +286,7 @@ async def test_handler_attempt_that_times_out_is_retried_as_transient(
     async with running_worker(settings, handlers), running_relay(settings):
         await _insert(service, "hang-1", "success", kind="hangs_once")
         await wait_until(
-            lambda: _equals(count_status(service, "finished", "failed"), 1), timeout=30, message="row done"
+            lambda: equals(count_status(service, "finished", "failed"), 1), timeout=30, message="row done"
         )
 
     row = await _row(service, "hang-1")
@@ -312,9 +311,7 @@ async def test_writes_of_a_handler_that_fails_permanently_are_rolled_back(
 
     async with running_worker(settings, handlers), running_relay(settings):
         await _insert(service, "wr-1", "success", kind="writes_then_refuses")
-        await wait_until(
-            lambda: _equals(count_status(service, "failed"), 1), timeout=30, message="row failed"
-        )
+        await wait_until(lambda: equals(count_status(service, "failed"), 1), timeout=30, message="row failed")
 
     row = await _row(service, "wr-1")
     assert (row["status"], row["attempts"], row["last_error"]) == ("failed", 1, "refused after writing")
@@ -348,11 +345,3 @@ async def _state(conn: Any, cid: str) -> str | None:
 
 async def _balance(conn: Any, account: str) -> int:
     return int(await conn.fetchval("SELECT balance FROM ledger.accounts WHERE id = $1", account))
-
-
-async def _equals(value: Any, expected: Any) -> bool:
-    return bool(await value == expected)
-
-
-async def _true(value: bool) -> bool:
-    return value

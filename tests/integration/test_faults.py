@@ -28,7 +28,16 @@ from outbox_relay.composition import replication_config
 from outbox_relay.db import quote_ident
 from outbox_relay.replication import subscribe
 from tests.conftest import OutboxEnv, create_outbox_env, drop_outbox_env
-from tests.helpers import Service, Services, cli_env, count_status, money_total, open_account
+from tests.helpers import (
+    Service,
+    Services,
+    cli_env,
+    count_status,
+    lease,
+    money_total,
+    open_account,
+    wait_relay_active,
+)
 from tests.servers import PgServer, RedisServer, owned_postgres, owned_redis
 
 ACCOUNTS = 8
@@ -158,8 +167,9 @@ async def produce_at_once(url: str, rows: list[tuple[str, str]]) -> None:
         await conn.close()
 
 
-async def assert_settled(service_url: str, load: Load) -> None:
-    """Nothing lost, every reservation settled once as its outcome says, money conserved."""
+async def read_ledger(service_url: str) -> tuple[dict[str, asyncpg.Record], dict[str, int], int]:
+    """Each outbox row (status, last_error) with its reservation's state by correlation id, the
+    accounts' balances, and the money total."""
     conn = await asyncpg.connect(service_url)
     try:
         records = await conn.fetch(
@@ -170,8 +180,12 @@ async def assert_settled(service_url: str, load: Load) -> None:
         money = await money_total(conn)
     finally:
         await conn.close()
-    balances = {r["id"]: r["balance"] for r in accounts}
-    rows = {r["correlation_id"]: r for r in records}
+    return {r["correlation_id"]: r for r in records}, {r["id"]: r["balance"] for r in accounts}, money
+
+
+async def assert_settled(service_url: str, load: Load) -> None:
+    """Nothing lost, every reservation settled once as its outcome says, money conserved."""
+    rows, balances, money = await read_ledger(service_url)
     assert set(rows) == set(load.outcomes), "outbox rows lost or made up"
     pending = sorted(cid for cid, r in rows.items() if r["status"] not in ("finished", "failed"))
     assert not pending, f"{len(pending)} rows never finished, e.g. {pending[:5]}"
@@ -245,12 +259,7 @@ async def test_standby_relay_takes_over_after_the_active_one_is_sigkilled(
     await subscribe(replication_config(env.settings()))
     load = await prepare_load(env.service_url, 1500)
     cli = cli_env(env.env())
-    first = services.start("relay-a", "run", env=cli)
-    await services.wait_logged(first, "relay active")
-    standby = services.start("relay-b", "run", env=cli)
-    await services.wait_logged(standby, "standing by")
-    worker = services.start("worker", "worker", env=cli)
-    await services.wait_logged(worker, "worker started")
+    first, standby, worker = await services.start_fleet(cli, relays=("relay-a", "relay-b"))
 
     producer = asyncio.create_task(produce(env.primary_url, load.rows, pause=0.02))
     try:
@@ -258,7 +267,7 @@ async def test_standby_relay_takes_over_after_the_active_one_is_sigkilled(
         assert not producer.done(), "the load ended before the relay was killed"
         first.proc.kill()
         killed_at = time.monotonic()
-        await services.wait_logged(standby, "relay active", timeout=20)
+        await services.ready(standby, role="active", timeout=20)
         takeover = time.monotonic() - killed_at
         await producer
     finally:
@@ -294,11 +303,7 @@ async def test_rows_finish_when_a_worker_is_sigkilled_mid_load(env: OutboxEnv, s
     # JOB_TIMEOUT=1: arq's in-progress key of a killed worker's job expires after 1 + 15 s.
     # MAX_ATTEMPTS=20: the rows held up by the test's lock below may time out once or twice.
     cli = cli_env(env.env(job_timeout="1", max_attempts="20"))
-    relay = services.start("relay", "run", env=cli)
-    victim = services.start("worker-a", "worker", env=cli)
-    survivor = services.start("worker-b", "worker", env=cli)
-    for service in (relay, victim, survivor):
-        await services.wait_logged(service, "relay active" if service is relay else "worker started")
+    relay, victim, survivor = await services.start_fleet(cli, workers=("worker-a", "worker-b"))
 
     # The test locks every 10th reservation: a job settling one of them waits inside
     # its transaction, so the victim is certain to die with uncommitted work.
@@ -354,10 +359,7 @@ async def test_rows_finish_when_redis_restarts_empty_mid_load(
     backlog, later = load.rows[:5000], load.rows[5000:]
     # Small jobs, so that the backlog takes a while to drain.
     cli = cli_env(env.env(requeue_after="2", job_batch_size="10"))
-    relay = services.start("relay", "run", env=cli)
-    worker = services.start("worker", "worker", env=cli)
-    await services.wait_logged(relay, "relay active")
-    await services.wait_logged(worker, "worker started")
+    relay, worker = await services.start_fleet(cli)
 
     # A backlog: when Redis restarts, it holds many jobs, and loses them. The worker is
     # frozen meanwhile, so that the jobs are still there when Redis restarts (a quick
@@ -397,24 +399,25 @@ async def test_services_survive_a_service_database_restart_and_the_fast_path_res
     # The default sweep interval (5 s) and retry backoff (1 s, doubling): attempts
     # that fail while the database is away must not use up MAX_ATTEMPTS at once.
     cli = cli_env(env.env(retry_backoff="1", retry_backoff_max="60"))
-    relay = services.start("relay", "run", env=cli)
-    worker = services.start("worker", "worker", env=cli)
-    await services.wait_logged(relay, "relay active")
-    await services.wait_logged(worker, "worker started")
+    relay, worker = await services.start_fleet(cli)
 
     await produce_at_once(env.service_url, backlog)
     await services.wait(at_least_finished(env.service_url, 200), message="200 rows finished")
+    before = await lease(env.service_url)
+    assert before is not None
     if how == "restart":
         await asyncio.to_thread(pg.restart)
     else:
         await asyncio.to_thread(pg.kill)
-        await services.wait_logged(relay, "cannot reach the service database")
+        await services.ready(relay, ready=False)  # its session ended: it reconnects
         assert_running(relay, worker)
         await asyncio.to_thread(pg.start)
     unfinished = len(backlog) - await finished_count(env.service_url)
     assert unfinished > 0, "the backlog was done before the restart: nothing was in flight"
 
-    await services.wait_logged(relay, "relay active", count=2, timeout=30)
+    # Active again in a new session: a new lease, and (once it LISTENs) active on /readyz.
+    await wait_relay_active(env.service_url, after_epoch=before["epoch"], timeout=30)
+    await services.ready(relay, role="active")
     await services.wait(
         at_least_finished(env.service_url, len(backlog)), timeout=60, message="the backlog finished"
     )
@@ -498,10 +501,7 @@ async def test_rows_finish_through_the_sweep_when_notifications_are_missed(
         await conn.close()
     load = await prepare_load(env.service_url, 300)
     cli = cli_env(env.env(sweep_interval="0.5"))
-    relay = services.start("relay", "run", env=cli)
-    worker = services.start("worker", "worker", env=cli)
-    await services.wait_logged(relay, "relay active")
-    await services.wait_logged(worker, "worker started")
+    relay, worker = await services.start_fleet(cli)
 
     await produce(env.primary_url, load.rows, pause=0.02)
     await services.wait(

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import re
-import socket
-from typing import Any
 
-import aiohttp
-
+from outbox_relay.devtools.embedded import free_port
 from tests.conftest import OutboxEnv
-from tests.helpers import Services, cli_env, connect, open_account, produce, reserve
+from tests.helpers import Services, cli_env, connect, http_get, open_account, produce, reserve
 
 #: The contract's metrics, by the process that exposes them (each process only its role's).
 RELAY_METRICS = (
@@ -20,26 +17,6 @@ RELAY_METRICS = (
 )
 WORKER_METRICS = ("outbox_relay_events_total", "outbox_relay_commit_to_finish_seconds")
 _SAMPLE = re.compile(r"^(?P<name>[a-z_]+)(?:\{(?P<labels>[^}]*)\})? (?P<value>\S+)$")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-async def get(port: int, path: str) -> tuple[int, Any]:
-    """(status, body) of GET ``path``; JSON decoded except for /metrics; (0, None) when nothing answers."""
-    try:
-        async with (
-            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=3)) as http,
-            http.get(f"http://127.0.0.1:{port}{path}") as response,
-        ):
-            if path == "/metrics":
-                return response.status, await response.text()
-            return response.status, await response.json()
-    except (aiohttp.ClientError, TimeoutError):
-        return 0, None
 
 
 def samples(text: str) -> dict[tuple[str, str], float]:
@@ -77,7 +54,7 @@ async def test_relays_and_worker_serve_health_readiness_and_metrics(
     async def roles() -> dict[str, str] | None:
         found = {}
         for name in ("relay-a", "relay-b"):
-            status, body = await get(ports[name], "/readyz")
+            status, body = await http_get(ports[name], "/readyz")
             if status != 200:
                 return None
             found[name] = body["role"]
@@ -88,17 +65,17 @@ async def test_relays_and_worker_serve_health_readiness_and_metrics(
     standby = next(name for name, role in found.items() if role == "standby")
 
     async def worker_ready() -> bool:
-        status, body = await get(ports["worker"], "/readyz")
+        status, body = await http_get(ports["worker"], "/readyz")
         return status == 200 and body == {"ready": True, "role": "worker"}
 
     await services.wait(worker_ready, timeout=60, message="the worker ready on /readyz")
     for name, port in ports.items():
-        status, body = await get(port, "/healthz")
+        status, body = await http_get(port, "/healthz")
         assert status == 200, (name, body)
         assert body["ok"] is True
 
-    _, before = await get(ports[active], "/metrics")
-    _, worker_before = await get(ports["worker"], "/metrics")
+    _, before = await http_get(ports[active], "/metrics")
+    _, worker_before = await http_get(ports["worker"], "/metrics")
     for metric in RELAY_METRICS:
         assert f"# TYPE {metric.removesuffix('_total')}" in before, metric
         assert f"# TYPE {metric.removesuffix('_total')}" not in worker_before, metric
@@ -108,7 +85,7 @@ async def test_relays_and_worker_serve_health_readiness_and_metrics(
     assert "outbox_relay_worker_jobs_in_flight" not in before
     assert "outbox_relay_queue_depth" not in worker_before
     assert total(before, "outbox_relay_relay_active") == 1
-    _, standby_metrics = await get(ports[standby], "/metrics")
+    _, standby_metrics = await http_get(ports[standby], "/metrics")
     assert total(standby_metrics, "outbox_relay_relay_active") == 0
 
     conn = await connect(outbox_env.service_url)
@@ -120,8 +97,8 @@ async def test_relays_and_worker_serve_health_readiness_and_metrics(
         await produce(conn, "http-poison", "success")  # no reservation: a permanent failure
 
         async def flowed() -> bool:
-            _, relay_text = await get(ports[active], "/metrics")
-            _, worker_text = await get(ports["worker"], "/metrics")
+            _, relay_text = await http_get(ports[active], "/metrics")
+            _, worker_text = await http_get(ports["worker"], "/metrics")
             events, latency = "outbox_relay_events_total", "outbox_relay_commit_to_finish_seconds_count"
             return (
                 relay_text is not None
@@ -135,10 +112,10 @@ async def test_relays_and_worker_serve_health_readiness_and_metrics(
             )
 
         await services.wait(flowed, timeout=60, message="handed-over, event and row metrics to move")
-        _, relay_text = await get(ports[active], "/metrics")
+        _, relay_text = await http_get(ports[active], "/metrics")
         assert total(relay_text, "outbox_relay_rows", status="new") == 0
         assert total(relay_text, "outbox_relay_oldest_pending_age_seconds") == 0
-        _, worker_text = await get(ports["worker"], "/metrics")
+        _, worker_text = await http_get(ports["worker"], "/metrics")
         assert total(worker_text, "outbox_relay_handler_duration_seconds_count", kind="reservation") >= 21
         assert total(worker_text, "outbox_relay_worker_jobs_in_flight") == 0
         # No correlation id ever becomes a label.
@@ -159,7 +136,7 @@ async def test_a_standby_turns_active_on_readyz_when_the_active_relay_stops(
     ]
 
     async def role_of(port: int) -> str | None:
-        status, body = await get(port, "/readyz")
+        status, body = await http_get(port, "/readyz")
         return body.get("role") if status == 200 else None
 
     async def split() -> list[str | None] | None:
@@ -176,7 +153,7 @@ async def test_a_standby_turns_active_on_readyz_when_the_active_relay_stops(
         return await role_of(ports[other]) == "active"
 
     await services.wait(took_over, timeout=30, message="the standby to report active")
-    _, text = await get(ports[other], "/metrics")
+    _, text = await http_get(ports[other], "/metrics")
     assert total(text, "outbox_relay_relay_active") == 1
 
 

@@ -57,14 +57,14 @@ async def test_notify_trigger_fires_for_a_large_transaction_applied_in_parallel(
     )
     settings = outbox_env.settings(sweep_interval=3600)
     await subscribe(replication_config(settings))
-    name = settings.subscription_name
+    name = outbox_env.subscription_name
     await service.execute(f"ALTER SUBSCRIPTION {quote_ident(name)} SET (streaming = parallel)")
     mode = await service.fetchval("SELECT substream::text FROM pg_subscription WHERE subname = $1", name)
     assert mode == "p"
 
     async with running_relay(settings) as relay:
-        await wait_until(lambda: _true(relay.active.is_set()), message="relay active")
-        await wait_until(lambda: _true(relay.stats.sweeps >= 1), message="initial sweep")
+        await wait_until(lambda: relay.active.is_set(), message="relay active")
+        await wait_until(lambda: relay.stats.sweeps >= 1, message="initial sweep")
         sweeps, notifications = relay.stats.sweeps, relay.stats.notifications
         streamed_before = await _streamed(primary, name)
         async with primary.transaction():
@@ -105,10 +105,6 @@ async def _parallel_workers(service: Any, name: str) -> int:
             "SELECT count(*) FROM pg_stat_subscription WHERE subname = $1 AND leader_pid IS NOT NULL", name
         )
     )
-
-
-async def _true(value: bool) -> bool:
-    return value
 
 
 async def _at_least(value: Any, expected: int) -> bool:

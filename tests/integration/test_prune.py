@@ -12,9 +12,8 @@ import pytest
 
 from outbox_relay.composition import replication_config
 from outbox_relay.db import create_pool, quote_ident
+from outbox_relay.exceptions import NoSubscriberError, SubscriberLagError
 from outbox_relay.prune import (
-    NoSubscriberError,
-    SubscriberLagError,
     prune_primary,
     prune_service,
 )
@@ -239,7 +238,7 @@ async def test_prune_primary_deletes_only_rows_the_subscriber_has_received(
 ) -> None:
     """Received old rows go; after the subscription is disabled, rows it has not received are kept."""
     settings = outbox_env.settings()
-    name = settings.subscription_name
+    name = outbox_env.subscription_name
     await subscribe(replication_config(settings))
     await _old_primary_rows(primary, "got-", 30)
     await primary.execute(

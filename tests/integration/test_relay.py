@@ -24,6 +24,7 @@ from outbox_relay.relay.store import PendingRow
 from tests.conftest import OutboxEnv, create_outbox_env, drop_outbox_env
 from tests.helpers import (
     count_status,
+    equals,
     open_account,
     produce,
     reserve,
@@ -43,9 +44,9 @@ async def test_listener_reconnects_after_its_backend_is_terminated_and_the_fast_
     await reserve(service, "acc", 10, "before")
     await reserve(service, "acc", 10, "after")
     async with running_worker(settings), running_relay(settings) as relay:
-        await wait_until(lambda: _true(relay.active.is_set() and relay.stats.sweeps == 1), message="swept")
+        await wait_until(lambda: relay.active.is_set() and relay.stats.sweeps == 1, message="swept")
         await produce(service, "before", "success")
-        await wait_until(lambda: _equals(count_status(service, "finished"), 1), message="first row finished")
+        await wait_until(lambda: equals(count_status(service, "finished"), 1), message="first row finished")
         assert relay.stats.sessions == 1
 
         terminated = await service.fetchval(
@@ -55,7 +56,7 @@ async def test_listener_reconnects_after_its_backend_is_terminated_and_the_fast_
         assert terminated == 1
         # The new session sweeps once at its start; after that only NOTIFY can hand a row over.
         await wait_until(
-            lambda: _true(relay.stats.sessions == 2 and relay.active.is_set() and relay.stats.sweeps == 2),
+            lambda: relay.stats.sessions == 2 and relay.active.is_set() and relay.stats.sweeps == 2,
             timeout=20,
             message="second session active and swept",
         )
@@ -63,7 +64,7 @@ async def test_listener_reconnects_after_its_backend_is_terminated_and_the_fast_
         started = time.monotonic()
         await produce(service, "after", "success")
         await wait_until(
-            lambda: _equals(count_status(service, "finished"), 2), timeout=10, message="second row finished"
+            lambda: equals(count_status(service, "finished"), 2), timeout=10, message="second row finished"
         )
         assert time.monotonic() - started < 5
         assert relay.stats.sweeps == 2, "the sweep handed the row over: the fast path did not come back"
@@ -92,7 +93,7 @@ async def test_only_one_relay_is_active_per_database_and_a_standby_takes_over(
         first_stack = contextlib.AsyncExitStack()
         stack.push_async_callback(first_stack.aclose)
         first = await first_stack.enter_async_context(running_relay(first_settings))
-        await wait_until(lambda: _true(first.active.is_set()), message="first relay active")
+        await wait_until(lambda: first.active.is_set(), message="first relay active")
         second = await stack.enter_async_context(running_relay(second_settings))
         monitor = asyncio.create_task(_record_overlaps([first, second], overlaps))
         stack.callback(monitor.cancel)
@@ -102,7 +103,7 @@ async def test_only_one_relay_is_active_per_database_and_a_standby_takes_over(
             lambda: _standby_tried(service, outbox_env.service_db), timeout=10, message="standby waiting"
         )
         await produce(service, "while-first", "success")
-        await wait_until(lambda: _equals(count_status(service, "finished"), 1), message="row via first")
+        await wait_until(lambda: equals(count_status(service, "finished"), 1), message="row via first")
         assert first.active.is_set()
         assert not second.active.is_set(), "the standby became active while the first relay runs"
         assert second.stats.sessions == 0
@@ -110,12 +111,12 @@ async def test_only_one_relay_is_active_per_database_and_a_standby_takes_over(
 
         stopped = time.monotonic()
         await first_stack.aclose()
-        await wait_until(lambda: _true(second.active.is_set()), timeout=10, message="standby took over")
+        await wait_until(lambda: second.active.is_set(), timeout=10, message="standby took over")
         assert time.monotonic() - stopped < 5, "the standby took more than a few seconds to take over"
         await produce(service, "after-takeover", "success")
-        await wait_until(lambda: _equals(count_status(service, "finished"), 2), message="row via second")
+        await wait_until(lambda: equals(count_status(service, "finished"), 2), message="row via second")
         # The counter moves after the hand-over, which a fast worker can overtake: poll it.
-        await wait_until(lambda: _true(second.stats.handed_over >= 1), message="second relay handed over")
+        await wait_until(lambda: second.stats.handed_over >= 1, message="second relay handed over")
     assert overlaps == [], "two relays were active at the same time"
 
 
@@ -130,7 +131,7 @@ async def test_when_the_active_relay_loses_its_session_exactly_one_relay_is_acti
     async with contextlib.AsyncExitStack() as stack:
         await stack.enter_async_context(running_worker(settings))
         first = await stack.enter_async_context(running_relay(settings))
-        await wait_until(lambda: _true(first.active.is_set()), message="first relay active")
+        await wait_until(lambda: first.active.is_set(), message="first relay active")
         second = await stack.enter_async_context(running_relay(settings))
         relays = [first, second]
         monitor = asyncio.create_task(_record_overlaps(relays, overlaps))
@@ -147,14 +148,12 @@ async def test_when_the_active_relay_loses_its_session_exactly_one_relay_is_acti
         )
         assert terminated == 1, "no session held the relay lock"
         await wait_until(
-            lambda: _true(
-                sum(r.stats.sessions for r in relays) == 2 and any(r.active.is_set() for r in relays)
-            ),
+            lambda: sum(r.stats.sessions for r in relays) == 2 and any(r.active.is_set() for r in relays),
             timeout=15,
             message="a relay active again in a new session",
         )
         await produce(service, "after-loss", "success")
-        await wait_until(lambda: _equals(count_status(service, "finished"), 1), message="row finished")
+        await wait_until(lambda: equals(count_status(service, "finished"), 1), message="row finished")
         assert sum(r.active.is_set() for r in relays) == 1
     assert overlaps == [], "two relays were active at the same time"
 
@@ -180,23 +179,23 @@ async def test_two_services_sharing_one_redis_with_the_same_correlation_ids_do_n
                 for cid in cids:
                     await produce(service, cid, "success")
                 await wait_until(
-                    lambda: _equals(count_status(service, "queued"), len(cids)), message="first rows queued"
+                    lambda: equals(count_status(service, "queued"), len(cids)), message="first rows queued"
                 )
                 await wait_until(
-                    lambda: _true(first.stats.enqueued == len(cids)), message="first service's jobs in Redis"
+                    lambda: first.stats.enqueued == len(cids), message="first service's jobs in Redis"
                 )
                 async with running_worker(second_settings), running_relay(second_settings):
                     for cid in cids:
                         await produce(other_service, cid, "failure")
                     await wait_until(
-                        lambda: _equals(count_status(other_service, "finished"), len(cids)),
+                        lambda: equals(count_status(other_service, "finished"), len(cids)),
                         timeout=20,
                         message="second service finished while the first one's jobs wait",
                     )
                 assert await count_status(service, "queued") == len(cids)
                 async with running_worker(first_settings):
                     await wait_until(
-                        lambda: _equals(count_status(service, "finished"), len(cids)),
+                        lambda: equals(count_status(service, "finished"), len(cids)),
                         timeout=20,
                         message="first service finished",
                     )
@@ -224,11 +223,9 @@ async def test_requeue_works_at_once_whatever_redis_kept_of_earlier_attempts(
     next_marker = marker_key(settings.job_namespace, "late", 1)
     try:
         async with running_worker(settings), running_relay(settings) as relay:
-            await wait_until(
-                lambda: _true(relay.active.is_set() and relay.stats.sweeps == 1), message="swept"
-            )
+            await wait_until(lambda: relay.active.is_set() and relay.stats.sweeps == 1, message="swept")
             await produce(service, "late", "success")  # its reservation is not there yet: fails
-            await wait_until(lambda: _equals(count_status(service, "failed"), 1), message="row failed")
+            await wait_until(lambda: equals(count_status(service, "failed"), 1), message="row failed")
             row = await service.fetchrow("SELECT * FROM outbox_relay.outbox WHERE correlation_id = 'late'")
             assert "no reservation" in row["last_error"]
             assert row["generation"] == 0
@@ -241,7 +238,7 @@ async def test_requeue_works_at_once_whatever_redis_kept_of_earlier_attempts(
             result = await requeue(service, correlation_ids=["late"])
             assert (result.requeued, result.not_failed) == (1, [])
             await wait_until(
-                lambda: _equals(count_status(service, "finished"), 1), timeout=10, message="requeued row done"
+                lambda: equals(count_status(service, "finished"), 1), timeout=10, message="requeued row done"
             )
             assert time.monotonic() - started < 5
             assert relay.stats.sweeps >= 2, "the relay was not woken by requeue"
@@ -305,7 +302,7 @@ async def test_a_marker_naming_no_waiting_or_running_job_is_orphaned_and_replace
     namespace, queue_name = settings.job_namespace, settings.queue_name
     async with _job_queue(settings.redis_url.get_secret_value(), queue_name, namespace) as (queue, redis):
         await redis.set(marker_key(namespace, "lost"), b"a-job-nobody-has")
-        await redis.hset(marker_key(namespace, "hash"), "x", "y")  # type: ignore[misc]
+        await redis.hset(marker_key(namespace, "hash"), "x", "y")
         await redis.set(marker_key(namespace, "running"), b"busy-job")
         await redis.set(in_progress_key_prefix + "busy-job", b"1")
         rows = [PendingRow(1, "lost"), PendingRow(2, "hash"), PendingRow(3, "running")]
@@ -346,11 +343,3 @@ async def _standby_tried(conn: Any, database: str) -> bool:
         database,
     )
     return bool(count == 2)
-
-
-async def _equals(value: Any, expected: Any) -> bool:
-    return bool(await value == expected)
-
-
-async def _true(value: bool) -> bool:
-    return value

@@ -24,20 +24,16 @@ async def test_relay_logs_one_progress_line_with_the_rows_handed_over(
         return [r for r in caplog.records if r.getMessage() == "relay progress"]
 
     async with running_relay(settings) as relay:
-        await wait_until(lambda: _true(relay.active.is_set()), message="relay active")
+        await wait_until(lambda: relay.active.is_set(), message="relay active")
         for index in range(3):
             await produce(service, f"report-{index}")
-        await wait_until(lambda: _true(bool(progress())), timeout=10, message="a progress line")
-        await wait_until(lambda: _true(relay.stats.handed_over == 3), message="3 rows handed over")
+        await wait_until(lambda: bool(progress()), timeout=10, message="a progress line")
+        await wait_until(lambda: relay.stats.handed_over == 3, message="3 rows handed over")
         first = progress()
         assert sum(getattr(r, "handed_over", 0) for r in first) == 3
         seen = len(first)
         # Idle: ten more sweeps (> 1 s, five report intervals) hand nothing over and log no line.
         sweeps = relay.stats.sweeps
-        await wait_until(lambda: _true(relay.stats.sweeps >= sweeps + 10), message="ten idle sweeps")
+        await wait_until(lambda: relay.stats.sweeps >= sweeps + 10, message="ten idle sweeps")
         assert relay.stats.handed_over == 3
         assert len(progress()) == seen
-
-
-async def _true(value: bool) -> bool:
-    return value

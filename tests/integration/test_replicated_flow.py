@@ -10,6 +10,7 @@ from outbox_relay.replication import subscribe, unsubscribe
 from tests.conftest import OutboxEnv
 from tests.helpers import (
     count_status,
+    equals,
     money_total,
     open_account,
     produce,
@@ -31,13 +32,13 @@ async def test_row_committed_on_primary_finishes_through_notify_without_the_swee
     await reserve(service, "acc", 50, "job-2")
     total = await money_total(service)
     async with running_worker(settings), running_relay(settings) as relay:
-        await wait_until(lambda: _active(relay), message="relay active")
+        await wait_until(lambda: relay.active.is_set(), message="relay active")
         await wait_until(lambda: _swept(relay), message="initial sweep")
         sweeps_before = relay.stats.sweeps
         await produce(primary, "job-1", "success")
         await produce(primary, "job-2", "failure")
         await wait_until(
-            lambda: _equals(count_status(service, "finished"), 2), timeout=10, message="both finished"
+            lambda: equals(count_status(service, "finished"), 2), timeout=10, message="both finished"
         )
         assert relay.stats.sweeps == sweeps_before, "the sweep ran: the fast path was not used"
     states = dict(await service.fetch("SELECT correlation_id, state FROM ledger.reservations"))
@@ -58,15 +59,15 @@ async def test_sweep_alone_finishes_replicated_rows_when_the_notify_trigger_is_d
     await reserve(service, "acc", 40, "sw-2")
     total = await money_total(service)
     async with running_worker(settings), running_relay(settings) as relay:
-        await wait_until(lambda: _active(relay), message="relay active")
+        await wait_until(lambda: relay.active.is_set(), message="relay active")
         await produce(primary, "sw-1", "success")
         await produce(primary, "sw-2", "failure")
         await wait_until(
-            lambda: _equals(count_status(service, "finished"), 2), timeout=20, message="both finished"
+            lambda: equals(count_status(service, "finished"), 2), timeout=20, message="both finished"
         )
         assert relay.stats.notifications == 0, "a notification arrived although the trigger is disabled"
         # The counter moves after the hand-over, which a fast worker can overtake: poll it.
-        await wait_until(lambda: _true(relay.stats.swept >= 2), message="rows counted as swept")
+        await wait_until(lambda: relay.stats.swept >= 2, message="rows counted as swept")
     states = dict(await service.fetch("SELECT correlation_id, state FROM ledger.reservations"))
     assert states == {"sw-1": "burned", "sw-2": "reclaimed"}
     assert await money_total(service) == total
@@ -77,7 +78,7 @@ async def test_subscribe_copies_existing_rows_leaves_a_slot_and_is_safe_to_run_a
 ) -> None:
     """subscribe copies rows already on the primary, leaves its slot there on return, and can run again."""
     settings = outbox_env.settings(sweep_interval=3600)
-    name = settings.subscription_name
+    name = outbox_env.subscription_name
     await open_account(service, "acc", 1_000)
     cids = [f"pre-{i}" for i in range(5)]
     for cid in cids:
@@ -95,12 +96,12 @@ async def test_subscribe_copies_existing_rows_leaves_a_slot_and_is_safe_to_run_a
     assert await service.fetchval("SELECT count(*) FROM pg_subscription WHERE subname = $1", name) == 1
 
     await wait_until(
-        lambda: _equals(_row_count(service), len(cids)), timeout=30, message="pre-existing rows copied"
+        lambda: equals(_row_count(service), len(cids)), timeout=30, message="pre-existing rows copied"
     )
     async with running_worker(settings), running_relay(settings) as relay:
-        await wait_until(lambda: _active(relay), message="relay active")
+        await wait_until(lambda: relay.active.is_set(), message="relay active")
         await wait_until(
-            lambda: _equals(count_status(service, "finished"), len(cids)),
+            lambda: equals(count_status(service, "finished"), len(cids)),
             timeout=20,
             message="copied rows finished",
         )
@@ -114,18 +115,19 @@ async def test_concurrent_subscribes_both_succeed_with_one_subscription_and_one_
 ) -> None:
     """Two subscribe runs started at once (two relay instances) both succeed and make one subscription."""
     settings = outbox_env.settings()
-    name = settings.subscription_name
+    name = outbox_env.subscription_name
     await produce(primary, "conc-1", "success")
 
-    results = await asyncio.gather(subscribe(settings), subscribe(settings))
+    config = replication_config(settings)
+    results = await asyncio.gather(subscribe(config), subscribe(config))
 
     assert sorted(r.created for r in results) == [False, True]
     assert all(r.synced for r in results)
     assert await primary.fetchval("SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1", name) == 1
     assert await service.fetchval("SELECT count(*) FROM pg_subscription WHERE subname = $1", name) == 1
-    await wait_until(lambda: _equals(_row_count(service), 1), timeout=30, message="row copied once")
+    await wait_until(lambda: equals(_row_count(service), 1), timeout=30, message="row copied once")
     await produce(primary, "conc-2", "success")
-    await wait_until(lambda: _equals(_row_count(service), 2), timeout=30, message="replication running")
+    await wait_until(lambda: equals(_row_count(service), 2), timeout=30, message="replication running")
 
 
 async def test_resubscription_brings_over_only_the_missing_rows_and_never_stalls(
@@ -139,12 +141,12 @@ async def test_resubscription_brings_over_only_the_missing_rows_and_never_stalls
     total = await money_total(service)
 
     async with running_worker(settings), running_relay(settings) as relay:
-        await wait_until(lambda: _active(relay), message="relay active")
+        await wait_until(lambda: relay.active.is_set(), message="relay active")
         await subscribe(replication_config(settings))
         for i in range(4):
             await produce(primary, f"r-{i}", "failure")
         await wait_until(
-            lambda: _equals(count_status(service, "finished"), 4), timeout=20, message="first rows finished"
+            lambda: equals(count_status(service, "finished"), 4), timeout=20, message="first rows finished"
         )
         before = {
             r["correlation_id"]: (r["id"], r["attempts"], r["finished_at"])
@@ -157,11 +159,11 @@ async def test_resubscription_brings_over_only_the_missing_rows_and_never_stalls
         # A stalled copy (a duplicate refused by the replica) never reaches 'ready': fail in time.
         await subscribe(replication_config(settings), sync_timeout=60)
         await wait_until(
-            lambda: _equals(count_status(service, "finished"), 8), timeout=30, message="missing rows finished"
+            lambda: equals(count_status(service, "finished"), 8), timeout=30, message="missing rows finished"
         )
         await produce(primary, "r-8", "failure")
         await wait_until(
-            lambda: _equals(count_status(service, "finished"), 9),
+            lambda: equals(count_status(service, "finished"), 9),
             timeout=30,
             message="a row inserted after the re-subscription finished",
         )
@@ -185,7 +187,7 @@ async def test_unsubscribe_drops_subscription_and_slot_and_is_safe_to_run_again(
 ) -> None:
     """unsubscribe leaves neither the subscription nor its slot, and a second run succeeds doing nothing."""
     settings = outbox_env.settings()
-    name = settings.subscription_name
+    name = outbox_env.subscription_name
     await subscribe(replication_config(settings))
     assert await _slot_exists(primary, name)
 
@@ -201,16 +203,8 @@ async def test_unsubscribe_drops_subscription_and_slot_and_is_safe_to_run_again(
     assert not await _slot_exists(primary, name)
 
 
-async def _active(relay: Any) -> bool:
-    return bool(relay.active.is_set())
-
-
 async def _swept(relay: Any) -> bool:
     return bool(relay.stats.sweeps >= 1 and relay.stats.sessions >= 1)
-
-
-async def _equals(value: Any, expected: Any) -> bool:
-    return bool(await value == expected)
 
 
 async def _slot_exists(primary: Any, name: str) -> bool:
@@ -220,7 +214,3 @@ async def _slot_exists(primary: Any, name: str) -> bool:
 
 async def _row_count(conn: Any) -> int:
     return int(await conn.fetchval("SELECT count(*) FROM outbox_relay.outbox"))
-
-
-async def _true(value: bool) -> bool:
-    return value

@@ -14,6 +14,7 @@ from tests.conftest import OutboxEnv
 from tests.helpers import (
     cli_env,
     count_status,
+    equals,
     open_account,
     produce,
     reserve,
@@ -39,9 +40,7 @@ async def test_requeue_takes_a_row_queued_longer_than_requeue_after_and_it_finis
         # Something else holds the row's job id: a hand-over of generation 0 is deduplicated against it.
         await queue.redis.set(old_key, b"junk")
         async with running_worker(settings), running_relay(settings) as relay:
-            await wait_until(
-                lambda: _true(relay.active.is_set() and relay.stats.sweeps >= 1), message="swept"
-            )
+            await wait_until(lambda: relay.active.is_set() and relay.stats.sweeps >= 1, message="swept")
             await service.execute("ALTER TABLE outbox_relay.outbox DISABLE TRIGGER outbox_notify")
             await produce(service, "stuck", "success")
             await service.execute("ALTER TABLE outbox_relay.outbox ENABLE ALWAYS TRIGGER outbox_notify")
@@ -65,7 +64,7 @@ async def test_requeue_takes_a_row_queued_longer_than_requeue_after_and_it_finis
             assert done.returncode == 0, done.stderr
             assert "requeued 1 row" in done.stdout
             await wait_until(
-                lambda: _equals(count_status(service, "finished"), 1), timeout=10, message="the row finished"
+                lambda: equals(count_status(service, "finished"), 1), timeout=10, message="the row finished"
             )
             assert time.monotonic() - started < 8, "the relay was not woken by requeue"
         row = await service.fetchrow("SELECT status, generation, attempts FROM outbox_relay.outbox")
@@ -76,11 +75,3 @@ async def test_requeue_takes_a_row_queued_longer_than_requeue_after_and_it_finis
     finally:
         await queue.redis.delete(old_key)
         await queue.close()
-
-
-async def _true(value: bool) -> bool:
-    return value
-
-
-async def _equals(value: Any, expected: Any) -> bool:
-    return bool(await value == expected)

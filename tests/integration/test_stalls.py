@@ -18,7 +18,7 @@ import asyncpg
 
 from outbox_relay.relay.leadership import WORST_CASE_TAKEOVER
 from tests.conftest import OutboxEnv
-from tests.helpers import Services, cli_env
+from tests.helpers import Services, cli_env, lease
 from tests.integration.test_faults import (
     INSERT,
     assert_plain_log,
@@ -32,13 +32,10 @@ from tests.integration.test_faults import (
 
 
 async def _lease(url: str) -> asyncpg.Record:
-    conn = await asyncpg.connect(url)
-    try:
-        record = await conn.fetchrow("SELECT holder, epoch, expires_at FROM outbox_relay.relay_lease")
-        assert record is not None
-        return record
-    finally:
-        await conn.close()
+    """The relay lease row (the database is up)."""
+    record = await lease(url)
+    assert record is not None
+    return record
 
 
 async def _queued_by(url: str, epoch: int) -> dict[int, tuple[object, int]]:
@@ -70,12 +67,7 @@ async def test_a_standby_takes_over_from_a_frozen_relay_and_the_resumed_one_chan
     assert WORST_CASE_TAKEOVER < 20
     load = await prepare_load(outbox_env.service_url, 1200, prefix="frozen")
     cli = cli_env(outbox_env.env())
-    first = services.start("relay-a", "run", env=cli)
-    await services.wait_logged(first, "relay active")
-    standby = services.start("relay-b", "run", env=cli)
-    await services.wait_logged(standby, "standing by")
-    worker = services.start("worker", "worker", env=cli)
-    await services.wait_logged(worker, "worker started")
+    first, standby, worker = await services.start_fleet(cli, relays=("relay-a", "relay-b"))
     old_epoch = (await _lease(outbox_env.service_url))["epoch"]
 
     producer = asyncio.create_task(produce(outbox_env.service_url, load.rows, pause=0.05))
@@ -83,7 +75,7 @@ async def test_a_standby_takes_over_from_a_frozen_relay_and_the_resumed_one_chan
         await services.wait(at_least_finished(outbox_env.service_url, 100), message="100 rows finished")
         os.kill(first.proc.pid, signal.SIGSTOP)
         frozen_at = time.monotonic()
-        await services.wait_logged(standby, "relay active", timeout=20)
+        await services.ready(standby, role="active", timeout=20)
         takeover = time.monotonic() - frozen_at
         new_epoch = (await _lease(outbox_env.service_url))["epoch"]
         assert new_epoch > old_epoch
@@ -105,7 +97,7 @@ async def test_a_standby_takes_over_from_a_frozen_relay_and_the_resumed_one_chan
             )
             before_resume = await _queued_by(outbox_env.service_url, new_epoch)
             os.kill(first.proc.pid, signal.SIGCONT)
-            await services.wait_logged(first, "standing by", timeout=20)
+            await services.ready(first, role="standby", timeout=20)
         finally:
             os.kill(worker.proc.pid, signal.SIGCONT)
         await producer
@@ -144,10 +136,7 @@ async def test_one_blocked_row_delays_no_other_row(outbox_env: OutboxEnv, servic
     blocked_cid = load.rows[0][0]
     # REQUEUE_AFTER=3: the sweep hands the blocked row over again and again while it is held.
     cli = cli_env(outbox_env.env(requeue_after="3", max_attempts="30", retry_backoff_max="2"))
-    relay = services.start("relay", "run", env=cli)
-    worker = services.start("worker", "worker", env=cli)
-    await services.wait_logged(relay, "relay active")
-    await services.wait_logged(worker, "worker started")
+    relay, worker = await services.start_fleet(cli)
 
     blocker = await asyncpg.connect(outbox_env.service_url)
     conn = await asyncpg.connect(outbox_env.service_url)
@@ -206,12 +195,7 @@ async def test_sigterm_stops_run_and_worker_cleanly(outbox_env: OutboxEnv, servi
     """SIGTERM of `run` and `worker` (after some work) exits 0 and logs no WARNING."""
     load = await prepare_load(outbox_env.service_url, 100, prefix="term")
     cli = cli_env(outbox_env.env())
-    relay = services.start("relay", "run", env=cli)
-    await services.wait_logged(relay, "relay active")
-    standby = services.start("standby", "run", env=cli)
-    worker = services.start("worker", "worker", env=cli)
-    await services.wait_logged(standby, "standing by")
-    await services.wait_logged(worker, "worker started")
+    relay, standby, worker = await services.start_fleet(cli, relays=("relay", "standby"))
     await produce(outbox_env.service_url, load.rows)
     await services.wait(at_least_finished(outbox_env.service_url, len(load.rows)), message="rows finished")
     for service in (relay, standby, worker):
@@ -230,10 +214,7 @@ async def test_a_worker_resumed_after_sigstop_logs_plain_lines_and_rows_finish_o
     and every row finishes exactly once."""
     load = await prepare_load(outbox_env.service_url, 600, prefix="paused")
     cli = cli_env(outbox_env.env(job_timeout="1", max_attempts="20"))
-    relay = services.start("relay", "run", env=cli)
-    worker = services.start("worker", "worker", env=cli)
-    await services.wait_logged(relay, "relay active")
-    await services.wait_logged(worker, "worker started")
+    relay, worker = await services.start_fleet(cli)
     # Every 20th reservation is held by the test: jobs settling them are in flight (waiting on
     # the lock) when the worker is frozen, so their timeouts all expire at once when it resumes.
     held = [cid for cid, _ in load.rows[::20]]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -65,7 +66,7 @@ async def cluster(pg_server: PgServer) -> AsyncIterator[tuple[str, Factory]]:
                     await conn.close()
         with contextlib.suppress(Exception):
             await wait_until(
-                lambda: _true(admin.fetchval(IDLE_SLOTS, primary_db)),
+                lambda: admin.fetchval(IDLE_SLOTS, primary_db),
                 timeout=10,
             )
             await admin.execute(
@@ -76,10 +77,6 @@ async def cluster(pg_server: PgServer) -> AsyncIterator[tuple[str, Factory]]:
             with contextlib.suppress(Exception):
                 await admin.execute(f"DROP DATABASE IF EXISTS {quote_ident(name)} WITH (FORCE)")
         await admin.close()
-
-
-async def _true(value: Awaitable[Any]) -> bool:
-    return bool(await value)
 
 
 def _settings(service_url: str, primary_url: str, **extra: Any) -> Settings:
@@ -152,7 +149,7 @@ async def test_svc_dash_a_and_svc_underscore_a_get_their_own_subscriptions_and_s
     assert await _subscription(underscore) == (second.name, second.name)
     await _produce(primary_url, "both-1")
     for url in (dash, underscore):
-        await wait_until(lambda url=url: _replicated(url, "both-1"), timeout=30, message="row replicated")
+        await wait_until(functools.partial(_replicated, url, "both-1"), timeout=30, message="row replicated")
 
 
 async def test_upper_and_lower_case_names_differ(cluster: tuple[str, Factory]) -> None:

@@ -72,7 +72,7 @@ async def test_a_0_1_0_database_upgrades_in_place_and_keeps_its_rows_and_ledger(
 
         registry = HandlerRegistry()
         registry.add_plugin(reservation)
-        settings = Settings(database_url=old_service_db)  # type: ignore[arg-type]
+        settings = Settings(database_url=old_service_db)
         pool = await create_pool(old_service_db, max_size=2)
         try:
             row_id = await conn.fetchval("SELECT id FROM outbox_relay.outbox")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -20,11 +19,8 @@ UNREACHABLE_URL = f"postgresql://svc:{PASSWORD}@192.0.2.1:5432/svc"
 
 
 @pytest.fixture(autouse=True)
-def _isolated(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+def _isolated(monkeypatch: pytest.MonkeyPatch, clean_env: None) -> Iterator[None]:
     """No OUTBOX_RELAY_* variable leaks in, nothing can connect, and logging is put back afterwards."""
-    for name in list(os.environ):
-        if name.upper().startswith("OUTBOX_RELAY_"):
-            monkeypatch.delenv(name)
 
     async def no_connection(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("the command tried to connect to the database")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import asyncio
+from collections.abc import Sequence
 from pathlib import Path
 
 import outbox_relay.doctor
@@ -42,7 +43,7 @@ async def test_the_in_memory_queue_diagnoses_itself_and_its_consumer() -> None:
 
     started, stop = asyncio.Event(), asyncio.Event()
 
-    async def function(jobs: list[Job]) -> list[Outcome]:
+    async def function(jobs: Sequence[Job]) -> list[Outcome]:
         return [Outcome("finished") for _ in jobs]
 
     class Observer:

@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import random
 import time
 
 import pytest
 
-from outbox_relay import retry as backoff_module
 from outbox_relay.arq_adapter import job_id
 from outbox_relay.exceptions import UnavailableError
 from outbox_relay.logs import describe
@@ -61,7 +61,7 @@ def test_job_id_never_collides_across_queues_ids_and_generations() -> None:
 
 def test_backoff_grows_exponentially_and_is_capped(monkeypatch: pytest.MonkeyPatch) -> None:
     """Without jitter the delays double from initial and stop at maximum."""
-    monkeypatch.setattr(backoff_module.random, "uniform", lambda low, high: 1.0)
+    monkeypatch.setattr(random, "uniform", lambda low, high: 1.0)
     delays = Backoff(0.1, 1.0)
     assert [round(delays.next_delay(), 6) for _ in range(7)] == [0.1, 0.2, 0.4, 0.8, 1.0, 1.0, 1.0]
 
@@ -88,16 +88,16 @@ def test_backoff_jitter_uses_the_full_band(monkeypatch: pytest.MonkeyPatch) -> N
         bounds.append((low, high))
         return high
 
-    monkeypatch.setattr(backoff_module.random, "uniform", highest)
+    monkeypatch.setattr(random, "uniform", highest)
     assert Backoff(2.0, 10.0).next_delay() == pytest.approx(2.4)
-    monkeypatch.setattr(backoff_module.random, "uniform", lambda low, high: low)
+    monkeypatch.setattr(random, "uniform", lambda low, high: low)
     assert Backoff(2.0, 10.0).next_delay() == pytest.approx(1.6)
     assert bounds == [(0.8, 1.2)]
 
 
 def test_backoff_reset_restarts_from_initial(monkeypatch: pytest.MonkeyPatch) -> None:
     """After reset() the next delay is the initial one again."""
-    monkeypatch.setattr(backoff_module.random, "uniform", lambda low, high: 1.0)
+    monkeypatch.setattr(random, "uniform", lambda low, high: 1.0)
     delays = Backoff(0.5, 8.0)
     for _ in range(5):
         delays.next_delay()

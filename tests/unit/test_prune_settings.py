@@ -2,20 +2,13 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
 from outbox_relay.exceptions import SettingsError
 from outbox_relay.settings import load_settings
 
-
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No OUTBOX_RELAY_* variable of the developer's shell leaks into a test."""
-    for name in list(os.environ):
-        if name.upper().startswith("OUTBOX_RELAY_"):
-            monkeypatch.delenv(name)
+#: No OUTBOX_RELAY_* variable of the developer's shell leaks into a test.
+pytestmark = pytest.mark.usefixtures("clean_env")
 
 
 def test_retention_defaults_keep_rows_forever() -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 
 import pytest
@@ -14,12 +13,8 @@ from outbox_relay.settings import Settings, env_name, load_settings, redact_url
 PASSWORD = "hunter2-s3cret"
 
 
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No OUTBOX_RELAY_* variable of the developer's shell leaks into a test."""
-    for name in list(os.environ):
-        if name.upper().startswith("OUTBOX_RELAY_"):
-            monkeypatch.delenv(name)
+#: No OUTBOX_RELAY_* variable of the developer's shell leaks into a test.
+pytestmark = pytest.mark.usefixtures("clean_env")
 
 
 def test_defaults_match_the_contract_table() -> None:

@@ -12,6 +12,7 @@ import pytest
 from outbox_relay import sinks, sql
 from outbox_relay.db import quote_ident, quote_literal
 from outbox_relay.domains.reservation import handler as reservation_handler
+from outbox_relay.exceptions import MigrationError
 from outbox_relay.observability import sql as observability_sql
 
 PACKAGE_DIR = Path(sql.__file__).resolve().parent
@@ -195,7 +196,7 @@ def test_migrations_reject_duplicate_versions(tmp_path: Path) -> None:
     (tmp_path / "service").mkdir()
     (tmp_path / "service" / "0001_a.sql").write_text("SELECT 1;")
     (tmp_path / "service" / "0001_b.sql").write_text("SELECT 2;")
-    with pytest.raises(sql.MigrationError):
+    with pytest.raises(MigrationError):
         sql.migration_set("service", tmp_path / "service")
 
 
@@ -203,7 +204,7 @@ def test_migrations_reject_badly_named_files(tmp_path: Path) -> None:
     """A migration file not named NNNN_name.sql is a MigrationError."""
     (tmp_path / "primary").mkdir()
     (tmp_path / "primary" / "1_init.sql").write_text("SELECT 1;")
-    with pytest.raises(sql.MigrationError, match=r"1_init\.sql"):
+    with pytest.raises(MigrationError, match=r"1_init\.sql"):
         sql.migration_set("primary", tmp_path / "primary")
 
 
@@ -217,7 +218,9 @@ def _strip_comments(text: str) -> str:
 
 
 def _split_top_level(body: str) -> list[str]:
-    parts, depth, current = [], 0, []
+    parts: list[str] = []
+    current: list[str] = []
+    depth = 0
     for char in body:
         if char == "(":
             depth += 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 from datetime import UTC, datetime
+from typing import Any
 
 from rich.console import Console
 
@@ -13,7 +14,7 @@ from outbox_relay.watch import Frame, Rates, Replication, Sample, plain_line, ra
 AT = datetime(2026, 12, 2, 10, 0, 0, tzinfo=UTC)
 
 
-def sample(at: float, new: int, finished: int, failed: int = 0, **kw: object) -> Sample:
+def sample(at: float, new: int, finished: int, failed: int = 0, **kw: Any) -> Sample:
     counts = {"new": new, "queued": 0, "finished": finished, "failed": failed}
     return Sample(
         at,
@@ -21,7 +22,7 @@ def sample(at: float, new: int, finished: int, failed: int = 0, **kw: object) ->
         sum(counts.values()),
         kw.get("age"),
         kw.get("replication"),
-        kw.get("failures", []),  # type: ignore[arg-type]
+        kw.get("failures", []),
     )
 
 
