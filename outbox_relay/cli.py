@@ -73,6 +73,11 @@ async def _connect(url: str, label: str) -> DirectConnection:
     return await connect_retrying(url, what=f"the {label}")
 
 
+def _seconds_option(parser: argparse.ArgumentParser, flag: str, text: str) -> None:
+    """An option taking a number of seconds (its command checks the range)."""
+    parser.add_argument(flag, type=float, metavar="SECONDS", help=text)
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -209,12 +214,7 @@ def configure_status(parser: argparse.ArgumentParser) -> None:
         help="refresh in place until Ctrl-C: counts, rates, oldest pending row, replication lag, the last "
         "failures (one plain line per refresh when stdout is not a terminal)",
     )
-    parser.add_argument(
-        "--interval",
-        type=float,
-        metavar="SECONDS",
-        help="with --watch: seconds between refreshes (1; from 0.2 to 60)",
-    )
+    _seconds_option(parser, "--interval", "with --watch: seconds between refreshes (1; from 0.2 to 60)")
 
 
 async def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
@@ -316,22 +316,14 @@ def configure_prune(parser: argparse.ArgumentParser) -> None:
         help="prune the primary's outbox instead: rows created before the cut-off that every "
         "logical replication slot has confirmed",
     )
-    parser.add_argument(
-        "--older-than",
-        type=float,
-        metavar="SECONDS",
-        help="the retention for this run (default: OUTBOX_RELAY_RETENTION)",
-    )
+    _seconds_option(parser, "--older-than", "the retention for this run (default: OUTBOX_RELAY_RETENTION)")
     parser.add_argument(
         "--include-failed",
         action="store_true",
         help="also delete failed rows finished before the cut-off (service database only)",
     )
-    parser.add_argument(
-        "--wait",
-        type=float,
-        metavar="SECONDS",
-        help="with --primary: how long to wait for the slots to confirm the rows (30)",
+    _seconds_option(
+        parser, "--wait", "with --primary: how long to wait for the slots to confirm the rows (30)"
     )
 
 

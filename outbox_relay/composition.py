@@ -12,9 +12,10 @@ the very same ones in their own event loop.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from outbox_relay.db import Pool
 from outbox_relay.doctor import DoctorConfig
@@ -35,31 +36,32 @@ from outbox_relay.settings import Settings, env_name
 from outbox_relay.sinks import Routing, enable_routes
 from outbox_relay.worker import WorkerConfig, run_worker
 
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+C = TypeVar("C", bound="DataclassInstance")
+
 # -- narrow configs ----------------------------------------------------------------------------------
+
+
+def _narrow(cls: type[C], settings: Settings, **given: Any) -> C:
+    """A narrow config: each field not ``given`` holds the setting of the same name."""
+    names = (f.name for f in dataclasses.fields(cls))
+    return cls(**{name: given[name] if name in given else getattr(settings, name) for name in names})
 
 
 def relay_config(settings: Settings) -> RelayConfig:
     """What the relay (`run`) needs."""
-    return RelayConfig(
-        database_url=settings.require_database_url(),
-        queue_name=settings.queue_name,
-        sweep_interval=settings.sweep_interval,
-        requeue_after=settings.requeue_after,
-        batch_size=settings.batch_size,
-        max_queue_depth=settings.max_queue_depth,
-        hand_over_interval=settings.hand_over_interval,
-    )
+    return _narrow(RelayConfig, settings, database_url=settings.require_database_url())
 
 
 def worker_config(settings: Settings) -> WorkerConfig:
     """What the worker's row processor needs."""
-    return WorkerConfig(
+    return _narrow(
+        WorkerConfig,
+        settings,
         database_url=settings.require_database_url(),
         concurrency=settings.worker_concurrency,
-        job_timeout=settings.job_timeout,
-        max_attempts=settings.max_attempts,
-        retry_backoff=settings.retry_backoff,
-        retry_backoff_max=settings.retry_backoff_max,
     )
 
 

@@ -11,11 +11,11 @@ one line). Nothing here knows any particular setting.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import ValidationError
+from pydantic import AfterValidator, Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from pydantic_settings import SettingsError as SettingsSourceError
 
@@ -66,6 +66,34 @@ def load(cls: type[S], overrides: Mapping[str, Any] | None = None) -> S:
         if message.startswith("Value error, "):
             message = message[len("Value error, ") :]
         raise SettingsError(cls.env_name(field), message) from None
+
+
+def seconds(default: float | None, *, le: float, description: str, ge: float | None = None) -> Any:
+    """A field of seconds: finite, above 0 (or at least ``ge``) and at most ``le``."""
+    return Field(
+        default=default,
+        gt=0 if ge is None else None,
+        ge=ge,
+        le=le,
+        allow_inf_nan=False,
+        description=description,
+    )
+
+
+def count(default: int, *, le: int, description: str) -> Any:
+    """A field counting something: from 1 to ``le``."""
+    return Field(default=default, ge=1, le=le, description=description)
+
+
+def url_of(schemes: tuple[str, ...] | Callable[[], tuple[str, ...]]) -> AfterValidator:
+    """For ``Annotated[SecretStr, url_of(...)]``: the value must be a URL of ``schemes`` (see
+    :func:`check_url`); a callable is asked at each validation (e.g. the installed queue backends)."""
+
+    def validate(value: SecretStr) -> SecretStr:
+        check_url(value.get_secret_value(), schemes() if callable(schemes) else schemes)
+        return value
+
+    return AfterValidator(validate)
 
 
 def check_url(url: str, schemes: tuple[str, ...]) -> None:

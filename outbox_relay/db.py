@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
-from outbox_relay.retry import Backoff, retry
+from outbox_relay.retry import retry
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +60,6 @@ async def connect_retrying(
         logger=logger,
         give_up_after=give_up_after,
         stop=stop,
-        backoff=Backoff(0.2, 5.0),
         retry_on=(OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError),
     )
 

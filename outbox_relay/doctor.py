@@ -452,15 +452,9 @@ async def _apply_worker(ctx: DoctorContext) -> None:
     )
     lag = worker["lag_seconds"]
     lag_text = "" if lag is None else f", lag {_seconds(max(0.0, float(lag)))}"
-    if receipt is not None and float(receipt) > RECEIPT_AGE_WARN:
-        ctx.add(
-            "apply worker",
-            "warn",
-            f"pid {worker['pid']}, {heard}{lag_text}",
-            "check the primary is reachable from the service database's server",
-        )
-    else:
-        ctx.add("apply worker", "ok", f"pid {worker['pid']}, {heard}{lag_text}")
+    silent = receipt is not None and float(receipt) > RECEIPT_AGE_WARN
+    fix = "check the primary is reachable from the service database's server"
+    ctx.add("apply worker", "warn" if silent else "ok", f"pid {worker['pid']}, {heard}{lag_text}", fix)
 
 
 @check(62, needs="subscription")

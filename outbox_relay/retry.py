@@ -17,9 +17,12 @@ T = TypeVar("T")
 
 
 class Backoff:
-    """Delays of ``initial * 2**n`` seconds, capped at ``maximum``, each with ±20 % jitter."""
+    """Delays of ``initial * 2**n`` seconds, capped at ``maximum``, each with ±20 % jitter.
 
-    def __init__(self, initial: float = 0.2, maximum: float = 10.0) -> None:
+    The default is the services' (reconnecting to a database or a queue server): 0.2 s doubling to 5 s.
+    """
+
+    def __init__(self, initial: float = 0.2, maximum: float = 5.0) -> None:
         self.initial = initial
         self.maximum = maximum
         self.attempt = 0

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import NoDecode
 
-from outbox_relay.config import DAY, HOUR, PG_SCHEMES, SettingsBase, check_url, load
+from outbox_relay.config import DAY, HOUR, PG_SCHEMES, SettingsBase, count, load, seconds, url_of
 from outbox_relay.config import redact_url as redact_url
 from outbox_relay.exceptions import SettingsError
 from outbox_relay.queue.backends import schemes as queue_schemes
@@ -25,35 +25,30 @@ _NAME_RE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 MAX_RETENTION = 3650 * DAY
 #: Upper bound of MAX_ATTEMPTS: far below int4, and the retry delay's doubling stays a finite float.
 MAX_ATTEMPTS_LIMIT = 100
+#: A PostgreSQL URL (a secret: it may hold a password).
+PostgresUrl = Annotated[SecretStr, url_of(PG_SCHEMES)]
 
 
 class Settings(SettingsBase):
     """Every setting of outbox_relay; the environment variable is ``OUTBOX_RELAY_<NAME>``."""
 
     # -- the contract's settings ---------------------------------------------
-    database_url: SecretStr | None = Field(
+    database_url: PostgresUrl | None = Field(
         default=None, description="service database (required, except for `demo`)"
     )
-    primary_url: SecretStr | None = Field(
+    primary_url: PostgresUrl | None = Field(
         default=None, description="primary, for `migrate --primary`, `subscribe` and `unsubscribe`"
     )
-    redis_url: SecretStr = Field(default=SecretStr("redis://127.0.0.1:6379/0"), description="arq's Redis")
+    redis_url: Annotated[SecretStr, url_of(queue_schemes)] = Field(
+        default=SecretStr("redis://127.0.0.1:6379/0"), description="arq's Redis"
+    )
     queue_name: str = Field(default="outbox_relay", min_length=1, max_length=200, description="arq queue")
-    sweep_interval: float = Field(
-        default=5.0, gt=0, le=HOUR, allow_inf_nan=False, description="period of the sweep (seconds)"
+    sweep_interval: float = seconds(5.0, le=HOUR, description="period of the sweep (seconds)")
+    requeue_after: float = seconds(
+        60.0, le=DAY, description="a `queued` row older than this (seconds) is enqueued again by the sweep"
     )
-    requeue_after: float = Field(
-        default=60.0,
-        gt=0,
-        le=DAY,
-        allow_inf_nan=False,
-        description="a `queued` row older than this (seconds) is enqueued again by the sweep",
-    )
-    max_attempts: int = Field(
-        default=5,
-        ge=1,
-        le=MAX_ATTEMPTS_LIMIT,
-        description="attempts before a transient failure turns the row `failed`",
+    max_attempts: int = count(
+        5, le=MAX_ATTEMPTS_LIMIT, description="attempts before a transient failure turns the row `failed`"
     )
     subscription_conninfo: SecretStr | None = Field(
         default=None,
@@ -67,90 +62,60 @@ class Settings(SettingsBase):
     )
 
     # -- extensions ------------------------------------------------------------
-    job_timeout: float = Field(
-        default=10.0,
-        gt=0,
+    job_timeout: float = seconds(
+        10.0,
         le=HOUR,
-        allow_inf_nan=False,
         description="time one handler attempt may take (seconds); a killed worker's job "
         "is run again by another worker after job_timeout + 15 s",
     )
-    retry_backoff: float = Field(
-        default=1.0,
-        gt=0,
-        le=DAY,
-        allow_inf_nan=False,
-        description="first delay before a transient retry (seconds), doubling",
+    retry_backoff: float = seconds(
+        1.0, le=DAY, description="first delay before a transient retry (seconds), doubling"
     )
-    retry_backoff_max: float = Field(
-        default=60.0,
-        gt=0,
-        le=DAY,
-        allow_inf_nan=False,
-        description="cap of the transient retry delay (seconds)",
-    )
-    worker_concurrency: int = Field(
-        default=32, ge=1, le=1000, description="jobs one worker process runs at once"
-    )
-    worker_poll_delay: float = Field(
-        default=0.01,
-        gt=0,
+    retry_backoff_max: float = seconds(60.0, le=DAY, description="cap of the transient retry delay (seconds)")
+    worker_concurrency: int = count(32, le=1000, description="jobs one worker process runs at once")
+    worker_poll_delay: float = seconds(
+        0.01,
         le=60.0,
-        allow_inf_nan=False,
         description="how often a busy worker polls Redis for its next job (seconds); an idle "
         "one blocks on the relay's wake-up instead",
     )
-    batch_size: int = Field(
-        default=500, ge=1, le=10_000, description="rows the relay enqueues per round trip"
-    )
-    hand_over_interval: float = Field(
-        default=0.005,
+    batch_size: int = count(500, le=10_000, description="rows the relay enqueues per round trip")
+    hand_over_interval: float = seconds(
+        0.005,
         ge=0,
         le=1.0,
-        allow_inf_nan=False,
         description="least time between two hand-overs of notified rows (seconds): under a steady "
         "stream, rows arriving meanwhile join the next batch; a row after a quiet spell goes at once",
     )
-    job_batch_size: int = Field(
-        default=50,
-        ge=1,
+    job_batch_size: int = count(
+        50,
         le=1000,
         description="rows one queue job carries at most (a hand-over of fewer rows makes smaller "
         "jobs: one row at low load)",
     )
-    worker_idle_wait: float = Field(
-        default=1.0,
+    worker_idle_wait: float = seconds(
+        1.0,
         ge=0.01,
         le=4.0,
-        allow_inf_nan=False,
         description="longest time an idle worker blocks on the relay's wake-up before it looks "
         "at the queue again (seconds)",
     )
-    max_queue_depth: int = Field(
-        default=20_000,
-        ge=1,
+    max_queue_depth: int = count(
+        20_000,
         le=10_000_000,
         description="the relay stops enqueueing while the arq queue holds this many jobs "
         "(each of up to JOB_BATCH_SIZE rows)",
     )
-    retention: float | None = Field(
-        default=None,
-        gt=0,
+    retention: float | None = seconds(
+        None,
         le=MAX_RETENTION,
-        allow_inf_nan=False,
         description="`prune` removes finished rows finished more than this many seconds ago "
         "(default: keep forever)",
     )
-    prune_interval: float = Field(
-        default=300.0,
-        gt=0,
-        le=DAY,
-        allow_inf_nan=False,
-        description="period of the relay's prune when RETENTION is set (seconds)",
+    prune_interval: float = seconds(
+        300.0, le=DAY, description="period of the relay's prune when RETENTION is set (seconds)"
     )
-    prune_batch_size: int = Field(
-        default=5000, ge=1, le=100_000, description="rows `prune` deletes per short transaction"
-    )
+    prune_batch_size: int = count(5000, le=100_000, description="rows `prune` deletes per short transaction")
     # NoDecode: the variable is a comma list, not the JSON pydantic-settings expects for tuples.
     handler_modules: Annotated[tuple[str, ...], NoDecode] = Field(
         default=(), description="comma-separated modules imported by `worker` to register handlers"
@@ -173,19 +138,6 @@ class Settings(SettingsBase):
         description="comma list of KIND_PATTERN=SINK or KIND_PATTERN=SINK+SINK (shell wildcards, "
         "first match wins) for kinds without a handler of their own",
     )
-
-    @field_validator("database_url", "primary_url")
-    @classmethod
-    def _postgres_url(cls, value: SecretStr | None) -> SecretStr | None:
-        if value is not None:
-            check_url(value.get_secret_value(), PG_SCHEMES)
-        return value
-
-    @field_validator("redis_url")
-    @classmethod
-    def _redis_url(cls, value: SecretStr) -> SecretStr:
-        check_url(value.get_secret_value(), queue_schemes())
-        return value
 
     @field_validator("routes", mode="before")
     @classmethod

@@ -82,6 +82,8 @@ STATS_KEY = "outbox_relay.stats"
 
 _SETTLE = (Path(__file__).resolve().parent / "settle.lua").read_text()
 _CLAIM = (Path(__file__).resolve().parent / "claim.lua").read_text()
+#: The errors of a Redis that does not answer (yet): waited out, not raised.
+_REDIS_DOWN = (RedisError, OSError, TimeoutError)
 
 
 def deserialize_job(data: bytes) -> dict[str, Any]:
@@ -320,15 +322,7 @@ class ArqConsumer:
         async def ping() -> None:
             await self.redis.ping()
 
-        await retry(
-            ping,
-            what="Redis",
-            logger=logger,
-            give_up_after=None,
-            stop=stop,
-            backoff=Backoff(0.2, 5.0),
-            retry_on=(RedisError, OSError, TimeoutError),
-        )
+        await retry(ping, what="Redis", logger=logger, give_up_after=None, stop=stop, retry_on=_REDIS_DOWN)
 
     async def run(
         self,
@@ -340,7 +334,7 @@ class ArqConsumer:
     ) -> ConsumerStats:
         """Run arq's loop until ``stop`` (or a burst ran dry); restart it after a Redis failure."""
         stats = ConsumerStats()
-        backoff = Backoff(0.2, 5.0)
+        backoff = Backoff()
         ctx = {CONTEXT_KEY: function, OBSERVER_KEY: observer}
         while not stop.is_set():
             worker = build_arq_worker(self.config, self.redis, {**ctx, STATS_KEY: stats}, burst=burst)

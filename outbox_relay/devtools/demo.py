@@ -13,6 +13,7 @@ conserved. Everything it started is stopped and removed at the end.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import subprocess
 import tempfile
@@ -322,58 +323,43 @@ async def _show_progress(
     phase: str,
     offered: Offered,
 ) -> None:
-    console = Console()
-    if console.is_terminal:
-        with Live(console=console, auto_refresh=False) as live:
-            await _follow(service, total, producing, processes, workdir, phase, offered, live)
-    else:
-        await _follow(service, total, producing, processes, workdir, phase, offered, None)
-
-
-async def _follow(
-    service: Connection,
-    total: int,
-    producing: asyncio.Task[None],
-    processes: list[subprocess.Popen[bytes]],
-    workdir: Path,
-    phase: str,
-    offered: Offered,
-    live: Live | None,
-) -> None:
     """Poll the counts until the phase's rows are done: a live view on a terminal, else a line a second."""
-    last_print = 0.0
-    started = time.monotonic()
-    done_at_start: int | None = None
-    deadline = started + max(120.0, total / 50)
-    while True:
-        counts: dict[str, int] = {
-            r["status"]: r["n"]
-            for r in await service.fetch(
-                "SELECT status, count(*) AS n FROM outbox_relay.outbox GROUP BY status"
-            )
-        }
-        done = counts.get("finished", 0) + counts.get("failed", 0)
-        now = time.monotonic()
-        if live is not None:
-            done_at_start = done if done_at_start is None else done_at_start
-            elapsed = now - started
-            rate = (done - done_at_start) / elapsed if elapsed > 0.5 else None
-            live.update(progress_view(phase, offered.count, total, counts, rate), refresh=True)
-        elif now - last_print >= 1.0 or done >= total:
-            say(
-                f"  replicated {sum(counts.values()):>6}/{total}  queued {counts.get('queued', 0):>5}  "
-                f"finished {counts.get('finished', 0):>6}  failed {counts.get('failed', 0):>3}"
-            )
-            last_print = now
-        if done >= total and producing.done():
-            return
-        if producing.done() and producing.exception() is not None:
-            raise producing.exception()  # type: ignore[misc]
-        dead = [p for p in processes if p.poll() is not None]
-        if dead or now > deadline:
-            logs = await asyncio.to_thread(log_tails, workdir)
-            raise DemoError(f"the demo stalled (a process exited or time ran out)\n{logs}")
-        await asyncio.sleep(0.25)
+    console = Console()
+    with contextlib.ExitStack() as stack:
+        live = stack.enter_context(Live(console=console, auto_refresh=False)) if console.is_terminal else None
+        last_print = 0.0
+        started = time.monotonic()
+        done_at_start: int | None = None
+        deadline = started + max(120.0, total / 50)
+        while True:
+            counts: dict[str, int] = {
+                r["status"]: r["n"]
+                for r in await service.fetch(
+                    "SELECT status, count(*) AS n FROM outbox_relay.outbox GROUP BY status"
+                )
+            }
+            done = counts.get("finished", 0) + counts.get("failed", 0)
+            now = time.monotonic()
+            if live is not None:
+                done_at_start = done if done_at_start is None else done_at_start
+                elapsed = now - started
+                rate = (done - done_at_start) / elapsed if elapsed > 0.5 else None
+                live.update(progress_view(phase, offered.count, total, counts, rate), refresh=True)
+            elif now - last_print >= 1.0 or done >= total:
+                say(
+                    f"  replicated {sum(counts.values()):>6}/{total}  queued {counts.get('queued', 0):>5}  "
+                    f"finished {counts.get('finished', 0):>6}  failed {counts.get('failed', 0):>3}"
+                )
+                last_print = now
+            if done >= total and producing.done():
+                return
+            if producing.done() and producing.exception() is not None:
+                raise producing.exception()  # type: ignore[misc]
+            dead = [p for p in processes if p.poll() is not None]
+            if dead or now > deadline:
+                logs = await asyncio.to_thread(log_tails, workdir)
+                raise DemoError(f"the demo stalled (a process exited or time ran out)\n{logs}")
+            await asyncio.sleep(0.25)
 
 
 async def _phase_stats(service: Connection, ids: list[str]) -> Any:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from outbox_relay.db import Pool
@@ -29,28 +30,20 @@ REFRESH_INTERVAL = 5.0
 QUERY_TIMEOUT = 5.0
 
 
+@dataclass(eq=False)
 class GaugeRefresher:
     """Refreshes the gauges of ``metrics`` from the service database (and the primary)."""
 
-    def __init__(
-        self,
-        primary_url: str | None,
-        pool: Pool,
-        metrics: Metrics,
-        queue_depth: Callable[[], Awaitable[int]] | None = None,
-        hooks: RelayHooks | None = None,
-        server: str = "the queue",
-    ) -> None:
-        self.primary_url = primary_url
-        #: What to call the queue's server in health reasons (the backend's name).
-        self.server = server
-        self.pool = pool
-        self.metrics = metrics
-        self.queue_depth = queue_depth
-        self.hooks = hooks
-        self._primary: Any = None
-        self._slot: str | None = None
-        self._failing_logged = False
+    primary_url: str | None
+    pool: Pool
+    metrics: Metrics
+    queue_depth: Callable[[], Awaitable[int]] | None = None
+    hooks: RelayHooks | None = None
+    #: What to call the queue's server in health reasons (the backend's name).
+    server: str = "the queue"
+    _primary: Any = field(default=None, init=False, repr=False)
+    _slot: str | None = field(default=None, init=False, repr=False)
+    _failing_logged: bool = field(default=False, init=False, repr=False)
 
     async def run(self, stop: asyncio.Event, interval: float = REFRESH_INTERVAL) -> None:
         """Refresh now and every ``interval`` seconds until ``stop``; never raises (but cancels)."""

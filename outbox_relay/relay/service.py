@@ -105,7 +105,7 @@ class Relay:
 
     async def run(self) -> None:
         """Serve until ``stop`` is set, reconnecting with capped backoff after any failure."""
-        backoff = Backoff(0.2, 5.0)
+        backoff = Backoff()
         while not self.stop.is_set():
             try:
                 await self._session()

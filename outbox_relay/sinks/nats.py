@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import SettingsConfigDict
 
-from outbox_relay.config import HOUR, SettingsBase, check_url
+from outbox_relay.config import HOUR, SettingsBase, check_url, seconds
 from outbox_relay.events import OutboxEvent
 from outbox_relay.exceptions import PermanentError, TransientError
 from outbox_relay.logs import describe
@@ -53,9 +53,7 @@ class NatsSettings(SettingsBase):
     subject_prefix: str = Field(
         default="outbox.", max_length=200, description="subject of an event: this prefix + its kind"
     )
-    timeout: float = Field(
-        default=5.0, gt=0, le=HOUR, allow_inf_nan=False, description="wait for a JetStream PubAck (seconds)"
-    )
+    timeout: float = seconds(5.0, le=HOUR, description="wait for a JetStream PubAck (seconds)")
 
     @field_validator("url")
     @classmethod

@@ -21,12 +21,12 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Annotated
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import SettingsConfigDict
 
-from outbox_relay.config import HOUR, HTTP_SCHEMES, SettingsBase, check_url
+from outbox_relay.config import HOUR, HTTP_SCHEMES, SettingsBase, seconds, url_of
 from outbox_relay.events import OutboxEvent
 from outbox_relay.exceptions import PermanentError, SettingsError, TransientError
 from outbox_relay.logs import describe
@@ -48,20 +48,13 @@ class WebhookSettings(SettingsBase):
 
     model_config = SettingsConfigDict(env_prefix="OUTBOX_RELAY_WEBHOOK_")
 
-    url: SecretStr | None = Field(default=None, description="the endpoint, http(s)://")
+    url: Annotated[SecretStr, url_of(HTTP_SCHEMES)] | None = Field(
+        default=None, description="the endpoint, http(s)://"
+    )
     secret: SecretStr | None = Field(
         default=None, description="Standard Webhooks signing secret, whsec_ + base64"
     )
-    timeout: float = Field(
-        default=5.0, gt=0, le=HOUR, allow_inf_nan=False, description="one webhook request (seconds)"
-    )
-
-    @field_validator("url")
-    @classmethod
-    def _webhook_url(cls, value: SecretStr | None) -> SecretStr | None:
-        if value is not None:
-            check_url(value.get_secret_value(), HTTP_SCHEMES)
-        return value
+    timeout: float = seconds(5.0, le=HOUR, description="one webhook request (seconds)")
 
     @field_validator("secret")
     @classmethod

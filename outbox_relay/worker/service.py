@@ -15,7 +15,7 @@ from outbox_relay.handlers import HandlerRegistry
 from outbox_relay.migrate import check_schema
 from outbox_relay.observability.hooks import WorkerHooks
 from outbox_relay.queue import Consumer, ConsumerStats
-from outbox_relay.retry import Backoff, retry
+from outbox_relay.retry import retry
 from outbox_relay.worker.processor import RowProcessor, WorkerConfig, lock_timeout_setting
 
 logger = logging.getLogger(__name__)
@@ -76,11 +76,4 @@ async def _wait_for_database(pool: Pool, handlers: HandlerRegistry, stop: asynci
         async with pool.acquire() as conn:
             await check_schema(conn, "service", handlers.plugins())
 
-    await retry(
-        ready,
-        what="the service database",
-        logger=logger,
-        give_up_after=None,
-        stop=stop,
-        backoff=Backoff(0.2, 5.0),
-    )
+    await retry(ready, what="the service database", logger=logger, give_up_after=None, stop=stop)
