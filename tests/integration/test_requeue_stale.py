@@ -16,7 +16,6 @@ from tests.helpers import (
     count_status,
     equals,
     open_account,
-    produce,
     reserve,
     run_cli,
     running_relay,
@@ -41,13 +40,14 @@ async def test_requeue_takes_a_row_queued_longer_than_requeue_after_and_it_finis
         await queue.redis.set(old_key, b"junk")
         async with running_worker(settings), running_relay(settings) as relay:
             await wait_until(lambda: relay.active.is_set() and relay.stats.sweeps >= 1, message="swept")
-            await service.execute("ALTER TABLE outbox_relay.outbox DISABLE TRIGGER outbox_notify")
-            await produce(service, "stuck", "success")
-            await service.execute("ALTER TABLE outbox_relay.outbox ENABLE ALWAYS TRIGGER outbox_notify")
-            await service.execute(
-                "UPDATE outbox_relay.outbox SET status = 'queued', queued_at = now() - interval '120 seconds'"
-                " WHERE correlation_id = 'stuck'"
-            )
+            # Written `queued` from the start, unnotified: no sweep (a reconnect makes one) can see it `new`.
+            async with service.transaction():
+                await service.execute("ALTER TABLE outbox_relay.outbox DISABLE TRIGGER outbox_notify")
+                await service.execute(
+                    "INSERT INTO outbox_relay.outbox (correlation_id, outcome, status, queued_at)"
+                    " VALUES ('stuck', 'success', 'queued', now() - interval '120 seconds')"
+                )
+                await service.execute("ALTER TABLE outbox_relay.outbox ENABLE ALWAYS TRIGGER outbox_notify")
 
             requeue = ("requeue", "--correlation-id", "stuck")
             refused = await asyncio.to_thread(
