@@ -9,6 +9,10 @@ SELECT current_setting('server_version_num')::int AS version_num,
        current_setting('server_version') AS version,
        current_database()::text AS database;
 
+-- name: clock
+-- The server's clock now (not the transaction's start), seconds since the epoch.
+SELECT extract(epoch FROM clock_timestamp())::float8;
+
 -- name: notify_trigger
 -- tgenabled: 'O' origin/local only, 'A' always, 'R' replica only, 'D' disabled.
 SELECT t.tgenabled::text AS enabled
