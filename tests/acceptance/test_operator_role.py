@@ -6,17 +6,15 @@ from __future__ import annotations
 
 import json
 import signal
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
 import pytest
 
-from outbox_relay.db import quote_ident
 from tests.acceptance.conftest import as_user
 from tests.acceptance.test_cli import cli, describe
-from tests.conftest import OutboxEnv, drop_outbox_env
+from tests.conftest import OutboxEnv, create_outbox_env, drop_outbox_env
 from tests.helpers import Services, cli_env, count_status, open_account, produce, reserve
 from tests.servers import PgServer, RedisServer
 
@@ -24,21 +22,7 @@ from tests.servers import PgServer, RedisServer
 @pytest.fixture
 async def outbox_env(pg_server: PgServer, redis_server: RedisServer) -> AsyncIterator[OutboxEnv]:
     """Two empty databases made replicated by the CLI alone: migrate --primary, migrate, subscribe."""
-    suffix = uuid.uuid4().hex[:10]
-    env = OutboxEnv(
-        pg=pg_server,
-        redis_url=redis_server.url(),
-        service_db=f"svc_{suffix}",
-        primary_db=f"prim_{suffix}",
-        queue_name=f"test_{suffix}",
-        subscription_name=f"sub_{suffix}",
-    )
-    admin = await asyncpg.connect(pg_server.url("postgres"))
-    try:
-        for name in (env.service_db, env.primary_db):
-            await admin.execute(f"CREATE DATABASE {quote_ident(name)}")
-    finally:
-        await admin.close()
+    env = await create_outbox_env(pg_server, redis_server.url(), migrate_primary=False, migrate_service=False)
     try:
         for command in (("migrate", "--primary"), ("migrate",), ("subscribe",)):
             result = await cli(*command, env=cli_env(env.env()))
