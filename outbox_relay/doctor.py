@@ -21,6 +21,7 @@ do not name the queue.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +47,7 @@ OLD_XACT_WARN, OLD_XACT_FAIL = 300.0, 3600.0  # s a snapshot has been held back
 PENDING_FAIL_FACTOR = 5  # oldest pending older than 5 x REQUEUE_AFTER fails
 DEAD_TUPLES_MIN = 100_000  # dead tuples worth a warning at all...
 DEAD_TUPLES_RATIO = 0.5  # ...when also more than half the live ones
+CLOCK_SKEW_WARN = 1.0  # s between any two of this host, PostgreSQL and the queue's server
 
 
 @dataclass(frozen=True)
@@ -135,6 +137,8 @@ class DoctorContext:
     #: Worker sessions in the service database (None: not counted).
     worker_sessions: int | None = None
     diagnosis: Diagnosis | None = None
+    #: The service database server's clock minus this host's (s; None: not read).
+    database_clock_offset: float | None = None
 
     @property
     def sub(self) -> _Subscription:
@@ -229,6 +233,14 @@ async def _connect(report: Report, label: str, url: str) -> DirectConnection | N
 
 
 # -- the service database -----------------------------------------------------------------
+
+
+@check(9, needs="service")
+async def _database_clock(ctx: DoctorContext) -> None:
+    """Reads the service database server's clock for the ``clocks`` line (no line of its own)."""
+    before = time.time()
+    server = float(await ctx.db.fetchval(_SQL("clock")))
+    ctx.database_clock_offset = server - (before + time.time()) / 2
 
 
 @check(10, needs="service")
@@ -707,6 +719,33 @@ async def _workers(ctx: DoctorContext) -> None:
         )
     else:
         ctx.add("workers", "fail", f"no live worker for queue {queue_name}{in_db}", start)
+
+
+@check(230, needs="queue")
+async def _clocks(ctx: DoctorContext) -> None:
+    """This host's clock against PostgreSQL's and the queue server's (whose clock the queue's
+    timing goes by): warn when any two are more than :data:`CLOCK_SKEW_WARN` apart."""
+    assert ctx.diagnosis is not None
+    server = ctx.diagnosis.server
+    offsets = {"PostgreSQL": ctx.database_clock_offset, server: ctx.diagnosis.clock_offset}
+    found = ", ".join(
+        f"{name} {'unknown' if offset is None else f'{offset:+.3f} s'}" for name, offset in offsets.items()
+    )
+    clocks = {"this host": 0.0, **{name: offset for name, offset in offsets.items() if offset is not None}}
+    ahead = max(clocks, key=lambda name: clocks[name])
+    behind = min(clocks, key=lambda name: clocks[name])
+    spread = clocks[ahead] - clocks[behind]
+    if spread <= CLOCK_SKEW_WARN:
+        ctx.add("clocks", "ok", f"{found} from this host's clock")
+        return
+    ctx.add(
+        "clocks",
+        "warn",
+        f"{found} from this host's clock: {ahead} is {_seconds(spread)} ahead of {behind}",
+        "synchronise the hosts' clocks (NTP: chrony or systemd-timesyncd). The queue's timing goes "
+        f"by {server}'s clock alone, so jobs are not delayed; but times logged and compared across "
+        "hosts disagree. Run `outbox-relay doctor` on each relay and worker host to check its clock",
+    )
 
 
 def render_json(report: Report) -> str:

@@ -1,12 +1,17 @@
 -- The queries of `doctor` (outbox_relay/doctor.py), by name. Read-only, each
 -- cheap: catalogs, statistics views, and the outbox's partial indexes only.
 -- Columns that differ between PostgreSQL releases are read through
--- to_jsonb(row), so one query serves 15 to 18.
+-- to_jsonb(row), so one query serves 15 to 18 (never a row of pg_subscription:
+-- see subscriptions). Every query runs as the outbox_relay_operator role.
 
 -- name: server
 SELECT current_setting('server_version_num')::int AS version_num,
        current_setting('server_version') AS version,
        current_database()::text AS database;
+
+-- name: clock
+-- The server's clock now (not the transaction's start), seconds since the epoch.
+SELECT extract(epoch FROM clock_timestamp())::float8;
 
 -- name: notify_trigger
 -- tgenabled: 'O' origin/local only, 'A' always, 'R' replica only, 'D' disabled.
@@ -18,9 +23,11 @@ SELECT t.tgenabled::text AS enabled
 
 -- name: subscriptions
 -- This database's subscriptions to the outbox publication, or the one named $1.
--- (No subconninfo: it is not readable by non-superusers, and holds a password.)
+-- Only columns PostgreSQL grants to PUBLIC (every one but subconninfo, which
+-- holds a password): never to_jsonb(s) or s.*, which read subconninfo too and
+-- are refused to the operator role. substream is boolean on 15, 'f'/'t'/'p' on 16+.
 SELECT s.oid::bigint AS oid, s.subname::text AS name, s.subenabled AS enabled,
-       s.subslotname::text AS slot, to_jsonb(s) ->> 'substream' AS streaming
+       s.subslotname::text AS slot, s.substream::text AS streaming
   FROM pg_subscription s
  WHERE s.subdbid = (SELECT oid FROM pg_database WHERE datname = current_database())
    AND (s.subname = $1 OR ($1 IS NULL AND 'outbox_relay' = ANY (s.subpublications)))

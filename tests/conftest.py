@@ -105,8 +105,10 @@ class OutboxEnv:
         return {f"OUTBOX_RELAY_{k}": v for k, v in values.items()}
 
 
-async def create_outbox_env(pg: PgServer, redis_url: str, *, migrate_primary: bool = True) -> OutboxEnv:
-    """Create two fresh databases on ``pg`` and migrate them."""
+async def create_outbox_env(
+    pg: PgServer, redis_url: str, *, migrate_primary: bool = True, migrate_service: bool = True
+) -> OutboxEnv:
+    """Create two fresh databases on ``pg`` and migrate them (each unless told not to)."""
     suffix = uuid.uuid4().hex[:10]
     env = OutboxEnv(
         pg=pg,
@@ -124,7 +126,7 @@ async def create_outbox_env(pg: PgServer, redis_url: str, *, migrate_primary: bo
     finally:
         await admin.close()
     for url, target in ((env.service_url, "service"), (env.primary_url, "primary")):
-        if target == "primary" and not migrate_primary:
+        if not (migrate_primary if target == "primary" else migrate_service):
             continue
         conn = await asyncpg.connect(url)
         try:

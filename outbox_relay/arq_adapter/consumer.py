@@ -29,6 +29,11 @@ arq settings, chosen for fast recovery (see the field notes in the README):
   (or the rows put off, together) as a new deferred job.
 * ``max_tries = 1000``: attempts are counted in the database (MAX_ATTEMPTS);
   arq's own count only bounds retries that could not be recorded there.
+* one clock: every score is written and compared by the Redis server's clock
+  (``TIME`` inside enqueue.lua, settle.lua, claim.lua and due.lua), never by a
+  host's: a worker (or relay) whose clock is off takes jobs as soon as they are
+  due all the same. arq's own poll reads the due jobs by the worker's clock, so
+  :meth:`OutboxWorker._poll_iteration` reads them through due.lua instead.
 """
 
 from __future__ import annotations
@@ -39,7 +44,6 @@ import json
 import logging
 import pickle
 import random
-import time
 import uuid
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
@@ -82,6 +86,7 @@ STATS_KEY = "outbox_relay.stats"
 
 _SETTLE = (Path(__file__).resolve().parent / "settle.lua").read_text()
 _CLAIM = (Path(__file__).resolve().parent / "claim.lua").read_text()
+_DUE = (Path(__file__).resolve().parent / "due.lua").read_text()
 #: The errors of a Redis that does not answer (yet): waited out, not raised.
 _REDIS_DOWN = (RedisError, OSError, TimeoutError)
 
@@ -132,6 +137,7 @@ class OutboxWorker(Worker):
         # The scripts, registered once (not per poll or per batch): claim.lua here,
         # settle.lua for the batch function through the context.
         self._claim = self.pool.register_script(_CLAIM)
+        self._due = self.pool.register_script(_DUE)
         self.ctx[SETTLE_KEY] = self.pool.register_script(_SETTLE)
 
     async def start_jobs(self, job_ids: list[bytes]) -> None:
@@ -151,7 +157,7 @@ class OutboxWorker(Worker):
         if not fresh:
             return
         ttl_ms = int(self.in_progress_timeout_s * 1000)
-        reply = await self._claim(keys=[self.queue_name], args=[int(time.time() * 1000), ttl_ms, *fresh])
+        reply = await self._claim(keys=[self.queue_name], args=[ttl_ms, *fresh])
         for job_id_b, score in zip(reply[::2], reply[1::2], strict=True):
             await self.sem.acquire()  # free: no more were claimed than slots were free
             self.job_counter += 1
@@ -160,6 +166,34 @@ class OutboxWorker(Worker):
             task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
             self.tasks[job_id] = task
             self._started_now += 1
+
+    async def _poll_iteration(self) -> None:
+        """arq's poll, with the due jobs read by the Redis server's clock (due.lua): arq reads
+        ``ZRANGEBYSCORE queue -inf <this host's now>``. Burst limit, aborts, the cleanup of
+        ended tasks and the heart beat are arq's own."""
+        count = self.queue_read_limit
+        if self.burst and self.max_burst_jobs >= 0:
+            remaining = self.max_burst_jobs - self._jobs_started()
+            if remaining < 1:
+                return
+            count = min(remaining, count)
+        if self.allow_pick_jobs and self.job_counter < self.max_jobs:
+            _, job_ids = await self._look(count)
+            await self.start_jobs(job_ids)
+        if self.allow_abort_jobs:
+            await self._cancel_aborted_jobs()
+        for job_id, task in list(self.tasks.items()):
+            if task.done():
+                del self.tasks[job_id]
+                task.result()  # arq's way: an error of run_job surfaces here
+        await self.heart_beat()
+
+    async def _look(self, count: int) -> tuple[float | None, list[bytes]]:
+        """Seconds until the next job not yet due is due (None: none), and up to ``count`` due
+        job ids, both by the Redis server's clock (due.lua)."""
+        reply = await self._due(keys=[self.queue_name], args=[self._queue_read_offset, count])
+        wait_ms = int(reply[0])
+        return (None if wait_ms < 0 else wait_ms / 1000), [bytes(job_id) for job_id in reply[1:]]
 
     async def heart_beat(self) -> None:
         """Called by arq once per poll: the worker's liveness beat too (a poll got through)."""
@@ -188,12 +222,9 @@ class OutboxWorker(Worker):
     async def _wait_for_wake_up(self, wake: str) -> None:
         """Block until the relay adds a job, the next deferred job is due, or ``idle_wait``."""
         timeout = self.idle_wait
-        now_ms = time.time() * 1000
-        upcoming = await self.pool.zrangebyscore(
-            self.queue_name, min=now_ms, max="+inf", start=0, num=1, withscores=True
-        )
-        if upcoming:
-            timeout = min(timeout, max(0.0, (float(upcoming[0][1]) - now_ms) / 1000))
+        upcoming, _ = await self._look(0)
+        if upcoming is not None:
+            timeout = min(timeout, max(0.0, upcoming))
         await self._block(wake, timeout)
 
     async def _block(self, wake: str, timeout: float) -> None:
@@ -247,7 +278,7 @@ async def _settle(
     async with translated_errors():
         await script(
             keys=[queue_name, wake_key(queue_name)],
-            args=[own_id, JOB_TTL_MS, int(time.time() * 1000), BATCH_FUNCTION_NAME, plan],
+            args=[own_id, JOB_TTL_MS, 0, BATCH_FUNCTION_NAME, plan],
         )
 
 

@@ -7,6 +7,7 @@ worker's loop), the signal that a worker is *consuming this queue*.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 from arq.connections import ArqRedis
@@ -28,6 +29,8 @@ class _Facts:
     depth: int
     health: str | None
     ttl: float | None
+    #: Redis's clock minus this host's (s), read by TIME at the middle of its round trip.
+    clock_offset: float
 
 
 class ArqDiagnostics:
@@ -57,6 +60,7 @@ class ArqDiagnostics:
             workers_seen=self._seen(facts),
             workers_signal=self.health_key,
             server=SERVER,
+            clock_offset=facts.clock_offset,
         )
 
     async def _read(self, redis: ArqRedis) -> _Facts:
@@ -68,12 +72,16 @@ class ArqDiagnostics:
         if health is not None:
             ttl_ms = int(await redis.pttl(self.health_key))
             ttl = ttl_ms / 1000 if ttl_ms >= 0 else None
+        before = time.time()
+        seconds, microseconds = await redis.time()
+        offset = seconds + microseconds / 1e6 - (before + time.time()) / 2
         return _Facts(
             server.get("redis_version"),
             memory.get("maxmemory_policy"),
             depth,
             None if health is None else health.decode(errors="replace"),
             ttl,
+            offset,
         )
 
     def _unreachable(self, error: str) -> Diagnosis:

@@ -13,7 +13,8 @@
 -- KEYS[1]        the queue (sorted set)
 -- KEYS[2]        the queue's wake-up list (one element per job added)
 -- KEYS[2+i]      the marker of row i, i = 1..n
--- ARGV[1]        score (enqueue time, ms)
+-- ARGV[1]        unused (0; kept for the positions): the score, the enqueue time in
+--                ms, is the Redis server's clock (TIME), which claim.lua compares with
 -- ARGV[2]        key time-to-live (ms)
 -- ARGV[3]        batch size B
 -- ARGV[4]        job id prefix (unique per call)
@@ -22,7 +23,9 @@
 -- Returns {rows added, jobs added, queue length, jobs due and unclaimed before
 -- this call (among the first 20 due: any means the workers are behind)}.
 local queue, wake = KEYS[1], KEYS[2]
-local score, ttl, size = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
+local clock = redis.call('TIME')
+local score = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+local ttl, size = ARGV[2], tonumber(ARGV[3])
 local prefix, fname = ARGV[4], ARGV[5]
 local n = #KEYS - 2
 

@@ -8,7 +8,6 @@ element on the queue's wake-up list (workers block on it instead of polling).
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -129,11 +128,11 @@ class ArqQueue:
         """
         if not rows:
             return HandOver(0, await self.depth())
-        now_ms = int(time.time() * 1000)
         keys = [self.config.queue_name, wake_key(self.config.queue_name)]
         keys += [marker_key(self.config.namespace, row.correlation_id, row.generation) for row in rows]
         prefix = f"{self.config.namespace}:batch:{uuid.uuid4().hex}:"
-        args: list[Any] = [now_ms, JOB_TTL_MS, self.config.batch_size, prefix, BATCH_FUNCTION_NAME]
+        # 0: the score is the Redis server's clock (enqueue.lua), never this host's.
+        args: list[Any] = [0, JOB_TTL_MS, self.config.batch_size, prefix, BATCH_FUNCTION_NAME]
         args += [row.id for row in rows]
         async with translated_errors():
             added, _jobs, depth, unclaimed = await self._script(keys=keys, args=args)

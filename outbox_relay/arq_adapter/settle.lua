@@ -8,13 +8,16 @@
 -- KEYS[2]        the queue's wake-up list
 -- ARGV[1]        this job's id
 -- ARGV[2]        key time-to-live (ms)
--- ARGV[3]        now (ms)
+-- ARGV[3]        unused (0; kept for the positions): a retry is due defer_ms after the
+--                Redis server's clock (TIME), which claim.lua compares with
 -- ARGV[4]        function name
 -- ARGV[5]        JSON: {"done": [marker, ...],
 --                       "again": [{"id": job id, "defer_ms": n, "rows": [[row, marker, delivery], ...]}]}
 -- Returns the number of rows scheduled again.
 local queue, wake = KEYS[1], KEYS[2]
-local own, ttl, now, fname = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
+local own, ttl, fname = ARGV[1], ARGV[2], ARGV[4]
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 local plan = cjson.decode(ARGV[5])
 
 local function ours(marker)

@@ -188,6 +188,9 @@ class Diagnosis:
     workers_signal: str
     #: What to call the queue's server in doctor's lines ("Redis").
     server: str = "the queue's server"
+    #: The queue server's clock minus this host's, in seconds (read at the middle of a round
+    #: trip): the clock the queue's timing goes by. None: not known.
+    clock_offset: float | None = None
 
 
 class Diagnosable(Protocol):

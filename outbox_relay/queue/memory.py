@@ -145,6 +145,7 @@ class InMemoryQueue:
             workers_seen=seen,
             workers_signal=f"a running consumer of {self.namespace}",
             server=self.server,
+            clock_offset=0.0,  # its clock is this host's
         )
 
     # -- consumer side ---------------------------------------------------------------

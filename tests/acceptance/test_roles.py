@@ -3,61 +3,15 @@
 from __future__ import annotations
 
 import json
-import uuid
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
 
-import outbox_relay
-from outbox_relay.db import quote_ident
+from tests.acceptance.conftest import as_user
 from tests.acceptance.test_cli import cli, describe
 from tests.conftest import OutboxEnv
 from tests.helpers import Services, cli_env, count_status, open_account, produce, reserve
-
-ROLES_DIR = Path(outbox_relay.__file__).resolve().parent
-
-
-def _password(user: str) -> str:
-    """Each test user's password (a server in a container asks for one, an embedded one trusts)."""
-    return f"pw-{user}"
-
-
-def _as(url: str, user: str) -> str:
-    parts = urlsplit(url)
-    host = parts.netloc.rpartition("@")[2]
-    return urlunsplit(parts._replace(netloc=f"{user}:{_password(user)}@{host}"))
-
-
-@pytest.fixture
-async def users(outbox_env: OutboxEnv) -> AsyncIterator[dict[str, str]]:
-    """Apply roles_service.sql and roles_primary.sql; one login user per role (duty -> user name)."""
-    sides = ((outbox_env.service_url, "roles_service.sql"), (outbox_env.primary_url, "roles_primary.sql"))
-    for url, name in sides:
-        conn = await asyncpg.connect(url)
-        try:
-            sql = (ROLES_DIR / name).read_text()
-            await conn.execute(sql)
-            await conn.execute(sql)  # safe to run again
-        finally:
-            await conn.close()
-    tag = uuid.uuid4().hex[:8]
-    made = {duty: f"{duty}_{tag}" for duty in ("relay", "worker", "operator", "producer", "subscriber")}
-    admin = await asyncpg.connect(outbox_env.pg.url("postgres"))
-    try:
-        for duty, user in made.items():
-            await admin.execute(
-                f"CREATE ROLE {quote_ident(user)} LOGIN PASSWORD '{_password(user)}'"
-                f" IN ROLE outbox_relay_{duty}"
-            )
-        yield made
-    finally:
-        for user in made.values():
-            await admin.execute(f"DROP ROLE IF EXISTS {quote_ident(user)}")
-        await admin.close()
 
 
 async def test_run_worker_and_status_as_least_privileged_users(
@@ -69,7 +23,7 @@ async def test_run_worker_and_status_as_least_privileged_users(
     await reserve(service, "acc", 10, "least-2")
 
     def env_for(duty: str) -> dict[str, str]:
-        return cli_env(outbox_env.env(DATABASE_URL=_as(outbox_env.service_url, users[duty])))
+        return cli_env(outbox_env.env(DATABASE_URL=as_user(outbox_env.service_url, users[duty])))
 
     relay = services.start_relay("relay", env_for("relay"))
     worker = services.start_worker("worker", env_for("worker"))
@@ -107,7 +61,7 @@ async def test_each_role_is_refused_what_it_does_not_need(
 ) -> None:
     """A statement outside the role's duty fails with insufficient privilege."""
     url = outbox_env.service_url if side == "service" else outbox_env.primary_url
-    conn = await asyncpg.connect(_as(url, users[duty]))
+    conn = await asyncpg.connect(as_user(url, users[duty]))
     try:
         with pytest.raises(asyncpg.InsufficientPrivilegeError):
             await conn.execute(statement)
@@ -119,7 +73,7 @@ async def test_producer_role_can_write_the_primary_outbox(
     outbox_env: OutboxEnv, users: dict[str, str]
 ) -> None:
     """A user holding only outbox_relay_producer inserts an outbox row on the primary."""
-    conn = await asyncpg.connect(_as(outbox_env.primary_url, users["producer"]))
+    conn = await asyncpg.connect(as_user(outbox_env.primary_url, users["producer"]))
     try:
         await produce(conn, "from-producer")
     finally:

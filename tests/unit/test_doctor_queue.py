@@ -61,7 +61,7 @@ async def test_the_in_memory_queue_diagnoses_itself_and_its_consumer() -> None:
 
 
 async def test_doctor_prints_the_backends_lines_and_the_workers_line() -> None:
-    """With the database unreachable, doctor still reports the queue: the backend's line, then workers."""
+    """With the database unreachable, doctor still reports the queue: the backend's line, workers, clocks."""
     config = DoctorConfig(
         database_url="postgresql://doctor@127.0.0.1:1/nothing",
         queue=InMemoryQueue("diag"),
@@ -70,5 +70,6 @@ async def test_doctor_prints_the_backends_lines_and_the_workers_line() -> None:
     )
     report = await run_doctor(config)
     names = [(c.name, c.status) for c in report.checks]
-    assert names == [("service database", "fail"), ("queue", "ok"), ("workers", "fail")]
-    assert report.checks[-1].detail == "no live worker for queue q"
+    assert names == [("service database", "fail"), ("queue", "ok"), ("workers", "fail"), ("clocks", "ok")]
+    assert report.checks[-2].detail == "no live worker for queue q"
+    assert report.checks[-1].detail.startswith("PostgreSQL unknown, "), report.checks[-1]
