@@ -135,12 +135,16 @@ class Prometheus:
             alerts = await self.alerts()
             return alerts if alerts.get(alert) == "firing" else None
 
-        result: dict[str, str] = await services.wait(
-            fired, timeout=FIRE_TIMEOUT, message=f"{alert} to fire\n{self.tail()}"
-        )
+        try:
+            result: dict[str, str] = await services.wait(
+                fired, timeout=FIRE_TIMEOUT, message=f"{alert} to fire"
+            )
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\nactive alerts: {await self.alerts()}\n{self.tail()}") from None
         return result
 
     def tail(self) -> str:
+        """The end of Prometheus' log."""
         return self.log.read_text(errors="replace")[-2000:] if self.log.exists() else ""
 
 
