@@ -13,7 +13,7 @@ import time
 from collections.abc import Collection, Iterator, Sequence
 
 from outbox_relay.observability.health import Health
-from outbox_relay.observability.metrics import Metrics, Role
+from outbox_relay.observability.metrics import EVENT_RESULTS, Metrics, Role
 from outbox_relay.queue import Job, JobFunction, Outcome
 
 logger = logging.getLogger(__name__)
@@ -157,6 +157,17 @@ class WorkerHooks(_Hooks):
             role="worker",
         )
         self.kinds = frozenset(kinds)
+        if metrics is not None:
+            metrics.worker_up.set_function(self.up)
+            for kind in sorted({*self.kinds, OTHER_KIND}):  # at 0 from the start: increase() sees the first
+                for result in EVENT_RESULTS:
+                    metrics.events.labels(kind=kind, result=result)
+
+    def up(self) -> float:
+        """1.0 while this worker is live and ready (``outbox_relay_worker_up``), else 0.0."""
+        if self.health is None:
+            return 1.0  # metrics without /healthz: nothing says otherwise while the process runs
+        return 1.0 if self.health.liveness().ok and self.health.readiness().ready else 0.0
 
     def beat(self) -> None:
         """The queue's poll loop turned over (arq's ``heart_beat``): alive, and the server answered."""

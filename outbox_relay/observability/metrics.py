@@ -91,15 +91,22 @@ METRICS: tuple[MetricSpec, ...] = (
                "Seconds since the subscription last heard from the primary (pg_stat_subscription)", "relay"),
     MetricSpec("replication_lag_bytes", "outbox_relay_replication_lag_bytes", "gauge",
                "WAL bytes the subscription's slot has not confirmed (needs PRIMARY_URL)", "relay"),
+    # The subscription's gauges exist only where one does: on the active relay, once it found the
+    # service database's subscription (none in the direct shape, none on a standby).
     MetricSpec("subscription_enabled", "outbox_relay_subscription_enabled", "gauge",
-               "1 when the subscription exists and is enabled, 0 otherwise (replicated shape)", "relay"),
+               "1 when the subscription is enabled, 0 when disabled (active relay, replicated shape only)",
+               "relay", ("subscription",)),
     MetricSpec("subscription_apply_errors", "outbox_relay_subscription_apply_errors", "gauge",
-               "Apply errors of the subscription (pg_stat_subscription_stats.apply_error_count)", "relay"),
+               "Apply errors of the subscription (pg_stat_subscription_stats.apply_error_count)", "relay",
+               ("subscription",)),
     MetricSpec("subscription_sync_errors", "outbox_relay_subscription_sync_errors", "gauge",
                "Initial sync errors of the subscription (pg_stat_subscription_stats.sync_error_count)",
-               "relay"),
+               "relay", ("subscription",)),
     MetricSpec("refresh_errors", "outbox_relay_gauge_refresh_errors", "counter",
                "Failed refreshes of the database-backed gauges (relay)", "relay"),
+    MetricSpec("worker_up", "outbox_relay_worker_up", "gauge",
+               "1 while this worker is live and ready (as /healthz and /readyz say), 0 otherwise",
+               "worker"),
     MetricSpec("jobs_in_flight", "outbox_relay_worker_jobs_in_flight", "gauge",
                "Jobs this worker is running now", "worker"),
     MetricSpec("handler_duration", "outbox_relay_handler_duration_seconds", "histogram",
@@ -130,6 +137,7 @@ class Metrics:
     subscription_sync_errors: Gauge
     refresh_errors: Counter
     # worker
+    worker_up: Gauge
     events: Counter
     commit_to_finish: Histogram
     jobs_in_flight: Gauge

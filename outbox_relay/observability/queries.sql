@@ -9,9 +9,10 @@ SELECT (SELECT count(*) FROM outbox_relay.outbox WHERE status = 'new')    AS new
 
 -- name: subscription_health
 -- This database's subscription to the outbox publication (whatever its name):
--- enabled, seconds since the apply worker last reported to the primary (NULL
+-- its name, enabled, seconds since the apply worker last reported to the primary (NULL
 -- when no apply worker runs), apply and sync error counts, and its slot.
-SELECT s.subenabled AS enabled,
+SELECT s.subname::text AS name,
+       s.subenabled AS enabled,
        s.subslotname::text AS slot,
        extract(epoch FROM now() - st.latest_end_time)::float8 AS lag_seconds,
        coalesce(ss.apply_error_count, 0) AS apply_errors,

@@ -53,6 +53,7 @@ class GaugeRefresher:
                 if await stopped_within(stop, interval):
                     return
         finally:
+            self._forget_subscription()  # no longer active: a standby does not report it
             await self._close_primary()
 
     async def refresh_once(self) -> None:
@@ -82,16 +83,26 @@ class GaugeRefresher:
 
     async def _subscription(self) -> None:
         row = await self.pool.fetchrow(query("subscription_health"), timeout=QUERY_TIMEOUT)
-        if row is None:  # the direct shape, or not subscribed yet
-            self.metrics.subscription_enabled.set(0)
-            self._slot = None
+        self._forget_subscription()  # then set again at once: no scrape sees the gap
+        if row is None:  # the direct shape, or not subscribed yet: no subscription gauge at all
             return
         self._slot = row["slot"]
-        self.metrics.subscription_enabled.set(1 if row["enabled"] else 0)
+        name = row["name"]
+        self.metrics.subscription_enabled.labels(subscription=name).set(1 if row["enabled"] else 0)
         if row["lag_seconds"] is not None:
             self.metrics.replication_lag_seconds.set(max(0.0, float(row["lag_seconds"])))
-        self.metrics.subscription_apply_errors.set(row["apply_errors"])
-        self.metrics.subscription_sync_errors.set(row["sync_errors"])
+        self.metrics.subscription_apply_errors.labels(subscription=name).set(row["apply_errors"])
+        self.metrics.subscription_sync_errors.labels(subscription=name).set(row["sync_errors"])
+
+    def _forget_subscription(self) -> None:
+        """Expose no subscription gauge (none found, or this relay is no longer active)."""
+        self._slot = None
+        for gauge in (
+            self.metrics.subscription_enabled,
+            self.metrics.subscription_apply_errors,
+            self.metrics.subscription_sync_errors,
+        ):
+            gauge.clear()
 
     async def _queue(self) -> None:
         if self.queue_depth is None:

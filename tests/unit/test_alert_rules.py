@@ -2,7 +2,8 @@
 
 The expressions are checked against the metric names the processes really expose
 (always); `promtool check rules` parses the PromQL and `promtool test rules` runs
-deploy/prometheus/alerts_test.yml, which proves the alerts fire on synthetic series.
+deploy/prometheus/alerts_test.yml, which proves the alerts fire on synthetic series
+(tests/integration/test_alerts_prometheus.py proves them in a real Prometheus).
 promtool comes from PATH or Debian's `prometheus` package (tests/tools.py); where it
 can't be had those tests fail, unless OUTBOX_RELAY_NO_PROMTOOL=1 opts out.
 """
@@ -31,6 +32,12 @@ def _exposed_metrics() -> set[str]:
     worker.events.labels(kind="reservation", result="finished").inc()
     worker.commit_to_finish.labels(kind="reservation").observe(0.01)
     relay.rows.labels(status="new").set(0)
+    for gauge in (
+        relay.subscription_enabled,
+        relay.subscription_apply_errors,
+        relay.subscription_sync_errors,
+    ):
+        gauge.labels(subscription="outbox_relay_svc").set(0)  # exposed once a subscription is found
     return {
         sample.name
         for metrics in (relay, worker)
@@ -68,13 +75,15 @@ def test_every_wanted_alert_is_there_with_summary_and_severity() -> None:
 
 
 def test_expressions_use_only_documented_metrics() -> None:
-    """Every outbox_relay_* name in an expression is a metric the processes expose (a typo never alerts);
-    a rule without one watches the workers' scrape target (`up`)."""
+    """Every outbox_relay_* name in an expression is a metric the processes expose (a typo never alerts),
+    and every rule reads one: none depends on a scrape job's name or on `up`."""
     for rule in _rules():
         expr = str(rule["expr"])
         names = set(re.findall(r"\boutbox_relay_[a-z_]+", expr))
-        assert names or "up{" in expr, rule["alert"]
+        assert names, rule["alert"]
         assert names <= DOCUMENTED_METRICS, (rule["alert"], names - DOCUMENTED_METRICS)
+        assert "job" not in expr, rule["alert"]
+        assert not re.search(r"\bup\b", expr), rule["alert"]
 
 
 def test_the_exposed_metric_list_is_read_from_the_registry() -> None:

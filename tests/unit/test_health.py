@@ -201,3 +201,35 @@ async def test_the_worker_hooks_count_outcomes_on_a_workers_metrics() -> None:
     text = hooks.metrics.exposition()  # type: ignore[union-attr]
     assert b'outbox_relay_events_total{kind="reservation",result="finished"} 1.0' in text
     assert b'outbox_relay_retries_total{kind="other"} 1.0' in text
+
+
+def test_worker_up_follows_liveness_and_readiness() -> None:
+    """outbox_relay_worker_up is 0 until the worker is ready, 1 then, 0 again when its loop is stuck or it
+    loses a server: what /healthz and /readyz say, as a gauge the alert rules can read."""
+    clock = Clock()
+    hooks = WorkerHooks(Health(clock=clock), Metrics("worker"), deadline=5.0)
+    metrics = hooks.metrics
+    assert metrics is not None
+
+    def up() -> bytes:
+        return next(
+            line for line in metrics.exposition().splitlines() if line.startswith(b"outbox_relay_worker_up")
+        )
+
+    assert up() == b"outbox_relay_worker_up 0.0"
+    hooks.ready()
+    assert up() == b"outbox_relay_worker_up 1.0"
+    clock.now += 6.0  # no beat within the deadline: stuck
+    assert up() == b"outbox_relay_worker_up 0.0"
+    hooks.beat()
+    hooks.not_ready("Redis unreachable")
+    assert up() == b"outbox_relay_worker_up 0.0"
+
+
+def test_a_worker_shows_every_outcome_of_each_kind_at_zero_from_the_start() -> None:
+    """Each registered kind (and `other`) has its finished/failed/retried counters at 0 before any row:
+    the first failure is an increase Prometheus sees (a series born at 1 shows none)."""
+    text = WorkerHooks(Health(), Metrics("worker"), kinds=["reservation"]).metrics.exposition()  # type: ignore[union-attr]
+    for kind in ("reservation", OTHER_KIND):
+        for result in ("finished", "failed", "retried"):
+            assert f'outbox_relay_events_total{{kind="{kind}",result="{result}"}} 0.0'.encode() in text
