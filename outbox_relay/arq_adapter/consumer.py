@@ -29,6 +29,12 @@ arq settings, chosen for fast recovery (see the field notes in the README):
   (or the rows put off, together) as a new deferred job.
 * ``max_tries = 1000``: attempts are counted in the database (MAX_ATTEMPTS);
   arq's own count only bounds retries that could not be recorded there.
+* every job carries the identity of the service database whose rows it holds
+  (the keyword argument ``database``); a job of another database is not run but
+  put back as it came, deferred by FOREIGN_JOB_DEFER (settle.lua: a new job
+  holding the same rows, same deliveries, same identity), and the observer is
+  told. Each worker adds its database to ``outbox_relay:workers:<queue>`` when
+  it refreshes arq's health-check key, for `doctor`.
 """
 
 from __future__ import annotations
@@ -60,10 +66,11 @@ from outbox_relay.arq_adapter.producer import (
     redis_client,
     translated_errors,
     wake_key,
+    workers_key,
 )
 from outbox_relay.lifecycle import cancel_and_wait, stopped_within
 from outbox_relay.logs import describe
-from outbox_relay.queue import ConsumerObserver, ConsumerStats, Job, JobFunction, Outcome
+from outbox_relay.queue import FOREIGN_JOB_DEFER, ConsumerObserver, ConsumerStats, Job, JobFunction, Outcome
 from outbox_relay.retry import Backoff, retry
 
 logger = logging.getLogger(__name__)
@@ -79,6 +86,8 @@ OBSERVER_KEY = "outbox_relay.observer"
 SETTLE_KEY = "outbox_relay.settle"
 #: Key of the stats object in arq's worker context.
 STATS_KEY = "outbox_relay.stats"
+#: Key of the service database's identity in arq's worker context.
+IDENTITY_KEY = "outbox_relay.identity"
 
 _SETTLE = (Path(__file__).resolve().parent / "settle.lua").read_text()
 _CLAIM = (Path(__file__).resolve().parent / "claim.lua").read_text()
@@ -106,6 +115,8 @@ class ConsumerConfig:
     job_timeout: float
     #: Longest block on the wake-up list while idle (seconds).
     idle_wait: float = 1.0
+    #: The service database's identity: a job carrying another is refused ("": no check).
+    identity: str = ""
 
     def __repr__(self) -> str:
         return f"ConsumerConfig(queue_name={self.queue_name!r}, concurrency={self.concurrency})"
@@ -168,6 +179,21 @@ class OutboxWorker(Worker):
         if observer is not None:
             observer.beat()
 
+    async def record_health(self) -> None:
+        """arq's health-check key, and with it this worker's database in the queue's workers set."""
+        before = self._last_health_check
+        await super().record_health()
+        identity = self.ctx.get(IDENTITY_KEY) or ""
+        if self._last_health_check == before or not identity:
+            return
+        key, now_ms = workers_key(self.queue_name), int(time.time() * 1000)
+        ttl_ms = int((self.health_check_interval + 1) * 1000)
+        async with self.pool.pipeline(transaction=True) as pipe:
+            pipe.zremrangebyscore(key, "-inf", now_ms)
+            pipe.zadd(key, {identity: now_ms + ttl_ms})
+            pipe.pexpire(key, ttl_ms)
+            await pipe.execute()
+
     async def main(self) -> None:
         """arq's main loop, with a block on the wake-up list in place of each idle poll."""
         assert self._pool is not None, "built with a Redis pool"
@@ -204,19 +230,31 @@ class OutboxWorker(Worker):
         await cast(Awaitable[Any], self.pool.blpop([wake], timeout=timeout))  # type: ignore[arg-type]
 
 
-async def _run_batch(ctx: dict[str, Any], rows: list[list[Any]]) -> str:
+async def _run_batch(ctx: dict[str, Any], rows: list[list[Any]], database: str | None = None) -> str:
     """The arq function of a batch job (``outbox_relay.process_rows``): apply the rows,
-    then drop the markers of those that ended and schedule the others again."""
+    then drop the markers of those that ended and schedule the others again.
+
+    ``database``: the identity of the service database whose rows these are; a job of
+    another database than this worker's is put back untouched (see the module docstring)."""
     function: JobFunction = ctx[CONTEXT_KEY]
+    own: str = ctx.get(IDENTITY_KEY) or ""
     extra = int(ctx.get("job_try", 1)) - 1  # arq ran this job before (its worker died)
     jobs = [Job(int(row_id), int(delivery) + extra) for row_id, _marker, delivery in rows]
+    if database and own and database != own:
+        back = [Outcome("foreign", FOREIGN_JOB_DEFER, counted=False) for _ in jobs]
+        settle = ctx[SETTLE_KEY]
+        await _settle(settle, ctx["queue_name"], ctx["job_id"], rows, jobs, back, database, alone=False)
+        observer: ConsumerObserver | None = ctx.get(OBSERVER_KEY)
+        if observer is not None:
+            observer.foreign_job(database, own)
+        return "refused: another database's job"
     outcomes = await function(jobs)
     stats: ConsumerStats | None = ctx.get(STATS_KEY)
     if stats is not None:
         stats.rows += len(jobs)
         # arq counts only its own retries (Retry raised); a batch's are new jobs (settle.lua)
         stats.retried += sum(1 for outcome in outcomes if outcome.retry_in is not None and outcome.counted)
-    await _settle(ctx[SETTLE_KEY], ctx["queue_name"], ctx["job_id"], rows, jobs, outcomes)
+    await _settle(ctx[SETTLE_KEY], ctx["queue_name"], ctx["job_id"], rows, jobs, outcomes, database or own)
     return "done"
 
 
@@ -227,7 +265,12 @@ async def _settle(
     rows: list[list[Any]],
     jobs: Sequence[Job],
     outcomes: Sequence[Outcome],
+    identity: str,
+    *,
+    alone: bool = True,
 ) -> None:
+    """Drop the markers of the rows that ended; schedule the others again (``alone``: a counted
+    retry as a job of its own), as jobs carrying ``identity``."""
     done: list[str] = []
     groups: dict[float, list[list[Any]]] = {}
     for (row_id, marker, _), job, outcome in zip(rows, jobs, outcomes, strict=True):
@@ -239,7 +282,7 @@ async def _settle(
     again = []
     for delay, group in groups.items():
         # A counted retry runs alone: it never holds back (or re-applies) another row.
-        chunks = [[row] for row in group] if delay > 0 else [group]
+        chunks = [[row] for row in group] if delay > 0 and alone else [group]
         for chunk in chunks:
             again_id = f"{own_id.rsplit(':again-', 1)[0]}:again-{uuid.uuid4().hex[:12]}"
             again.append({"id": again_id, "defer_ms": int(delay * 1000), "rows": chunk})
@@ -247,7 +290,7 @@ async def _settle(
     async with translated_errors():
         await script(
             keys=[queue_name, wake_key(queue_name)],
-            args=[own_id, JOB_TTL_MS, int(time.time() * 1000), BATCH_FUNCTION_NAME, plan],
+            args=[own_id, JOB_TTL_MS, int(time.time() * 1000), BATCH_FUNCTION_NAME, plan, identity],
         )
 
 
@@ -296,7 +339,7 @@ def build_arq_worker(
         max_tries=ARQ_MAX_TRIES,
         handle_signals=False,
         health_check_interval=60,
-        ctx={**ctx, "queue_name": config.queue_name},
+        ctx={**ctx, "queue_name": config.queue_name, IDENTITY_KEY: config.identity},
         log_results=False,
         job_deserializer=deserialize_job,
     )

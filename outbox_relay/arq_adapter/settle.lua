@@ -10,12 +10,14 @@
 -- ARGV[2]        key time-to-live (ms)
 -- ARGV[3]        now (ms)
 -- ARGV[4]        function name
+-- ARGV[6]        the identity the jobs scheduled again carry ('' : none)
 -- ARGV[5]        JSON: {"done": [marker, ...],
 --                       "again": [{"id": job id, "defer_ms": n, "rows": [[row, marker, delivery], ...]}]}
 -- Returns the number of rows scheduled again.
 local queue, wake = KEYS[1], KEYS[2]
 local own, ttl, now, fname = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
 local plan = cjson.decode(ARGV[5])
+local kwargs = (ARGV[6] ~= '') and {database = ARGV[6]} or {}
 
 local function ours(marker)
     local kind = redis.call('TYPE', marker).ok
@@ -49,7 +51,7 @@ for _, group in ipairs(plan.again) do
     end
     if #rows > 0 then
         local due = now + group.defer_ms
-        local payload = cjson.encode({t = 1, f = fname, a = {rows}, k = {}, et = due})
+        local payload = cjson.encode({t = 1, f = fname, a = {rows}, k = kwargs, et = due})
         redis.call('PSETEX', 'arq:job:' .. group.id, ttl, payload)
         redis.call('ZADD', queue, due, group.id)
         for _, row in ipairs(rows) do

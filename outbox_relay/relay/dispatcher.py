@@ -4,7 +4,8 @@ Ids from notifications are looked up by primary key in coalesced batches;
 every SWEEP_INTERVAL (and at once after a reconnect, a ``sweep`` notification
 or a change of the queue's epoch) the sweep pages through the partial indexes.
 Each batch is handed over in one queue round trip (a known row is not added
-twice; the queue packs the rows into batch jobs), then moved to ``queued`` by
+twice; the queue packs the rows into batch jobs; a relay's first sweep hands
+every ``queued`` row over again, as a change of epoch does), then moved to ``queued`` by
 one compare-and-set UPDATE. Notified rows are handed over at once after a
 quiet spell, and at most every HAND_OVER_INTERVAL under a steady stream (every
 BEHIND_FACTOR of them while the workers are behind: the last hand-over found
@@ -149,25 +150,33 @@ class Dispatcher:
             new += len(rows)
         self.hooks.swept_unnotified(new)
         epoch = await self._queue(self.queue.epoch)
-        lost = self._epoch is not None and epoch != self._epoch
-        if lost:
+        # Every queued row is handed over again on this relay's first sweep (the queue may have
+        # changed since the rows went: another queue name, a server restarted meanwhile) and
+        # whenever the queue's epoch changes; rows whose jobs wait or run are not added twice.
+        lost = epoch != self._epoch
+        if lost and self._epoch is not None:
             logger.warning(
                 "%s restarted (it may have lost jobs): enqueueing every queued row again", self.queue.server
             )
         self._epoch = epoch
         stale = 0
         async for rows in store.stale_queued_rows(everything=lost):
-            await self._hand_over(store, rows)
+            # Rows queued already went through backpressure once (most are known: nothing is
+            # added); all of them again never wait for room, or a full queue would block the sweep.
+            await self._hand_over(store, rows, room=not lost)
             stale += len(rows)
         self.stats.swept += new + stale
         if new or stale:
             logger.info("sweep handed rows over", extra={"new": new, "requeued": stale})
 
-    async def _hand_over(self, store: Store, rows: list[PendingRow], path: str = "sweep") -> None:
+    async def _hand_over(
+        self, store: Store, rows: list[PendingRow], path: str = "sweep", *, room: bool = True
+    ) -> None:
         if not rows:
             return
         raise_if_cancelling()
-        await self._wait_for_room()
+        if room:
+            await self._wait_for_room()
 
         async def hand_over() -> HandOver:
             return await self.queue.hand_over(rows)
