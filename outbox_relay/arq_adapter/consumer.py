@@ -33,8 +33,9 @@ arq settings, chosen for fast recovery (see the field notes in the README):
   (the keyword argument ``database``); a job of another database is not run but
   put back as it came, deferred by FOREIGN_JOB_DEFER (settle.lua: a new job
   holding the same rows, same deliveries, same identity), and the observer is
-  told. Each worker adds its database to ``outbox_relay:workers:<queue>`` when
-  it refreshes arq's health-check key, for `doctor`.
+  told. Each worker announces its database in ``outbox_relay:workers:<queue>``
+  (every ANNOUNCE_EVERY s, valid ANNOUNCE_TTL s; withdrawn on a clean stop), for
+  `doctor`.
 """
 
 from __future__ import annotations
@@ -88,6 +89,9 @@ SETTLE_KEY = "outbox_relay.settle"
 STATS_KEY = "outbox_relay.stats"
 #: Key of the service database's identity in arq's worker context.
 IDENTITY_KEY = "outbox_relay.identity"
+#: Seconds between two announcements of a worker's database in its queue's workers set, and
+#: how long one is valid (a worker stopping cleanly withdraws it).
+ANNOUNCE_EVERY, ANNOUNCE_TTL = 10.0, 30.0
 
 _SETTLE = (Path(__file__).resolve().parent / "settle.lua").read_text()
 _CLAIM = (Path(__file__).resolve().parent / "claim.lua").read_text()
@@ -137,6 +141,7 @@ class OutboxWorker(Worker):
     idle_wait: float = 1.0
     _started_now: int = 0
     _read_now: int = 0
+    _next_announce: float = 0.0
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -175,23 +180,24 @@ class OutboxWorker(Worker):
     async def heart_beat(self) -> None:
         """Called by arq once per poll: the worker's liveness beat too (a poll got through)."""
         await super().heart_beat()
+        await self.announce()
         observer: ConsumerObserver | None = (self.ctx or {}).get(OBSERVER_KEY)
         if observer is not None:
             observer.beat()
 
-    async def record_health(self) -> None:
-        """arq's health-check key, and with it this worker's database in the queue's workers set."""
-        before = self._last_health_check
-        await super().record_health()
+    async def announce(self) -> None:
+        """Every ANNOUNCE_EVERY s: this worker's database in the queue's workers set (for `doctor`),
+        valid for ANNOUNCE_TTL s."""
         identity = self.ctx.get(IDENTITY_KEY) or ""
-        if self._last_health_check == before or not identity:
+        now = time.time()
+        if not identity or now < self._next_announce:
             return
-        key, now_ms = workers_key(self.queue_name), int(time.time() * 1000)
-        ttl_ms = int((self.health_check_interval + 1) * 1000)
+        self._next_announce = now + ANNOUNCE_EVERY
+        key, now_ms = workers_key(self.queue_name), int(now * 1000)
         async with self.pool.pipeline(transaction=True) as pipe:
             pipe.zremrangebyscore(key, "-inf", now_ms)
-            pipe.zadd(key, {identity: now_ms + ttl_ms})
-            pipe.pexpire(key, ttl_ms)
+            pipe.zadd(key, {identity: now_ms + int(ANNOUNCE_TTL * 1000)})
+            pipe.pexpire(key, int(ANNOUNCE_TTL * 1000))
             await pipe.execute()
 
     async def main(self) -> None:
@@ -395,7 +401,15 @@ class ArqConsumer:
                 extra={"error": describe(finished), "retry_in": round(delay, 2)},
             )
             await stopped_within(stop, delay)
+        await self._withdraw()
         return stats
+
+    async def _withdraw(self) -> None:
+        """Take this worker's database out of the queue's workers set (another worker of the same
+        database announces it again within ANNOUNCE_EVERY s)."""
+        if self.config.identity:
+            with contextlib.suppress(*_REDIS_DOWN):
+                await self.redis.zrem(workers_key(self.config.queue_name), self.config.identity)
 
     async def close(self) -> None:
         """Close the Redis connections."""

@@ -3,9 +3,9 @@
 How "one live worker" is told: arq workers refresh a health-check key per
 queue (``<queue>:health-check``, TTL 61 s, refreshed every 60 s by each
 worker's loop), the signal that a worker is *consuming this queue*. With it
-each worker adds its service database to ``outbox_relay:workers:<queue>``
-(score: until when), and every job names its database: `doctor` compares both
-with its own.
+each worker announces its service database in ``outbox_relay:workers:<queue>``
+(score: until when; see consumer.py), and every job names its database: `doctor`
+compares both with its own.
 """
 
 from __future__ import annotations
