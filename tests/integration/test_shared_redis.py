@@ -11,6 +11,7 @@ processes, as an operator runs them.
 from __future__ import annotations
 
 import json
+import signal
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -106,9 +107,18 @@ def finished_once() -> dict[str, Any]:
 
 async def finished(env: OutboxEnv) -> int:
     """Finished rows of ``env``."""
+    return await _count(env, "finished")
+
+
+async def queued(env: OutboxEnv) -> int:
+    """Queued rows of ``env``."""
+    return await _count(env, "queued")
+
+
+async def _count(env: OutboxEnv, status: str) -> int:
     conn = await connect(env.service_url)
     try:
-        return await count_status(conn, "finished")
+        return await count_status(conn, status)
     finally:
         await conn.close()
 
@@ -216,3 +226,35 @@ async def test_two_services_sharing_a_queue_name_refuse_each_others_jobs_loudly_
     assert await settled(outbox_env, total_a) == finished_once()
     assert await settled(other_env, total_b) == finished_once()
     assert await queue_length(redis_server.url(), shared) == 0, "jobs were left in the shared queue"
+
+
+async def test_upgrade_to_the_derived_queue_name_loses_nothing_and_applies_nothing_twice(
+    outbox_env: OutboxEnv, services: Services, redis_server: RedisServer
+) -> None:
+    """Rows in flight in the old default queue (``outbox_relay``, its worker frozen) when relay and
+    worker restart with no QUEUE_NAME: the new relay hands every queued row over again to the derived
+    queue, the new worker finishes them; the old worker, resumed, drains the old jobs to no effect."""
+    old_env, new_env = process_env(outbox_env, "outbox_relay"), process_env(outbox_env, None)
+    relay_old, worker_old = await services.start_fleet(
+        old_env, relays=("relay-old",), workers=("worker-old",)
+    )
+    worker_old.proc.send_signal(signal.SIGSTOP)
+    try:
+        total = await produce_rows(outbox_env, "flight")
+        await services.wait(lambda: _equals(queued(outbox_env), ROWS), message="every row queued")
+        assert await queue_length(redis_server.url(), "outbox_relay") >= 1
+        relay_old.proc.terminate()
+        await services.wait_exit(relay_old)
+        await services.start_fleet(new_env, relays=("relay-new",), workers=("worker-new",))
+        await services.wait(lambda: _equals(finished(outbox_env), ROWS), message="rows finished by the new")
+        assert await queue_length(redis_server.url(), "outbox_relay") >= 1, (
+            "the new worker took the old queue"
+        )
+    finally:
+        worker_old.proc.send_signal(signal.SIGCONT)
+    await services.wait(
+        lambda: _equals(queue_length(redis_server.url(), "outbox_relay"), 0), message="old queue drained"
+    )
+    worker_old.proc.terminate()
+    await services.wait_exit(worker_old)
+    assert await settled(outbox_env, total) == finished_once()
