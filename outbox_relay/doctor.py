@@ -728,8 +728,16 @@ async def _workers(ctx: DoctorContext) -> None:
         if ctx.queue is not None and ctx.queue.derived
         else f"start `outbox-relay worker` with OUTBOX_RELAY_QUEUE_NAME={queue_name}"
     )
+    others_only = (
+        ctx.queue is not None
+        and bool(diagnosis.worker_databases)
+        and ctx.queue.database.token not in diagnosis.worker_databases
+    )
     if not diagnosis.reachable:
         ctx.add("workers", "fail", f"unknown: {diagnosis.server} is unreachable" + in_db, start)
+    elif others_only:
+        found = f"no live worker of this database for queue {queue_name}: its workers serve another"
+        ctx.add("workers", "fail", found + in_db, start)
     elif diagnosis.workers_seen is not None:
         ctx.add("workers", "ok", diagnosis.workers_seen + in_db)
     elif sessions:

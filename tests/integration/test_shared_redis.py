@@ -212,7 +212,9 @@ async def test_two_services_sharing_a_queue_name_refuse_each_others_jobs_loudly_
     assert f"worker_database={id_a}" in line, line
     doctor = run_cli("doctor", "--json", env=env_b)
     assert doctor.returncode == 1, doctor.stdout + doctor.stderr
-    check = {c["name"]: c for c in json.loads(doctor.stdout)["checks"]}["queue database"]
+    checks = {c["name"]: c for c in json.loads(doctor.stdout)["checks"]}
+    assert checks["workers"]["status"] == "fail", "B has no worker: A's must not count for it"
+    check = checks["queue database"]
     assert (check["status"], id_a in check["detail"], "unset" in check["fix"]) == ("fail", True, True), check
     assert await finished(other_env) == 0, "A's worker finished (or touched) B's rows"
 
