@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from outbox_relay.db import ONE_OFF_CONNECT_WINDOW, Pool, connect_retrying
+from outbox_relay.db import Pool, connect_retrying
 from outbox_relay.doctor import DoctorConfig
 from outbox_relay.exceptions import PluginError, SettingsError
 from outbox_relay.handlers import HandlerRegistry, load_plugins
@@ -78,18 +78,11 @@ def retention_config(settings: Settings) -> RetentionConfig | None:
     return RetentionConfig(settings.retention, settings.prune_interval, settings.prune_batch_size)
 
 
-async def service_queue(settings: Settings, stop: asyncio.Event | None = None) -> ServiceQueue:
-    """The service database's queue (QUEUE_NAME, else derived from the database) and identity.
-
-    With ``stop`` (a service) it waits for the database for ever, raising CancelledError once
-    ``stop`` is set; without (a one-off command), about 8 s.
-    """
-    conn = await connect_retrying(
-        settings.require_database_url(),
-        what="the service database",
-        give_up_after=None if stop is not None else ONE_OFF_CONNECT_WINDOW,
-        stop=stop,
-    )
+async def service_queue(settings: Settings, stop: asyncio.Event) -> ServiceQueue:
+    """The service database's queue (QUEUE_NAME, else derived from the database) and identity,
+    for a service: it waits for the database for ever (CancelledError once ``stop`` is set)."""
+    url = settings.require_database_url()
+    conn = await connect_retrying(url, what="the service database", give_up_after=None, stop=stop)
     try:
         queue = await resolve_queue(conn, settings.queue_name)
     finally:
