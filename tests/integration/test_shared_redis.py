@@ -27,6 +27,7 @@ from tests.helpers import (
     cli_env,
     connect,
     count_status,
+    equals,
     http_get,
     money_total,
     open_account,
@@ -168,10 +169,10 @@ async def test_two_services_with_no_queue_name_each_finish_their_own_rows(
     relay_b = services.start_relay("relay-b", env_b)
     await services.ready(relay_b, role="active")
     total_a, total_b = await produce_rows(outbox_env, "a"), await produce_rows(other_env, "b")
-    await services.wait(lambda: _equals(finished(outbox_env), ROWS), message="A's rows finished")
+    await services.wait(lambda: equals(finished(outbox_env), ROWS), message="A's rows finished")
     assert await finished(other_env) == 0, "A's worker finished B's rows"
     services.start_worker("worker-b", env_b)
-    await services.wait(lambda: _equals(finished(other_env), ROWS), message="B's rows finished by B's worker")
+    await services.wait(lambda: equals(finished(other_env), ROWS), message="B's rows finished by B's worker")
     assert await settled(outbox_env, total_a) == finished_once()
     assert await settled(other_env, total_b) == finished_once()
     doctors = [run_cli("doctor", "--json", env=env) for env in (env_a, env_b)]
@@ -180,10 +181,6 @@ async def test_two_services_with_no_queue_name_each_finish_their_own_rows(
     assert queues == [await derived_queue(outbox_env), await derived_queue(other_env)]
     assert queues[0] != queues[1]
     assert [line["queue database"]["status"] for line in lines] == ["ok", "ok"], doctors[0].stdout
-
-
-async def _equals(value: Any, expected: Any) -> bool:
-    return bool(await value == expected)
 
 
 async def test_two_services_sharing_a_queue_name_refuse_each_others_jobs_loudly_and_lose_nothing(
@@ -200,7 +197,7 @@ async def test_two_services_sharing_a_queue_name_refuse_each_others_jobs_loudly_
     total_a, total_b = await produce_rows(outbox_env, "a"), await produce_rows(other_env, "b")
     id_a, id_b = (await identity_of(outbox_env)).token, (await identity_of(other_env)).token
 
-    await services.wait(lambda: _equals(finished(outbox_env), ROWS), message="A's rows finished")
+    await services.wait(lambda: equals(finished(outbox_env), ROWS), message="A's rows finished")
     await services.ready(worker_a, ready=False)
     _, body = await http_get(worker_a.port or 0, "/readyz")
     assert any("another service database" in reason and id_b in reason for reason in body["reasons"]), body
@@ -224,7 +221,7 @@ async def test_two_services_sharing_a_queue_name_refuse_each_others_jobs_loudly_
         await services.wait_exit(service)
     await services.start_fleet(process_env(outbox_env, None), relays=("relay-a2",), workers=("worker-a2",))
     services.start_worker("worker-b", env_b)
-    await services.wait(lambda: _equals(finished(other_env), ROWS), message="B's rows finished by B's worker")
+    await services.wait(lambda: equals(finished(other_env), ROWS), message="B's rows finished by B's worker")
     assert await settled(outbox_env, total_a) == finished_once()
     assert await settled(other_env, total_b) == finished_once()
     assert await queue_length(redis_server.url(), shared) == 0, "jobs were left in the shared queue"
@@ -243,19 +240,19 @@ async def test_upgrade_to_the_derived_queue_name_loses_nothing_and_applies_nothi
     worker_old.proc.send_signal(signal.SIGSTOP)
     try:
         total = await produce_rows(outbox_env, "flight")
-        await services.wait(lambda: _equals(queued(outbox_env), ROWS), message="every row queued")
+        await services.wait(lambda: equals(queued(outbox_env), ROWS), message="every row queued")
         assert await queue_length(redis_server.url(), "outbox_relay") >= 1
         relay_old.proc.terminate()
         await services.wait_exit(relay_old)
         await services.start_fleet(new_env, relays=("relay-new",), workers=("worker-new",))
-        await services.wait(lambda: _equals(finished(outbox_env), ROWS), message="rows finished by the new")
+        await services.wait(lambda: equals(finished(outbox_env), ROWS), message="rows finished by the new")
         assert await queue_length(redis_server.url(), "outbox_relay") >= 1, (
             "the new worker took the old queue"
         )
     finally:
         worker_old.proc.send_signal(signal.SIGCONT)
     await services.wait(
-        lambda: _equals(queue_length(redis_server.url(), "outbox_relay"), 0), message="old queue drained"
+        lambda: equals(queue_length(redis_server.url(), "outbox_relay"), 0), message="old queue drained"
     )
     worker_old.proc.terminate()
     await services.wait_exit(worker_old)
