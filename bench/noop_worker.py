@@ -24,7 +24,7 @@ from outbox_relay import logs
 from outbox_relay.arq_adapter import ArqBackend
 from outbox_relay.arq_adapter.consumer import ConsumerConfig, build_arq_worker
 from outbox_relay.arq_adapter.producer import FUNCTION_NAME, JOB_TTL_MS, redis_client, wake_key
-from outbox_relay.composition import queue_backend
+from outbox_relay.composition import queue_backend, service_queue
 from outbox_relay.lifecycle import cancel_and_wait, run_async, stop_on_signals
 from outbox_relay.settings import load_settings
 
@@ -66,10 +66,11 @@ async def enqueue_raw_jobs(redis: ArqRedis, queue_name: str, namespace: str, fir
 async def _serve() -> int:
     settings = load_settings()
     logs.configure(settings.log_level, settings.log_format)
-    backend = queue_backend(settings)
+    stop = stop_on_signals()
+    backend = queue_backend(settings, await service_queue(settings, stop))
     if not isinstance(backend, ArqBackend):
         raise SystemExit(f"the no-op ceiling is arq's: {backend.name} is not arq")
-    await run_noop_worker(backend.consumer_config(), stop_on_signals())
+    await run_noop_worker(backend.consumer_config(), stop)
     return 0
 
 

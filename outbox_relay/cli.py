@@ -13,11 +13,13 @@ Each command is a small ``configure_*`` function (its flags) and an async
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import json
 import logging
 import math
 import sys
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -71,6 +73,16 @@ async def _connect(url: str, label: str) -> DirectConnection:
     from outbox_relay.db import connect_retrying
 
     return await connect_retrying(url, what=f"the {label}")
+
+
+@contextlib.contextmanager
+def _stopped_is_clean(stop: asyncio.Event) -> Iterator[None]:
+    """A service cancelled because ``stop`` was set (a signal) ends cleanly."""
+    try:
+        yield
+    except asyncio.CancelledError:
+        if not stop.is_set():
+            raise
 
 
 def _seconds_option(parser: argparse.ArgumentParser, flag: str, text: str) -> None:
@@ -180,7 +192,8 @@ async def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
 
     stop = stop_on_signals()
     async with serving(http_config(settings), "relay") as (health, metrics):
-        await relay_process(settings, stop, health=health, metrics=metrics).run()
+        with _stopped_is_clean(stop):  # stopped while waiting for the database to tell the queue
+            await (await relay_process(settings, stop, health=health, metrics=metrics)).run()
     return 0
 
 
@@ -199,7 +212,8 @@ async def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     handlers = _plugins(settings)
     stop = stop_on_signals()
     async with serving(http_config(settings), "worker") as (health, metrics):
-        await worker_process(settings, handlers, stop, burst=args.burst, health=health, metrics=metrics)
+        with _stopped_is_clean(stop):
+            await worker_process(settings, handlers, stop, burst=args.burst, health=health, metrics=metrics)
     return 0
 
 

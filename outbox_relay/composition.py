@@ -5,29 +5,33 @@ The CLI reads the settings once and calls this module; nothing below it sees
 enforces it). The relay process is the :class:`~outbox_relay.relay.Relay` on
 the queue backend the URL's scheme picks, plus the progress report and, with
 RETENTION set, the retention loop while active; the worker process is the
-worker loop on that backend's consumer. The CLI starts these; the tests start
-the very same ones in their own event loop.
+worker loop on that backend's consumer. Both first connect to the service
+database for its identity: the queue's name (QUEUE_NAME, else derived from it)
+and what every job carries (:func:`service_queue`). The CLI starts these; the
+tests start the very same ones in their own event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from outbox_relay.db import Pool
+from outbox_relay.db import Pool, connect_retrying
 from outbox_relay.doctor import DoctorConfig
 from outbox_relay.exceptions import PluginError, SettingsError
 from outbox_relay.handlers import HandlerRegistry, load_plugins
 from outbox_relay.handlers import registry as default_registry
+from outbox_relay.identity import ServiceQueue, job_namespace, resolve_queue
 from outbox_relay.observability import Health, Metrics
 from outbox_relay.observability.hooks import RelayHooks, WorkerHooks
 from outbox_relay.observability.http import HttpConfig
 from outbox_relay.observability.refresh import GaugeRefresher
 from outbox_relay.prune import RetentionConfig, prune_periodically
-from outbox_relay.queue import ConsumerStats, Queue
+from outbox_relay.queue import ConsumerStats, Diagnosable, Queue
 from outbox_relay.queue.backends import QueueBackend, QueueOptions, from_url
 from outbox_relay.relay import ActiveTask, Relay, RelayConfig
 from outbox_relay.relay.report import report_progress
@@ -38,6 +42,8 @@ from outbox_relay.worker import WorkerConfig, run_worker
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
+
+logger = logging.getLogger(__name__)
 
 C = TypeVar("C", bound="DataclassInstance")
 
@@ -50,9 +56,9 @@ def _narrow(cls: type[C], settings: Settings, **given: Any) -> C:
     return cls(**{name: given[name] if name in given else getattr(settings, name) for name in names})
 
 
-def relay_config(settings: Settings) -> RelayConfig:
+def relay_config(settings: Settings, queue: ServiceQueue) -> RelayConfig:
     """What the relay (`run`) needs."""
-    return _narrow(RelayConfig, settings, database_url=settings.require_database_url())
+    return _narrow(RelayConfig, settings, database_url=settings.require_database_url(), queue_name=queue.name)
 
 
 def worker_config(settings: Settings) -> WorkerConfig:
@@ -72,11 +78,28 @@ def retention_config(settings: Settings) -> RetentionConfig | None:
     return RetentionConfig(settings.retention, settings.prune_interval, settings.prune_batch_size)
 
 
-def queue_options(settings: Settings) -> QueueOptions:
+async def service_queue(settings: Settings, stop: asyncio.Event) -> ServiceQueue:
+    """The service database's queue (QUEUE_NAME, else derived from the database) and identity,
+    for a service: it waits for the database for ever (CancelledError once ``stop`` is set)."""
+    url = settings.require_database_url()
+    conn = await connect_retrying(url, what="the service database", give_up_after=None, stop=stop)
+    try:
+        queue = await resolve_queue(conn, settings.queue_name)
+    finally:
+        await conn.close()
+    logger.info(
+        "queue of the service database",
+        extra={"queue": queue.name, "derived": queue.derived, "database": queue.database.describe()},
+    )
+    return queue
+
+
+def queue_options(settings: Settings, queue: ServiceQueue) -> QueueOptions:
     """What the queue backend is told, producer and consumer side."""
     return QueueOptions(
-        queue_name=settings.queue_name,
-        namespace=settings.job_namespace,
+        queue_name=queue.name,
+        namespace=queue.namespace,
+        identity=queue.database.token,
         batch_size=settings.job_batch_size,
         concurrency=settings.worker_concurrency,
         poll_delay=settings.worker_poll_delay,
@@ -85,11 +108,10 @@ def queue_options(settings: Settings) -> QueueOptions:
     )
 
 
-def queue_backend(settings: Settings) -> QueueBackend:
+def queue_backend(settings: Settings, queue: ServiceQueue) -> QueueBackend:
     """The queue backend ``REDIS_URL``'s scheme picks (``redis://`` → arq, ``memory://`` → in memory)."""
-    return from_url(
-        settings.redis_url.get_secret_value(), queue_options(settings), variable=env_name("redis_url")
-    )
+    url = settings.redis_url.get_secret_value()
+    return from_url(url, queue_options(settings, queue), variable=env_name("redis_url"))
 
 
 def routing(settings: Settings) -> Routing:
@@ -119,9 +141,14 @@ def http_config(settings: Settings) -> HttpConfig | None:
 
 def doctor_config(settings: Settings, registry: HandlerRegistry) -> DoctorConfig:
     """What `doctor` needs."""
+
+    def diagnostics(queue_name: str) -> Diagnosable:
+        options = QueueOptions(queue_name, job_namespace(queue_name))
+        return from_url(settings.redis_url.get_secret_value(), options).diagnostics()
+
     return DoctorConfig(
         database_url=settings.require_database_url(),
-        queue=queue_backend(settings).diagnostics(),
+        queue=diagnostics,
         queue_name=settings.queue_name,
         requeue_after=settings.requeue_after,
         primary_url=settings.primary_url.get_secret_value() if settings.primary_url is not None else None,
@@ -176,14 +203,17 @@ class RelayProcess:
             await self.queue.close()
 
 
-def relay_process(
+async def relay_process(
     settings: Settings, stop: asyncio.Event, *, health: Health | None = None, metrics: Metrics | None = None
 ) -> RelayProcess:
-    """Compose `run` from ``settings`` (with ``health``/``metrics`` when HTTP is served)."""
-    config = relay_config(settings)
-    backend = queue_backend(settings)
+    """Compose `run` from ``settings`` (with ``health``/``metrics`` when HTTP is served), once the
+    service database told its queue (CancelledError when ``stop`` is set before)."""
+    hooks = RelayHooks(health, metrics, deadline=max(30.0, 3 * settings.sweep_interval))
+    with hooks.waiting("the service database"):
+        resolved = await service_queue(settings, stop)
+    config = relay_config(settings, resolved)
+    backend = queue_backend(settings, resolved)
     queue = backend.producer()
-    hooks = RelayHooks(health, metrics, deadline=max(30.0, 3 * config.sweep_interval))
     retention = retention_config(settings)
     while_active: list[tuple[str, ActiveTask]] = []
     if retention is not None:
@@ -215,10 +245,12 @@ async def worker_process(
     health: Health | None = None,
     metrics: Metrics | None = None,
 ) -> ConsumerStats:
-    """`worker`: run until ``stop`` (or, with ``burst``, until the queue is empty)."""
-    backend = queue_backend(settings)
-    consumer = backend.consumer()
+    """`worker`: run until ``stop`` (or, with ``burst``, until the queue is empty), once the service
+    database told its queue (CancelledError when ``stop`` is set before)."""
     hooks = WorkerHooks(health, metrics, kinds=handlers.kinds())
+    with hooks.waiting("the service database"):
+        resolved = await service_queue(settings, stop)
+    consumer = queue_backend(settings, resolved).consumer()
     try:
         return await run_worker(worker_config(settings), consumer, handlers, stop, burst=burst, hooks=hooks)
     finally:

@@ -10,9 +10,13 @@ report (``order``) and what it needs (a connection to the service database,
 and its subscription, or to the primary; or the queue). Checks of one need run together on one
 connection; a check that finds the rest pointless ends its group (``halt``).
 
-How "one live worker" is told: the queue backend says how a worker consuming
-*this queue* showed itself (the arq adapter: a health-check key its workers
-refresh). The workers' database sessions (``application_name =
+The queue's name is resolved from the service database as `run` and `worker`
+resolve it (QUEUE_NAME, else derived from the database's identity); without
+that database, QUEUE_NAME alone names it. How "one live worker" is told: the
+queue backend says how a worker consuming *this queue* showed itself (the arq
+adapter: a health-check key its workers refresh), and which databases its jobs
+and live workers belong to (``queue database``: another's is a shared queue
+name). The workers' database sessions (``application_name =
 'outbox_relay.worker'``) are reported alongside but decide nothing on their
 own: a worker's pool closes idle connections after a minute, and the sessions
 do not name the queue.
@@ -30,6 +34,7 @@ from typing import Any, Literal
 from outbox_relay.db import Connection, DirectConnection, connect, quote_ident
 from outbox_relay.diagnosis import Check, Level
 from outbox_relay.handlers import Plugin
+from outbox_relay.identity import ServiceQueue, resolve_queue
 from outbox_relay.logs import describe
 from outbox_relay.migrate import migration_sets
 from outbox_relay.queue import Diagnosable, Diagnosis
@@ -55,8 +60,10 @@ class DoctorConfig:
     """What doctor needs of the settings (built once by the CLI). URLs are secrets."""
 
     database_url: str
-    queue: Diagnosable
-    queue_name: str
+    #: The queue backend's diagnostics of the queue of a name.
+    queue: Callable[[str], Diagnosable]
+    #: QUEUE_NAME (None: derived from the service database).
+    queue_name: str | None
     requeue_after: float
     primary_url: str | None = None
     subscription_name: str | None = None
@@ -139,6 +146,13 @@ class DoctorContext:
     diagnosis: Diagnosis | None = None
     #: The service database server's clock minus this host's (s; None: not read).
     database_clock_offset: float | None = None
+    #: The service database's queue, once read from it.
+    queue: ServiceQueue | None = None
+
+    @property
+    def queue_name(self) -> str | None:
+        """The queue's name: resolved from the service database, else QUEUE_NAME (None: unknown)."""
+        return self.queue.name if self.queue is not None else self.config.queue_name
 
     @property
     def sub(self) -> _Subscription:
@@ -262,6 +276,14 @@ async def _service_database(ctx: DoctorContext) -> None:
     )
     ctx.add("service database", "fail", f"{server['database']} holds {found}", fix)
     ctx.halt()
+
+
+@check(15, needs="service")
+async def _queue_name(ctx: DoctorContext) -> None:
+    """The queue `run` and `worker` use on this database: QUEUE_NAME, else derived from it."""
+    ctx.queue = queue = await resolve_queue(ctx.db, ctx.config.queue_name)
+    source = "derived from" if queue.derived else "OUTBOX_RELAY_QUEUE_NAME, for"
+    ctx.add("queue name", "ok", f"{queue.name} ({source} service database {queue.database.describe()})")
 
 
 @check(20, needs="service")
@@ -693,7 +715,16 @@ async def _primary_slot(ctx: DoctorContext) -> None:
 @check(210, needs="queue")
 async def _queue_server(ctx: DoctorContext) -> None:
     """The queue backend's own lines: its server reachable, its settings, the jobs waiting."""
-    ctx.diagnosis = await ctx.config.queue.diagnose()
+    if ctx.queue_name is None:
+        ctx.add(
+            "workers",
+            "fail",
+            "unknown: the queue's name derives from the service database, which could not be read",
+            "see the service database line",
+        )
+        ctx.halt()
+        return
+    ctx.diagnosis = await ctx.config.queue(ctx.queue_name).diagnose()
     for line in ctx.diagnosis.checks:
         ctx.add(line.name, line.status, line.detail, line.fix)
 
@@ -701,12 +732,24 @@ async def _queue_server(ctx: DoctorContext) -> None:
 @check(220, needs="queue")
 async def _workers(ctx: DoctorContext) -> None:
     """A worker consuming this queue showed itself; its database sessions are said alongside."""
-    diagnosis, sessions, queue_name = ctx.diagnosis, ctx.worker_sessions, ctx.config.queue_name
+    diagnosis, sessions, queue_name = ctx.diagnosis, ctx.worker_sessions, ctx.queue_name
     assert diagnosis is not None
     in_db = "" if sessions is None else f"; {sessions} worker sessions in the service database"
-    start = f"start `outbox-relay worker` with OUTBOX_RELAY_QUEUE_NAME={queue_name}"
+    start = (
+        "start `outbox-relay worker` without OUTBOX_RELAY_QUEUE_NAME (it derives the same name)"
+        if ctx.queue is not None and ctx.queue.derived
+        else f"start `outbox-relay worker` with OUTBOX_RELAY_QUEUE_NAME={queue_name}"
+    )
+    others_only = (
+        ctx.queue is not None
+        and bool(diagnosis.worker_databases)
+        and ctx.queue.database.token not in diagnosis.worker_databases
+    )
     if not diagnosis.reachable:
         ctx.add("workers", "fail", f"unknown: {diagnosis.server} is unreachable" + in_db, start)
+    elif others_only:
+        found = f"no live worker of this database for queue {queue_name}: its workers serve another"
+        ctx.add("workers", "fail", found + in_db, start)
     elif diagnosis.workers_seen is not None:
         ctx.add("workers", "ok", diagnosis.workers_seen + in_db)
     elif sessions:
@@ -721,7 +764,7 @@ async def _workers(ctx: DoctorContext) -> None:
         ctx.add("workers", "fail", f"no live worker for queue {queue_name}{in_db}", start)
 
 
-@check(230, needs="queue")
+@check(240, needs="queue")
 async def _clocks(ctx: DoctorContext) -> None:
     """This host's clock against PostgreSQL's and the queue server's (whose clock the queue's
     timing goes by): warn when any two are more than :data:`CLOCK_SKEW_WARN` apart."""
@@ -746,6 +789,34 @@ async def _clocks(ctx: DoctorContext) -> None:
         f"by {server}'s clock alone, so jobs are not delayed; but times logged and compared across "
         "hosts disagree. Run `outbox-relay doctor` on each relay and worker host to check its clock",
     )
+
+
+@check(230, needs="queue")
+async def _queue_database(ctx: DoctorContext) -> None:
+    """Every job waiting in the queue and every live worker of it belongs to this service database:
+    another's means two services share the queue's name (their workers refuse each other's jobs)."""
+    diagnosis, queue = ctx.diagnosis, ctx.queue
+    if diagnosis is None or not diagnosis.reachable or queue is None:
+        return
+    own = queue.database.token
+    jobs = {db: n for db, n in diagnosis.job_databases.items() if db != own}
+    workers = [db for db in diagnosis.worker_databases if db != own]
+    if not jobs and not workers:
+        ctx.add(
+            "queue database", "ok", f"the jobs and live workers of {queue.name} serve this database ({own})"
+        )
+        return
+    found = []
+    if jobs:
+        listed = ", ".join(f"{n} of {db}" for db, n in sorted(jobs.items()))
+        found.append(f"{queue.name} holds jobs of another service database ({listed})")
+    if workers:
+        found.append(f"a live worker of {queue.name} serves another service database ({', '.join(workers)})")
+    fix = (
+        "give each service database its own queue: unset OUTBOX_RELAY_QUEUE_NAME (the default derives "
+        "from the database) or set distinct names, on the relay and workers of one of them, and restart them"
+    )
+    ctx.add("queue database", "fail", "; ".join(found) + f" (this database is {own})", fix)
 
 
 def render_json(report: Report) -> str:

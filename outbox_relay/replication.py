@@ -3,49 +3,28 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
-import re
 import time
 from dataclasses import dataclass, field, replace
 
 from outbox_relay.admin import require_shape
 from outbox_relay.db import Connection, connect_retrying, quote_ident, quote_literal
 from outbox_relay.exceptions import MigrationError, ReplicationError
+from outbox_relay.identity import DatabaseIdentity, derived_name, read_identity
 from outbox_relay.migrate import check_schema
 from outbox_relay.sql import query, render
 
 logger = logging.getLogger(__name__)
 
 
-#: Characters of the database's own name kept in a derived name (the rest is the hash).
-_PREFIX_CHARS = 36
-
-
 def derived_subscription_name(database: str, system_identifier: str, database_oid: int) -> str:
-    """The default subscription and slot name of a service database.
-
-    ``outbox_relay_<sanitised name>_<12 hex>``: the name is for people, the hash
-    of the cluster's system identifier and the database's oid makes it unique to
-    this database whatever its name, server or cluster. At most 62 characters,
-    a valid lower-case identifier.
-    """
-    prefix = re.sub(r"[^a-z0-9_]", "_", database.lower())[:_PREFIX_CHARS]
-    digest = hashlib.sha256(f"{system_identifier}/{database_oid}".encode()).hexdigest()[:12]
-    return f"outbox_relay_{prefix}_{digest}"
+    """The default subscription and slot name of a service database (the default queue name too,
+    see :func:`outbox_relay.identity.derived_name`)."""
+    return derived_name(database, system_identifier, database_oid)
 
 
-@dataclass(frozen=True)
-class _Identity:
-    system_identifier: str
-    database_oid: int
-    database: str
-
-
-async def _identity(conn: Connection) -> _Identity:
-    row = await conn.fetchrow(query("database_identity"))
-    assert row is not None  # current_database() is always in pg_database
-    return _Identity(row["system_identifier"], int(row["database_oid"]), row["database"])
+_Identity = DatabaseIdentity
+_identity = read_identity
 
 
 async def subscription_name(configured: str | None, service: Connection, primary: _Identity) -> str:

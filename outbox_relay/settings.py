@@ -42,7 +42,13 @@ class Settings(SettingsBase):
     redis_url: Annotated[SecretStr, url_of(queue_schemes)] = Field(
         default=SecretStr("redis://127.0.0.1:6379/0"), description="arq's Redis"
     )
-    queue_name: str = Field(default="outbox_relay", min_length=1, max_length=200, description="arq queue")
+    queue_name: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=200,
+        description="arq queue (default: derived from the service database's identity, see "
+        "identity.resolve_queue)",
+    )
     sweep_interval: float = seconds(5.0, le=HOUR, description="period of the sweep (seconds)")
     requeue_after: float = seconds(
         60.0, le=DAY, description="a `queued` row older than this (seconds) is enqueued again by the sweep"
@@ -176,11 +182,6 @@ class Settings(SettingsBase):
         if self.primary_url is None:
             raise SettingsError(env_name("primary_url"), "is required for this command")
         return self.primary_url.get_secret_value()
-
-    @property
-    def job_namespace(self) -> str:
-        """Prefix of every job id: job ids share one namespace per queue server database."""
-        return f"outbox_relay:{self.queue_name}"
 
 
 def env_name(field: str) -> str:

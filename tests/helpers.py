@@ -20,6 +20,7 @@ import asyncpg
 from outbox_relay.composition import relay_process, worker_process
 from outbox_relay.devtools.embedded import free_port
 from outbox_relay.handlers import HandlerRegistry, registry
+from outbox_relay.identity import job_namespace
 from outbox_relay.queue import ConsumerStats
 from outbox_relay.relay import Relay
 from outbox_relay.settings import Settings
@@ -58,7 +59,7 @@ async def equals(value: Awaitable[Any], expected: Any) -> bool:
 async def running_relay(settings: Settings) -> AsyncIterator[Relay]:
     """Run a relay in this event loop; stop it (and wait for it) on exit."""
     stop = asyncio.Event()
-    process = relay_process(settings, stop)  # what `run` composes
+    process = await relay_process(settings, stop)  # what `run` composes
     task = asyncio.create_task(process.run(), name="test.relay")
     try:
         yield process.relay
@@ -79,6 +80,12 @@ async def running_worker(
     finally:
         stop.set()
         await asyncio.wait_for(task, 30)
+
+
+def queue_of(settings: Settings) -> tuple[str, str]:
+    """The queue name a test set explicitly, and its job-id namespace."""
+    assert settings.queue_name is not None, "this test names its queue"
+    return settings.queue_name, job_namespace(settings.queue_name)
 
 
 async def open_account(conn: Any, account: str, balance: int) -> None:

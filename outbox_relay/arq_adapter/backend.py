@@ -22,7 +22,11 @@ class ArqBackend:
         """The relay's side."""
         return ArqQueue(
             QueueConfig(
-                self.url, self.options.queue_name, self.options.namespace, batch_size=self.options.batch_size
+                self.url,
+                self.options.queue_name,
+                self.options.namespace,
+                batch_size=self.options.batch_size,
+                identity=self.options.identity,
             )
         )
 
@@ -35,6 +39,7 @@ class ArqBackend:
             poll_delay=self.options.poll_delay,
             job_timeout=self.options.job_timeout,
             idle_wait=self.options.idle_wait,
+            identity=self.options.identity,
         )
 
     def consumer(self) -> ArqConsumer:

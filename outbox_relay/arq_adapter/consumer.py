@@ -34,6 +34,13 @@ arq settings, chosen for fast recovery (see the field notes in the README):
   host's: a worker (or relay) whose clock is off takes jobs as soon as they are
   due all the same. arq's own poll reads the due jobs by the worker's clock, so
   :meth:`OutboxWorker._poll_iteration` reads them through due.lua instead.
+* every job carries the identity of the service database whose rows it holds
+  (the keyword argument ``database``); a job of another database is not run but
+  put back as it came, deferred by FOREIGN_JOB_DEFER (settle.lua: a new job
+  holding the same rows, same deliveries, same identity), and the observer is
+  told. Each worker announces its database in ``outbox_relay:workers:<queue>``
+  (every ANNOUNCE_EVERY s, valid ANNOUNCE_TTL s; withdrawn on a clean stop), for
+  `doctor`.
 """
 
 from __future__ import annotations
@@ -64,10 +71,11 @@ from outbox_relay.arq_adapter.producer import (
     redis_client,
     translated_errors,
     wake_key,
+    workers_key,
 )
 from outbox_relay.lifecycle import cancel_and_wait, stopped_within
 from outbox_relay.logs import describe
-from outbox_relay.queue import ConsumerObserver, ConsumerStats, Job, JobFunction, Outcome
+from outbox_relay.queue import FOREIGN_JOB_DEFER, ConsumerObserver, ConsumerStats, Job, JobFunction, Outcome
 from outbox_relay.retry import Backoff, retry
 
 logger = logging.getLogger(__name__)
@@ -83,6 +91,11 @@ OBSERVER_KEY = "outbox_relay.observer"
 SETTLE_KEY = "outbox_relay.settle"
 #: Key of the stats object in arq's worker context.
 STATS_KEY = "outbox_relay.stats"
+#: Key of the service database's identity in arq's worker context.
+IDENTITY_KEY = "outbox_relay.identity"
+#: Seconds between two announcements of a worker's database in its queue's workers set, and
+#: how long one is valid (a worker stopping cleanly withdraws it).
+ANNOUNCE_EVERY, ANNOUNCE_TTL = 10.0, 30.0
 
 _SETTLE = (Path(__file__).resolve().parent / "settle.lua").read_text()
 _CLAIM = (Path(__file__).resolve().parent / "claim.lua").read_text()
@@ -111,6 +124,8 @@ class ConsumerConfig:
     job_timeout: float
     #: Longest block on the wake-up list while idle (seconds).
     idle_wait: float = 1.0
+    #: The service database's identity: a job carrying another is refused ("": no check).
+    identity: str = ""
 
     def __repr__(self) -> str:
         return f"ConsumerConfig(queue_name={self.queue_name!r}, concurrency={self.concurrency})"
@@ -131,6 +146,7 @@ class OutboxWorker(Worker):
     idle_wait: float = 1.0
     _started_now: int = 0
     _read_now: int = 0
+    _next_announce: float = 0.0
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -198,9 +214,26 @@ class OutboxWorker(Worker):
     async def heart_beat(self) -> None:
         """Called by arq once per poll: the worker's liveness beat too (a poll got through)."""
         await super().heart_beat()
+        await self.announce()
         observer: ConsumerObserver | None = (self.ctx or {}).get(OBSERVER_KEY)
         if observer is not None:
             observer.beat()
+
+    async def announce(self) -> None:
+        """Every ANNOUNCE_EVERY s: this worker's database in the queue's workers set (for `doctor`),
+        valid for ANNOUNCE_TTL s."""
+        identity = self.ctx.get(IDENTITY_KEY) or ""
+        now = asyncio.get_running_loop().time()
+        if not identity or now < self._next_announce:
+            return
+        self._next_announce = now + ANNOUNCE_EVERY
+        seconds, micros = await self.pool.time()  # the server's clock: doctor compares on another host
+        key, now_ms = workers_key(self.queue_name), int(seconds) * 1000 + int(micros) // 1000
+        async with self.pool.pipeline(transaction=True) as pipe:
+            pipe.zremrangebyscore(key, "-inf", now_ms)
+            pipe.zadd(key, {identity: now_ms + int(ANNOUNCE_TTL * 1000)})
+            pipe.pexpire(key, int(ANNOUNCE_TTL * 1000))
+            await pipe.execute()
 
     async def main(self) -> None:
         """arq's main loop, with a block on the wake-up list in place of each idle poll."""
@@ -235,19 +268,31 @@ class OutboxWorker(Worker):
         await cast(Awaitable[Any], self.pool.blpop([wake], timeout=timeout))  # type: ignore[arg-type]
 
 
-async def _run_batch(ctx: dict[str, Any], rows: list[list[Any]]) -> str:
+async def _run_batch(ctx: dict[str, Any], rows: list[list[Any]], database: str | None = None) -> str:
     """The arq function of a batch job (``outbox_relay.process_rows``): apply the rows,
-    then drop the markers of those that ended and schedule the others again."""
+    then drop the markers of those that ended and schedule the others again.
+
+    ``database``: the identity of the service database whose rows these are; a job of
+    another database than this worker's is put back untouched (see the module docstring)."""
     function: JobFunction = ctx[CONTEXT_KEY]
+    own: str = ctx.get(IDENTITY_KEY) or ""
     extra = int(ctx.get("job_try", 1)) - 1  # arq ran this job before (its worker died)
     jobs = [Job(int(row_id), int(delivery) + extra) for row_id, _marker, delivery in rows]
+    if database and own and database != own:
+        back = [Outcome("foreign", FOREIGN_JOB_DEFER, counted=False) for _ in jobs]
+        settle = ctx[SETTLE_KEY]
+        await _settle(settle, ctx["queue_name"], ctx["job_id"], rows, jobs, back, database, alone=False)
+        observer: ConsumerObserver | None = ctx.get(OBSERVER_KEY)
+        if observer is not None:
+            observer.foreign_job(database, own)
+        return "refused: another database's job"
     outcomes = await function(jobs)
     stats: ConsumerStats | None = ctx.get(STATS_KEY)
     if stats is not None:
         stats.rows += len(jobs)
         # arq counts only its own retries (Retry raised); a batch's are new jobs (settle.lua)
         stats.retried += sum(1 for outcome in outcomes if outcome.retry_in is not None and outcome.counted)
-    await _settle(ctx[SETTLE_KEY], ctx["queue_name"], ctx["job_id"], rows, jobs, outcomes)
+    await _settle(ctx[SETTLE_KEY], ctx["queue_name"], ctx["job_id"], rows, jobs, outcomes, database or own)
     return "done"
 
 
@@ -258,7 +303,12 @@ async def _settle(
     rows: list[list[Any]],
     jobs: Sequence[Job],
     outcomes: Sequence[Outcome],
+    identity: str,
+    *,
+    alone: bool = True,
 ) -> None:
+    """Drop the markers of the rows that ended; schedule the others again (``alone``: a counted
+    retry as a job of its own), as jobs carrying ``identity``."""
     done: list[str] = []
     groups: dict[float, list[list[Any]]] = {}
     for (row_id, marker, _), job, outcome in zip(rows, jobs, outcomes, strict=True):
@@ -270,7 +320,7 @@ async def _settle(
     again = []
     for delay, group in groups.items():
         # A counted retry runs alone: it never holds back (or re-applies) another row.
-        chunks = [[row] for row in group] if delay > 0 else [group]
+        chunks = [[row] for row in group] if delay > 0 and alone else [group]
         for chunk in chunks:
             again_id = f"{own_id.rsplit(':again-', 1)[0]}:again-{uuid.uuid4().hex[:12]}"
             again.append({"id": again_id, "defer_ms": int(delay * 1000), "rows": chunk})
@@ -278,7 +328,7 @@ async def _settle(
     async with translated_errors():
         await script(
             keys=[queue_name, wake_key(queue_name)],
-            args=[own_id, JOB_TTL_MS, 0, BATCH_FUNCTION_NAME, plan],
+            args=[own_id, JOB_TTL_MS, 0, BATCH_FUNCTION_NAME, plan, identity],
         )
 
 
@@ -327,7 +377,7 @@ def build_arq_worker(
         max_tries=ARQ_MAX_TRIES,
         handle_signals=False,
         health_check_interval=60,
-        ctx={**ctx, "queue_name": config.queue_name},
+        ctx={**ctx, "queue_name": config.queue_name, IDENTITY_KEY: config.identity},
         log_results=False,
         job_deserializer=deserialize_job,
     )
@@ -383,7 +433,15 @@ class ArqConsumer:
                 extra={"error": describe(finished), "retry_in": round(delay, 2)},
             )
             await stopped_within(stop, delay)
+        await self._withdraw()
         return stats
+
+    async def _withdraw(self) -> None:
+        """Take this worker's database out of the queue's workers set (another worker of the same
+        database announces it again within ANNOUNCE_EVERY s)."""
+        if self.config.identity:
+            with contextlib.suppress(*_REDIS_DOWN):
+                await self.redis.zrem(workers_key(self.config.queue_name), self.config.identity)
 
     async def close(self) -> None:
         """Close the Redis connections."""

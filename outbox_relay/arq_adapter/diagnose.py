@@ -2,19 +2,25 @@
 
 How "one live worker" is told: arq workers refresh a health-check key per
 queue (``<queue>:health-check``, TTL 61 s, refreshed every 60 s by each
-worker's loop), the signal that a worker is *consuming this queue*.
+worker's loop), the signal that a worker is *consuming this queue*. With it
+each worker announces its service database in ``outbox_relay:workers:<queue>``
+(score: until when; see consumer.py), and every job names its database: `doctor`
+compares both with its own.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import time
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 
 from arq.connections import ArqRedis
-from arq.constants import health_check_key_suffix
+from arq.constants import health_check_key_suffix, job_key_prefix
 from redis.exceptions import RedisError
 
-from outbox_relay.arq_adapter.producer import redis_client
+from outbox_relay.arq_adapter.producer import redis_client, workers_key
 from outbox_relay.diagnosis import Check
 from outbox_relay.logs import describe
 from outbox_relay.queue import Diagnosis
@@ -31,6 +37,8 @@ class _Facts:
     ttl: float | None
     #: Redis's clock minus this host's (s), read by TIME at the middle of its round trip.
     clock_offset: float
+    job_databases: dict[str, int] = field(default_factory=dict)
+    worker_databases: tuple[str, ...] = ()
 
 
 class ArqDiagnostics:
@@ -61,6 +69,8 @@ class ArqDiagnostics:
             workers_signal=self.health_key,
             server=SERVER,
             clock_offset=facts.clock_offset,
+            job_databases=facts.job_databases,
+            worker_databases=facts.worker_databases,
         )
 
     async def _read(self, redis: ArqRedis) -> _Facts:
@@ -82,7 +92,30 @@ class ArqDiagnostics:
             None if health is None else health.decode(errors="replace"),
             ttl,
             offset,
+            await self._job_databases(redis),
+            await self._worker_databases(redis),
         )
+
+    async def _job_databases(self, redis: ArqRedis, sample: int = 100) -> dict[str, int]:
+        """The databases named by the first ``sample`` jobs of the queue (jobs naming none: skipped)."""
+        ids = await redis.zrange(self.queue_name, 0, sample - 1)
+        payloads = await redis.mget([job_key_prefix + raw.decode() for raw in ids]) if ids else []
+        found: Counter[str] = Counter()
+        for payload in payloads:
+            if payload is None or payload[:1] != b"{":
+                continue  # gone meanwhile, or a pickled job (0.1.0's, arq's own): no identity
+            with contextlib.suppress(ValueError, AttributeError):
+                database = json.loads(payload).get("k", {}).get("database")
+                if isinstance(database, str) and database:
+                    found[database] += 1
+        return dict(found)
+
+    async def _worker_databases(self, redis: ArqRedis) -> tuple[str, ...]:
+        """The databases the live workers of this queue said they serve."""
+        seconds, micros = await redis.time()  # the clock the workers' entries were written by
+        now_ms = int(seconds) * 1000 + int(micros) // 1000
+        members = await redis.zrangebyscore(workers_key(self.queue_name), f"({now_ms}", "+inf")
+        return tuple(sorted(m.decode(errors="replace") for m in members))
 
     def _unreachable(self, error: str) -> Diagnosis:
         fix = "check OUTBOX_RELAY_REDIS_URL and that Redis is up"

@@ -19,7 +19,9 @@
 -- ARGV[3]        batch size B
 -- ARGV[4]        job id prefix (unique per call)
 -- ARGV[5]        function name
--- ARGV[5+i]      row id i
+-- ARGV[6]        the service database's identity, carried by every job as the
+--                keyword argument ``database`` ('' : none)
+-- ARGV[6+i]      row id i
 -- Returns {rows added, jobs added, queue length, jobs due and unclaimed before
 -- this call (among the first 20 due: any means the workers are behind)}.
 local queue, wake = KEYS[1], KEYS[2]
@@ -27,6 +29,7 @@ local clock = redis.call('TIME')
 local score = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 local ttl, size = ARGV[2], tonumber(ARGV[3])
 local prefix, fname = ARGV[4], ARGV[5]
+local kwargs = (ARGV[6] ~= '') and {database = ARGV[6]} or {}
 local n = #KEYS - 2
 
 for _, key in ipairs({queue, wake}) do
@@ -79,9 +82,9 @@ for j = 1, jobs do
     local rows = {}
     for r = 1, count do
         local i = fresh[at + r - 1]
-        rows[r] = {tonumber(ARGV[5 + i]), KEYS[2 + i], 1}
+        rows[r] = {tonumber(ARGV[6 + i]), KEYS[2 + i], 1}
     end
-    local payload = cjson.encode({t = 1, f = fname, a = {rows}, k = {}, et = score})
+    local payload = cjson.encode({t = 1, f = fname, a = {rows}, k = kwargs, et = score})
     redis.call('PSETEX', 'arq:job:' .. jid, ttl, payload)
     redis.call('ZADD', queue, score, jid)
     -- Markers last: a write failing above leaves none naming a job that is not queued.

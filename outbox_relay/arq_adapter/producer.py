@@ -2,7 +2,8 @@
 
 A hand-over is one Redis call (enqueue.lua): rows whose dedupe marker names a
 job still waiting or running are skipped, the others are packed into batch
-jobs of up to ``batch_size`` rows (JSON, arq's job fields), each job pushes one
+jobs of up to ``batch_size`` rows (JSON, arq's job fields; the service
+database's identity as the keyword argument ``database``), each job pushes one
 element on the queue's wake-up list (workers block on it instead of polling).
 """
 
@@ -39,6 +40,12 @@ JOB_TTL_MS = 24 * 3600 * 1000
 _SCRIPT = (Path(__file__).resolve().parent / "enqueue.lua").read_text()
 
 
+def workers_key(queue_name: str) -> str:
+    """The sorted set of the databases the live workers of a queue serve: member = identity,
+    score = until when (ms) a worker last said so."""
+    return f"outbox_relay:workers:{queue_name}"
+
+
 def wake_key(queue_name: str) -> str:
     """The list a worker blocks on: the relay pushes one element per job it adds."""
     return f"outbox_relay:wake:{queue_name}"
@@ -59,6 +66,8 @@ class QueueConfig:
     max_connections: int = 20
     #: Rows per batch job at most (a hand-over of fewer rows makes smaller jobs).
     batch_size: int = 50
+    #: The service database's identity, carried by every job ("": none).
+    identity: str = ""
 
     def __repr__(self) -> str:
         return f"QueueConfig(queue_name={self.queue_name!r}, namespace={self.namespace!r})"
@@ -133,6 +142,7 @@ class ArqQueue:
         prefix = f"{self.config.namespace}:batch:{uuid.uuid4().hex}:"
         # 0: the score is the Redis server's clock (enqueue.lua), never this host's.
         args: list[Any] = [0, JOB_TTL_MS, self.config.batch_size, prefix, BATCH_FUNCTION_NAME]
+        args.append(self.config.identity)
         args += [row.id for row in rows]
         async with translated_errors():
             added, _jobs, depth, unclaimed = await self._script(keys=keys, args=args)

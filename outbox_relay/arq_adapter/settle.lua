@@ -11,6 +11,7 @@
 -- ARGV[3]        unused (0; kept for the positions): a retry is due defer_ms after the
 --                Redis server's clock (TIME), which claim.lua compares with
 -- ARGV[4]        function name
+-- ARGV[6]        the identity the jobs scheduled again carry ('' : none)
 -- ARGV[5]        JSON: {"done": [marker, ...],
 --                       "again": [{"id": job id, "defer_ms": n, "rows": [[row, marker, delivery], ...]}]}
 -- Returns the number of rows scheduled again.
@@ -19,6 +20,7 @@ local own, ttl, fname = ARGV[1], ARGV[2], ARGV[4]
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 local plan = cjson.decode(ARGV[5])
+local kwargs = (ARGV[6] ~= '') and {database = ARGV[6]} or {}
 
 local function ours(marker)
     local kind = redis.call('TYPE', marker).ok
@@ -52,7 +54,7 @@ for _, group in ipairs(plan.again) do
     end
     if #rows > 0 then
         local due = now + group.defer_ms
-        local payload = cjson.encode({t = 1, f = fname, a = {rows}, k = {}, et = due})
+        local payload = cjson.encode({t = 1, f = fname, a = {rows}, k = kwargs, et = due})
         redis.call('PSETEX', 'arq:job:' .. group.id, ttl, payload)
         redis.call('ZADD', queue, due, group.id)
         for _, row in ipairs(rows) do

@@ -105,7 +105,6 @@ async def run_demo(options: DemoOptions) -> int:
             database_url=SecretStr(pg.create_database("service")),
             primary_url=SecretStr(pg.create_database("primary")),
             redis_url=SecretStr(redis.url()),
-            queue_name="demo",
         )
         report = await _demo(options, settings, workdir, processes)
     finally:

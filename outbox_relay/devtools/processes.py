@@ -19,10 +19,11 @@ def service_env(settings: Settings) -> dict[str, str]:
         {
             "OUTBOX_RELAY_DATABASE_URL": settings.require_database_url(),
             "OUTBOX_RELAY_REDIS_URL": settings.redis_url.get_secret_value(),
-            "OUTBOX_RELAY_QUEUE_NAME": settings.queue_name,
             "OUTBOX_RELAY_LOG_LEVEL": "WARNING",
         }
     )
+    if settings.queue_name is not None:  # else derived from the service database, as in production
+        env["OUTBOX_RELAY_QUEUE_NAME"] = settings.queue_name
     return env
 
 

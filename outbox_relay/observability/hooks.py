@@ -22,6 +22,10 @@ logger = logging.getLogger(__name__)
 DEFAULT_DEADLINE = 30.0
 #: The ``kind`` label of a row whose kind no handler is registered for (labels stay bounded).
 OTHER_KIND = "other"
+#: Seconds a worker stays not ready after it refused a job of another service database.
+FOREIGN_HOLD = 60.0
+#: Least seconds between two ERROR lines about refused jobs (the metric counts each).
+FOREIGN_LOG_EVERY = 10.0
 
 
 class _Hooks:
@@ -157,6 +161,9 @@ class WorkerHooks(_Hooks):
             role="worker",
         )
         self.kinds = frozenset(kinds)
+        self._foreign_until: float = -1e9
+        self._next_foreign_log: float = -1e9
+        self._foreign_unlogged: int = 0
         if metrics is not None:
             metrics.worker_up.set_function(self.up)
             for kind in sorted({*self.kinds, OTHER_KIND}):  # at 0 from the start: increase() sees the first
@@ -170,10 +177,40 @@ class WorkerHooks(_Hooks):
         return 1.0 if self.health.liveness().ok and self.health.readiness().ready else 0.0
 
     def beat(self) -> None:
-        """The queue's poll loop turned over (arq's ``heart_beat``): alive, and the server answered."""
+        """The queue's poll loop turned over (arq's ``heart_beat``): alive, and the server answered
+        (ready again, unless it refused another database's job in the last FOREIGN_HOLD s)."""
         super().beat()
-        if self.health is not None and not self.health.readiness().ready:
+        refusing = time.monotonic() < self._foreign_until
+        if self.health is not None and not refusing and not self.health.readiness().ready:
             self.health.set_ready(True, role="worker")
+
+    def foreign_job(self, job_database: str, own: str) -> None:
+        """The queue held a job of another service database: refused and put back for its own
+        workers. Counted, logged (an ERROR at most every FOREIGN_LOG_EVERY s) and not ready."""
+        now = time.monotonic()
+        self._foreign_until = now + FOREIGN_HOLD
+        self._foreign_unlogged += 1
+        if self.metrics is not None:
+            self.metrics.foreign_jobs.inc()
+        self._turned(
+            False,
+            role="worker",
+            reason=f"refusing jobs of another service database ({job_database}; this worker's is {own}) "
+            "on its queue: give each service database its own queue (unset OUTBOX_RELAY_QUEUE_NAME)",
+        )
+        if now >= self._next_foreign_log:
+            logger.error(
+                "refused a job of another service database: two services share this queue name; "
+                "the job is put back for that database's workers",
+                extra={
+                    "event": "foreign_job",
+                    "job_database": job_database,
+                    "worker_database": own,
+                    "refused": self._foreign_unlogged,
+                },
+            )
+            self._next_foreign_log = now + FOREIGN_LOG_EVERY
+            self._foreign_unlogged = 0
 
     def ready(self) -> None:
         self._turned(True, role="worker")

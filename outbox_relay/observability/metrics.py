@@ -114,6 +114,9 @@ METRICS: tuple[MetricSpec, ...] = (
                buckets=HANDLER_BUCKETS),
     MetricSpec("retries", "outbox_relay_retries", "counter",
                "Transient failures scheduled for another attempt (worker)", "worker", ("kind",)),
+    MetricSpec("foreign_jobs", "outbox_relay_worker_foreign_jobs", "counter",
+               "Jobs of another service database this worker refused and put back (two services "
+               "share a queue name)", "worker"),
 )
 # fmt: on
 _BY_ATTR = {spec.attr: spec for spec in METRICS}
@@ -143,6 +146,7 @@ class Metrics:
     jobs_in_flight: Gauge
     handler_duration: Histogram
     retries: Counter
+    foreign_jobs: Counter
 
     def __init__(self, role: Role) -> None:
         self.role: Role = role

@@ -15,6 +15,13 @@ The worker *consumes*: the queue calls a :data:`JobFunction` with a batch of
 — done (the row's dedupe marker goes), or run that row alone again after a
 delay. Attempts are counted in the database, not by the queue.
 
+Every job carries the identity of the service database whose rows it holds
+(``QueueOptions.identity``). A consumer never runs a job of another database
+(two services given one queue name): it puts the job back untouched, deferred
+by :data:`FOREIGN_JOB_DEFER` seconds, so that the right workers still take it,
+and tells its observer (:meth:`ConsumerObserver.foreign_job`). A job without
+an identity (made before jobs carried one) is run.
+
 Backends implement this port, chosen by the queue URL's scheme
 (:mod:`outbox_relay.queue.backends`): arq on Redis (``outbox_relay.arq_adapter``,
 the only place those libraries are imported) and :mod:`outbox_relay.queue.memory`,
@@ -27,8 +34,8 @@ against both. Failures surface as
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Protocol
 
 
@@ -127,10 +134,12 @@ class ConsumerStats:
 
 
 class ConsumerObserver(Protocol):
-    """Told by a consumer how its loop fares (health): it turned over, or lost its server."""
+    """Told by a consumer how its loop fares (health): it turned over, lost its server, or
+    refused a job of another service database (``job_database`` and ``own``: identities)."""
 
     def beat(self) -> None: ...
     def not_ready(self, reason: str) -> None: ...
+    def foreign_job(self, job_database: str, own: str) -> None: ...
 
 
 class Consumer(Protocol):
@@ -157,6 +166,10 @@ class Consumer(Protocol):
     async def close(self) -> None:
         """Release connections."""
         ...
+
+
+#: Seconds a job refused as another database's waits before any worker may take it again.
+FOREIGN_JOB_DEFER = 1.0
 
 
 def split_batches(count: int, batch_size: int) -> list[int]:
@@ -191,6 +204,11 @@ class Diagnosis:
     #: The queue server's clock minus this host's, in seconds (read at the middle of a round
     #: trip): the clock the queue's timing goes by. None: not known.
     clock_offset: float | None = None
+    #: The identities of the databases whose jobs wait in the queue (the first 100 jobs), with
+    #: how many of those jobs each has; jobs without an identity are not counted.
+    job_databases: Mapping[str, int] = field(default_factory=dict)
+    #: The identities of the databases the live workers of this queue serve.
+    worker_databases: tuple[str, ...] = ()
 
 
 class Diagnosable(Protocol):

@@ -39,6 +39,9 @@ class QueueOptions:
     job_timeout: float = 10.0
     #: Longest an idle consumer blocks on the relay's wake-up (seconds).
     idle_wait: float = 1.0
+    #: The service database's identity (:attr:`outbox_relay.identity.DatabaseIdentity.token`): a
+    #: producer stamps every job with it, a consumer refuses a job stamped with another ("": neither).
+    identity: str = ""
 
 
 class QueueBackend(Protocol):

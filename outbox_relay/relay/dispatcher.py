@@ -4,7 +4,8 @@ Ids from notifications are looked up by primary key in coalesced batches;
 every SWEEP_INTERVAL (and at once after a reconnect, a ``sweep`` notification
 or a change of the queue's epoch) the sweep pages through the partial indexes.
 Each batch is handed over in one queue round trip (a known row is not added
-twice; the queue packs the rows into batch jobs), then moved to ``queued`` by
+twice; the queue packs the rows into batch jobs; a relay's first sweep hands
+every ``queued`` row over again, as a change of epoch does), then moved to ``queued`` by
 one compare-and-set UPDATE. Notified rows are handed over at once after a
 quiet spell, and at most every HAND_OVER_INTERVAL under a steady stream (every
 BEHIND_FACTOR of them while the workers are behind: the last hand-over found
@@ -118,6 +119,10 @@ class Dispatcher:
         """Hand rows over until cancelled."""
         loop = asyncio.get_running_loop()
         next_sweep = loop.time()
+        if self._epoch is None:  # this relay's first sweep (every queued row) before notified rows
+            await self.sweep(store)
+            self._sweep_requested = False
+            next_sweep = loop.time() + self.sweep_interval
         while True:
             raise_if_cancelling()
             self.hooks.beat()
@@ -141,33 +146,48 @@ class Dispatcher:
                 next_sweep = loop.time() + self.sweep_interval
 
     async def sweep(self, store: Store) -> None:
-        """New rows nobody was told about, then queued rows the queue may have lost."""
-        self.stats.sweeps += 1
+        """New rows nobody was told about, and queued rows the queue may have lost: all of them
+        (first) on this relay's first sweep and when the queue's epoch changed (the queue may have
+        changed since the rows went: another queue name, a server restarted meanwhile; rows whose
+        jobs wait or run are not added twice), else those older than REQUEUE_AFTER."""
+        epoch = await self._queue(self.queue.epoch)
+        lost = epoch != self._epoch
+        if lost and self._epoch is not None:
+            logger.warning(
+                "%s restarted (it may have lost jobs): enqueueing every queued row again", self.queue.server
+            )
+        self._epoch = epoch
+        stale = await self._requeue(store, everything=True) if lost else 0
         new = 0
         async for rows in store.new_rows():
             await self._hand_over(store, rows)
             new += len(rows)
         self.hooks.swept_unnotified(new)
-        epoch = await self._queue(self.queue.epoch)
-        lost = self._epoch is not None and epoch != self._epoch
-        if lost:
-            logger.warning(
-                "%s restarted (it may have lost jobs): enqueueing every queued row again", self.queue.server
-            )
-        self._epoch = epoch
-        stale = 0
-        async for rows in store.stale_queued_rows(everything=lost):
-            await self._hand_over(store, rows)
-            stale += len(rows)
+        if not lost:
+            stale = await self._requeue(store, everything=False)
         self.stats.swept += new + stale
+        self.stats.sweeps += 1  # a sweep done (tests wait for one)
         if new or stale:
             logger.info("sweep handed rows over", extra={"new": new, "requeued": stale})
 
-    async def _hand_over(self, store: Store, rows: list[PendingRow], path: str = "sweep") -> None:
+    async def _requeue(self, store: Store, *, everything: bool) -> int:
+        """Hand queued rows over again (``everything``, or those older than REQUEUE_AFTER)."""
+        stale = 0
+        async for rows in store.stale_queued_rows(everything=everything):
+            # All queued rows went through backpressure once (most are known: nothing is added);
+            # handing them all over again never waits for room, or a full queue would block it.
+            await self._hand_over(store, rows, room=not everything)
+            stale += len(rows)
+        return stale
+
+    async def _hand_over(
+        self, store: Store, rows: list[PendingRow], path: str = "sweep", *, room: bool = True
+    ) -> None:
         if not rows:
             return
         raise_if_cancelling()
-        await self._wait_for_room()
+        if room:
+            await self._wait_for_room()
 
         async def hand_over() -> HandOver:
             return await self.queue.hand_over(rows)

@@ -57,13 +57,14 @@ class Backend(ABC):
     queue: Queue
 
     @abstractmethod
-    def producer(self, batch_size: int) -> Queue:
+    def producer(self, batch_size: int, identity: str = "") -> Queue:
         """A producer on this queue packing up to ``batch_size`` rows per job (memory: the one
-        queue, resized)."""
+        queue, resized), stamping its jobs with the service database ``identity`` ("": none)."""
 
     @abstractmethod
-    def consumer(self) -> Consumer:
-        """A consumer of this queue (memory: the queue itself)."""
+    def consumer(self, identity: str = "") -> Consumer:
+        """A consumer of this queue (memory: the queue itself) for the service database ``identity``
+        ("": it runs every job)."""
 
     @abstractmethod
     async def restart_empty(self) -> None:
@@ -90,12 +91,14 @@ class MemoryBackend(Backend):
         self.memory = made.queue
         self.queue = self.memory
 
-    def producer(self, batch_size: int) -> Queue:
+    def producer(self, batch_size: int, identity: str = "") -> Queue:
+        if identity:
+            return self.memory.side(identity, batch_size=batch_size)
         self.memory.batch_size = batch_size
         return self.memory
 
-    def consumer(self) -> Consumer:
-        return self.memory
+    def consumer(self, identity: str = "") -> Consumer:
+        return self.memory.side(identity) if identity else self.memory
 
     async def restart_empty(self) -> None:
         self.memory.lose_everything()
@@ -121,7 +124,7 @@ class ArqBackend(Backend):
         self._consumers: list[Consumer] = []
         self.queue = self.producer(DEFAULT_BATCH_SIZE)
 
-    def _backend(self, batch_size: int = DEFAULT_BATCH_SIZE) -> QueueBackend:
+    def _backend(self, batch_size: int = DEFAULT_BATCH_SIZE, identity: str = "") -> QueueBackend:
         # Consumers run one job at a time, as the in-memory consumer does; a short idle wait, so
         # that a burst notices the queue ran dry soon after its last job.
         options = QueueOptions(
@@ -132,18 +135,19 @@ class ArqBackend(Backend):
             poll_delay=0.01,
             job_timeout=DEADLINE,
             idle_wait=0.1,
+            identity=identity,
         )
         made = from_url(self.url, options)
         assert made.name == "Redis", made
         return made
 
-    def producer(self, batch_size: int) -> Queue:
-        made = self._backend(batch_size).producer()
+    def producer(self, batch_size: int, identity: str = "") -> Queue:
+        made = self._backend(batch_size, identity).producer()
         self._producers.append(made)
         return made
 
-    def consumer(self) -> Consumer:
-        made = self._backend().consumer()
+    def consumer(self, identity: str = "") -> Consumer:
+        made = self._backend(identity=identity).consumer()
         self._consumers.append(made)
         return made
 

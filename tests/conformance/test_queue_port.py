@@ -223,3 +223,48 @@ async def test_consumers_sharing_a_queue_run_each_job_once(backend: Backend) -> 
     )
     assert sorted(seen) == [1, 2, 3, 4], "a job ran twice, or not at all"
     assert sum(stats.complete for stats in both) == 4
+
+
+# -- service database identity ------------------------------------------------------------------------
+
+
+class _Refusals:
+    """An observer noting the foreign jobs a consumer refused."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, str]] = []
+
+    def beat(self) -> None: ...
+
+    def not_ready(self, reason: str) -> None: ...
+
+    def foreign_job(self, job_database: str, own: str) -> None:
+        self.seen.append((job_database, own))
+
+
+async def test_a_job_of_another_database_is_refused_and_put_back_untouched_for_its_own_workers(
+    backend: Backend,
+) -> None:
+    """A consumer of database B never runs database A's job: it tells its observer, the job waits
+    (deferred), its rows stay known, and a consumer of A then runs it as a first delivery."""
+    producer = backend.producer(50, identity="sys/1")
+    assert (await producer.hand_over(rows(1, 2, 3))).added == 3
+    foreign, refusals, stop = Recorder(), _Refusals(), asyncio.Event()
+    consumer = backend.consumer(identity="sys/2")
+    running = asyncio.create_task(consumer.run(foreign, stop, observer=refusals))
+    try:
+        deadline = asyncio.get_running_loop().time() + DEADLINE
+        while not refusals.seen:
+            assert asyncio.get_running_loop().time() < deadline, "the foreign job was never looked at"
+            await asyncio.sleep(0.01)
+    finally:
+        stop.set()
+        await asyncio.wait_for(running, DEADLINE)
+    assert foreign.batches == [], "a consumer ran another database's job"
+    assert refusals.seen[0] == ("sys/1", "sys/2")
+    assert await producer.depth() == 1, "the refused job was lost (or split)"
+    assert (await producer.hand_over(rows(1, 2, 3))).added == 0, "the refused job's rows lost their marker"
+    own = Recorder()
+    stats = await run_burst(backend.consumer(identity="sys/1"), own)
+    assert own.batches == [[(1, 1), (2, 1), (3, 1)]], "not run by its own database's consumer as it came"
+    assert stats.rows == 3

@@ -18,6 +18,7 @@ from tests.helpers import (
     equals,
     money_total,
     open_account,
+    queue_of,
     reserve,
     running_relay,
     running_worker,
@@ -122,9 +123,9 @@ async def test_through_relay_and_worker_a_retry_reruns_only_its_row_and_leaves_n
     assert await money_total(service) == total
     from outbox_relay.arq_adapter.producer import redis_client
 
-    redis = redis_client(settings.redis_url.get_secret_value(), queue_name=settings.queue_name)
+    redis = redis_client(settings.redis_url.get_secret_value(), queue_name=queue_of(settings)[0])
     try:
-        markers = [k async for k in redis.scan_iter(match=f"{MARKER_PREFIX}{settings.job_namespace}:*")]
+        markers = [k async for k in redis.scan_iter(match=f"{MARKER_PREFIX}{queue_of(settings)[1]}:*")]
     finally:
         await redis.aclose(close_connection_pool=True)
     assert markers == [], "ended rows kept their dedupe markers"
@@ -214,10 +215,10 @@ async def test_a_one_row_job_of_0_1_0_runs_as_a_batch_of_one(outbox_env: OutboxE
     calls: Counter[str] = Counter()
     row_id = await _insert(service, "legacy-1", None, kind="flaky")
     url = settings.redis_url.get_secret_value()
-    redis = redis_client(url, queue_name=settings.queue_name)
+    redis = redis_client(url, queue_name=queue_of(settings)[0])
     async with running_worker(settings, _with_flaky(calls, 1)):
         try:
-            await enqueue_raw_jobs(redis, settings.queue_name, settings.job_namespace, row_id, 1)
+            await enqueue_raw_jobs(redis, queue_of(settings)[0], queue_of(settings)[1], row_id, 1)
         finally:
             await redis.aclose(close_connection_pool=True)
         await wait_until(
@@ -225,9 +226,9 @@ async def test_a_one_row_job_of_0_1_0_runs_as_a_batch_of_one(outbox_env: OutboxE
         )
     assert calls["legacy-1"] == 2
     assert await service.fetchval("SELECT attempts FROM outbox_relay.outbox WHERE id = $1", row_id) == 2
-    redis = redis_client(url, queue_name=settings.queue_name)
+    redis = redis_client(url, queue_name=queue_of(settings)[0])
     try:
-        markers = [k async for k in redis.scan_iter(match=f"{MARKER_PREFIX}{settings.job_namespace}:*")]
+        markers = [k async for k in redis.scan_iter(match=f"{MARKER_PREFIX}{queue_of(settings)[1]}:*")]
     finally:
         await redis.aclose(close_connection_pool=True)
     assert markers == [], "the retried row kept its dedupe marker"

@@ -55,7 +55,7 @@ async def deployment(doctor_pg: PgServer, doctor_redis: RedisServer) -> AsyncIte
 def _config(env: OutboxEnv, redis_url: str | None = None, **overrides: Any) -> DoctorConfig:
     values: dict[str, Any] = {
         "database_url": env.service_url,
-        "queue": ArqDiagnostics(redis_url or env.redis_url, env.queue_name),
+        "queue": lambda name: ArqDiagnostics(redis_url or env.redis_url, name),
         "queue_name": env.queue_name,
         "requeue_after": 60.0,
         "primary_url": env.primary_url,

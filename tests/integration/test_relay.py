@@ -27,6 +27,7 @@ from tests.helpers import (
     equals,
     open_account,
     produce,
+    queue_of,
     reserve,
     running_relay,
     running_worker,
@@ -217,10 +218,10 @@ async def test_requeue_works_at_once_whatever_redis_kept_of_earlier_attempts(
     """A requeued failed row is processed again at once (NOTIFY wake-up), despite junk keys of its old job."""
     settings = outbox_env.settings(sweep_interval=3600)
     await open_account(service, "acc", 1_000)
-    queue = ArqQueue(QueueConfig(settings.redis_url.get_secret_value(), settings.queue_name, "unused"))
+    queue = ArqQueue(QueueConfig(settings.redis_url.get_secret_value(), queue_of(settings)[0], "unused"))
     redis = queue.redis
-    old_id = job_id(settings.job_namespace, "late")  # generation 0: the id of its earlier attempts
-    next_marker = marker_key(settings.job_namespace, "late", 1)
+    old_id = job_id(queue_of(settings)[1], "late")  # generation 0: the id of its earlier attempts
+    next_marker = marker_key(queue_of(settings)[1], "late", 1)
     try:
         async with running_worker(settings), running_relay(settings) as relay:
             await wait_until(lambda: relay.active.is_set() and relay.stats.sweeps == 1, message="swept")
@@ -257,7 +258,7 @@ async def test_job_queue_adds_each_row_once_in_batches_and_gives_requeued_rows_n
     """ArqQueue.hand_over packs rows into batch jobs, adds a row once while its job waits, a
     requeued row (next generation) is scheduled anew, and it counts the due jobs no worker runs."""
     settings = outbox_env.settings()
-    namespace, queue_name = settings.job_namespace, settings.queue_name
+    queue_name, namespace = queue_of(settings)
     async with _job_queue(settings.redis_url.get_secret_value(), queue_name, namespace, 2) as (queue, redis):
         rows = [PendingRow(i, f"cid-{i}") for i in range(1, 6)]
         assert await queue.hand_over(rows) == HandOver(5, 3, 0), "5 rows in batches of 2 are 3 jobs"
@@ -281,7 +282,7 @@ async def test_a_refused_hand_over_writes_nothing_and_says_what_redis_said(outbo
     """Issue 7.3: a WRONGTYPE queue key refuses the whole hand-over (QueueError naming it), leaves
     no marker behind, and the rows are scheduled once the key is fixed."""
     settings = outbox_env.settings()
-    namespace, queue_name = settings.job_namespace, settings.queue_name
+    queue_name, namespace = queue_of(settings)
     async with _job_queue(settings.redis_url.get_secret_value(), queue_name, namespace) as (queue, redis):
         await redis.set(queue_name, b"not a sorted set")
         rows = [PendingRow(i, f"cid-{i}") for i in range(1, 4)]
@@ -299,7 +300,7 @@ async def test_a_marker_naming_no_waiting_or_running_job_is_orphaned_and_replace
     """Issue 7.3: a marker whose job is gone, holds junk, or is a key of another type does not
     block its row: the next hand-over schedules the row; a marker of a running job does."""
     settings = outbox_env.settings()
-    namespace, queue_name = settings.job_namespace, settings.queue_name
+    queue_name, namespace = queue_of(settings)
     async with _job_queue(settings.redis_url.get_secret_value(), queue_name, namespace) as (queue, redis):
         await redis.set(marker_key(namespace, "lost"), b"a-job-nobody-has")
         await redis.hset(marker_key(namespace, "hash"), "x", "y")

@@ -16,6 +16,7 @@ from tests.helpers import (
     count_status,
     equals,
     open_account,
+    queue_of,
     reserve,
     run_cli,
     running_relay,
@@ -33,8 +34,8 @@ async def test_requeue_takes_a_row_queued_longer_than_requeue_after_and_it_finis
     settings = outbox_env.settings(sweep_interval=3600, requeue_after=3600)
     await open_account(service, "acc", 1_000)
     await reserve(service, "acc", 100, "stuck")
-    queue = ArqQueue(QueueConfig(settings.redis_url.get_secret_value(), settings.queue_name, "unused"))
-    old_key = job_key_prefix + job_id(settings.job_namespace, "stuck")
+    queue = ArqQueue(QueueConfig(settings.redis_url.get_secret_value(), queue_of(settings)[0], "unused"))
+    old_key = job_key_prefix + job_id(queue_of(settings)[1], "stuck")
     try:
         # Something else holds the row's job id: a hand-over of generation 0 is deduplicated against it.
         await queue.redis.set(old_key, b"junk")

@@ -52,6 +52,8 @@ async def test_the_in_memory_queue_diagnoses_itself_and_its_consumer() -> None:
 
         def not_ready(self, reason: str) -> None: ...
 
+        def foreign_job(self, job_database: str, own: str) -> None: ...
+
     consumer = asyncio.create_task(queue.run(function, stop, observer=Observer()))
     await started.wait()
     assert (await queue.diagnose()).workers_seen is not None
@@ -64,7 +66,7 @@ async def test_doctor_prints_the_backends_lines_and_the_workers_line() -> None:
     """With the database unreachable, doctor still reports the queue: the backend's line, workers, clocks."""
     config = DoctorConfig(
         database_url="postgresql://doctor@127.0.0.1:1/nothing",
-        queue=InMemoryQueue("diag"),
+        queue=lambda name: InMemoryQueue(name),
         queue_name="q",
         requeue_after=60.0,
     )

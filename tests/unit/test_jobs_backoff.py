@@ -12,9 +12,9 @@ import pytest
 
 from outbox_relay.arq_adapter import job_id
 from outbox_relay.exceptions import UnavailableError
+from outbox_relay.identity import job_namespace
 from outbox_relay.logs import describe
 from outbox_relay.retry import Backoff, retry
-from outbox_relay.settings import Settings
 
 PASSWORD = "hunter2-s3cret"
 logger = logging.getLogger("outbox_relay.test_retry")
@@ -25,22 +25,22 @@ logger = logging.getLogger("outbox_relay.test_retry")
 
 def test_job_id_is_namespaced_by_queue() -> None:
     """The same correlation id in two services' queues gives two different job ids."""
-    first = job_id(Settings(queue_name="orders").job_namespace, "job-42")
-    second = job_id(Settings(queue_name="billing").job_namespace, "job-42")
+    first = job_id(job_namespace("orders"), "job-42")
+    second = job_id(job_namespace("billing"), "job-42")
     assert first != second
     assert "job-42" in first
 
 
 def test_job_id_is_stable() -> None:
     """The same row always gets the same id, so the relay never queues it twice."""
-    namespace = Settings(queue_name="orders").job_namespace
+    namespace = job_namespace("orders")
     assert job_id(namespace, "job-42") == job_id(namespace, "job-42")
     assert job_id(namespace, "job-42", 3) == job_id(namespace, "job-42", 3)
 
 
 def test_job_id_changes_with_generation() -> None:
     """A requeued row (generation > 0) gets a new id at each requeue."""
-    namespace = Settings(queue_name="orders").job_namespace
+    namespace = job_namespace("orders")
     ids = {job_id(namespace, "job-42", generation) for generation in range(4)}
     assert len(ids) == 4
 
@@ -51,7 +51,7 @@ def test_job_id_never_collides_across_queues_ids_and_generations() -> None:
     correlation_ids = ["x", "b:x", "x#1", "1:x", "x#", "%", "%23", "#", ":", "a:b:x"]
     seen: dict[str, tuple[str, str, int]] = {}
     for queue, cid, generation in itertools.product(queues, correlation_ids, range(3)):
-        jid = job_id(Settings(queue_name=queue).job_namespace, cid, generation)
+        jid = job_id(job_namespace(queue), cid, generation)
         assert jid not in seen, f"{(queue, cid, generation)} and {seen[jid]} share job id {jid!r}"
         seen[jid] = (queue, cid, generation)
 

@@ -7,6 +7,7 @@ import re
 import pytest
 
 from outbox_relay.exceptions import SettingsError
+from outbox_relay.identity import job_namespace
 from outbox_relay.replication import derived_subscription_name
 from outbox_relay.settings import Settings, env_name, load_settings, redact_url
 
@@ -23,7 +24,7 @@ def test_defaults_match_the_contract_table() -> None:
     assert settings.database_url is None
     assert settings.primary_url is None
     assert settings.redis_url.get_secret_value() == "redis://127.0.0.1:6379/0"
-    assert settings.queue_name == "outbox_relay"
+    assert settings.queue_name is None, "derived from the service database once connected"
     assert settings.sweep_interval == 5
     assert settings.requeue_after == 60
     assert settings.max_attempts == 5
@@ -54,7 +55,7 @@ def test_variables_with_the_prefix_are_read(monkeypatch: pytest.MonkeyPatch) -> 
 def test_unprefixed_variables_are_ignored(monkeypatch: pytest.MonkeyPatch) -> None:
     """A bare QUEUE_NAME (no OUTBOX_RELAY_ prefix) does not change the setting."""
     monkeypatch.setenv("QUEUE_NAME", "not_ours")
-    assert load_settings().queue_name == "outbox_relay"
+    assert load_settings().queue_name is None
 
 
 def test_command_line_overrides_win_over_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -225,4 +226,4 @@ def test_log_level_is_case_insensitive(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_job_namespace_contains_the_queue_name() -> None:
     """Two queue names give two job namespaces."""
-    assert Settings(queue_name="a").job_namespace != Settings(queue_name="b").job_namespace
+    assert job_namespace("a") != job_namespace("b")
