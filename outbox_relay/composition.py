@@ -116,7 +116,13 @@ def queue_backend(settings: Settings, queue: ServiceQueue) -> QueueBackend:
 
 def routing(settings: Settings) -> Routing:
     """ROUTES and what the sinks of a worker share."""
-    return Routing(settings.routes, settings.require_database_url(), settings.worker_concurrency)
+    return Routing(
+        settings.routes,
+        settings.require_database_url(),
+        settings.worker_concurrency,
+        in_flight=settings.sink_in_flight,
+        job_timeout=settings.job_timeout,
+    )
 
 
 def replication_config(settings: Settings) -> ReplicationConfig:

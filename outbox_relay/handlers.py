@@ -48,6 +48,30 @@ from outbox_relay.exceptions import PluginError, UnknownKindError
 logger = logging.getLogger(__name__)
 
 Handler = Callable[[Connection, OutboxEvent], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """A route's work done OUTSIDE any database transaction: deliver the event to another system
+    (a sink) within ``seconds`` and return once that system has acknowledged it.
+
+    The worker claims the row first (a short transaction writing a token and a
+    deadline), calls ``deliver`` with no transaction open, then finishes the row in
+    another short transaction that lands only while its claim holds (contract
+    section 5.9). ``deliver`` raises :class:`~outbox_relay.exceptions.PermanentError`,
+    :class:`~outbox_relay.exceptions.TransientError`, or :class:`PutOff` when it
+    could not even start in time (the row runs again at once, the attempt not counted).
+    """
+
+    deliver: Callable[[OutboxEvent, float], Awaitable[None]]
+
+
+class PutOff(Exception):
+    """A delivery that did not start before its deadline: run the row again, uncounted."""
+
+
+#: What a kind resolves to: a handler in the row's transaction, or a delivery outside any.
+Work = Handler | Delivery
 #: A plugin's start/stop hook: called once per worker process, entered before the first job.
 Lifespan = Callable[[], AbstractAsyncContextManager[object]]
 
@@ -105,7 +129,7 @@ class HandlerRegistry:
         self._handlers: dict[str, Handler] = {}
         self._fast_paths: dict[str, FastPath] = {}
         self._plugins: dict[str, Plugin] = {}
-        self._routes: list[tuple[str, Handler]] = []
+        self._routes: list[tuple[str, Work]] = []
         self._settings: dict[str, SettingsBase] = {}
 
     def register(self, kind: str) -> Callable[[Handler], Handler]:
@@ -133,12 +157,12 @@ class HandlerRegistry:
             raise PluginError(f"a handler for kind {kind!r} is already registered")
         self._handlers[kind] = handler
 
-    def route(self, pattern: str, handler: Handler) -> None:
-        """Make ``handler`` the one for every kind matching the shell ``pattern`` that has
-        no handler of its own; earlier routes win over later ones."""
+    def route(self, pattern: str, handler: Work) -> None:
+        """Make ``handler`` (or a :class:`Delivery`) the one for every kind matching the shell
+        ``pattern`` that has no handler of its own; earlier routes win over later ones."""
         self._routes.append((pattern, handler))
 
-    def get(self, kind: str) -> Handler:
+    def get(self, kind: str) -> Work:
         """The handler of ``kind``, else the first route matching it; :class:`UnknownKindError`
         (permanent) when neither."""
         handler = self._handlers.get(kind)

@@ -89,18 +89,22 @@ SELECT id, kind, commit_to_finish FROM finished;
 -- name: fail_row
 -- The attempt also joins the failure history: the last 10 failed attempts,
 -- oldest first (`$[last - 9 to last]` keeps at most ten, fewer as they are).
+-- A claimed row ($3: its claim token, NULL for a row applied in a transaction) is
+-- failed only while its claim is still this worker's, and its claim goes.
 UPDATE outbox_relay.outbox
    SET status = 'failed', attempts = attempts + 1, last_error = $2, finished_at = now(),
        errors = jsonb_path_query_array(
            errors || jsonb_build_array(jsonb_build_object(
                'at', now(), 'attempt', attempts + 1, 'error', $2::text)),
-           '$[last - 9 to last]')
- WHERE id = $1 AND status IN ('new', 'queued')
+           '$[last - 9 to last]'),
+       claim_token = NULL, claimed_until = NULL
+ WHERE id = $1 AND status IN ('new', 'queued') AND ($3::bigint IS NULL OR claim_token = $3)
 RETURNING kind;
 
 -- name: record_transient_failure
 -- Counts the attempt; the row turns failed once it has had $3 (MAX_ATTEMPTS).
--- Each attempt joins the failure history, as in fail_row.
+-- Each attempt joins the failure history, as in fail_row; a claimed row ($4, as
+-- there) only while its claim is this worker's, and the claim goes.
 UPDATE outbox_relay.outbox
    SET attempts    = attempts + 1,
        last_error  = $2,
@@ -109,8 +113,9 @@ UPDATE outbox_relay.outbox
        errors      = jsonb_path_query_array(
            errors || jsonb_build_array(jsonb_build_object(
                'at', now(), 'attempt', attempts + 1, 'error', $2::text)),
-           '$[last - 9 to last]')
- WHERE id = $1 AND status IN ('new', 'queued')
+           '$[last - 9 to last]'),
+       claim_token = NULL, claimed_until = NULL
+ WHERE id = $1 AND status IN ('new', 'queued') AND ($4::bigint IS NULL OR claim_token = $4)
 RETURNING status, attempts, kind;
 
 -- name: status_counts
@@ -398,3 +403,54 @@ UPDATE outbox_relay.outbox AS o
   FROM target AS t
  WHERE o.id = t.id
 RETURNING o.correlation_id;
+
+-- name: kinds_of
+-- The kind of each row (no lock): which rows a handler applies in a transaction and
+-- which a sink delivers outside one.
+SELECT id, kind FROM outbox_relay.outbox WHERE id = ANY($1::bigint[]);
+
+-- name: claim_deliveries
+-- Claim rows to deliver: a fresh token and a deadline ($2 seconds), for every row
+-- still pending whose earlier claim (if any) has expired. A short transaction of
+-- its own: nothing stays locked while the sink is called.
+UPDATE outbox_relay.outbox
+   SET claim_token = nextval('outbox_relay.claim_tokens'),
+       claimed_until = clock_timestamp() + make_interval(secs => $2)
+ WHERE id = ANY($1::bigint[])
+   AND status IN ('new', 'queued')
+   AND (claimed_until IS NULL OR claimed_until < clock_timestamp())
+RETURNING id, correlation_id, kind, outcome, payload, created_at, status, attempts, generation,
+          claim_token;
+
+-- name: unclaimed_states
+-- Why rows were not claimed: gone, ended, or claimed by another worker until when.
+SELECT id, kind, status,
+       extract(epoch FROM claimed_until - clock_timestamp())::float8 AS claimed_for
+  FROM outbox_relay.outbox
+ WHERE id = ANY($1::bigint[]);
+
+-- name: finish_claimed
+-- Finish delivered rows whose claim is still theirs (the token unchanged): a row
+-- another worker has claimed since is left to it.
+UPDATE outbox_relay.outbox AS o
+   SET {finished_columns}, claim_token = NULL, claimed_until = NULL
+  FROM unnest($1::bigint[], $2::bigint[]) AS c(id, token)
+ WHERE o.id = c.id AND o.claim_token = c.token AND o.status IN ('new', 'queued')
+RETURNING o.id, o.kind, extract(epoch FROM o.finished_at - o.created_at)::float8 AS commit_to_finish;
+
+-- name: release_claim
+-- Give a claimed row back untouched (put off, or handed back to another worker).
+UPDATE outbox_relay.outbox SET claim_token = NULL, claimed_until = NULL
+ WHERE id = $1 AND claim_token = $2;
+
+-- name: heartbeat_worker
+INSERT INTO outbox_relay.workers (worker, routes, kinds, seen_at)
+VALUES ($1, $2::text[], $3::text[], now())
+ON CONFLICT (worker) DO UPDATE SET routes = excluded.routes, kinds = excluded.kinds, seen_at = now();
+
+-- name: forget_worker
+DELETE FROM outbox_relay.workers WHERE worker = $1;
+
+-- name: live_worker_routes
+-- What the workers seen within $1 seconds route (their ROUTES patterns and their kinds).
+SELECT worker, routes, kinds FROM outbox_relay.workers WHERE seen_at > now() - make_interval(secs => $1);

@@ -9,7 +9,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-from outbox_relay.exceptions import UnavailableError
+from outbox_relay.exceptions import MigrationError, UnavailableError
 from outbox_relay.lifecycle import stopped_within
 from outbox_relay.logs import describe
 
@@ -52,6 +52,8 @@ def is_denied(exc: BaseException) -> bool:
 
 def why_failed(exc: BaseException, what: str) -> str:
     """``permission denied for <what>`` or ``cannot reach <what>``, as the error says."""
+    if isinstance(exc, MigrationError):  # reached, but its schema is behind this code
+        return f"{what} needs `outbox-relay migrate`"
     return f"permission denied for {what}" if is_denied(exc) else f"cannot reach {what}"
 
 

@@ -32,15 +32,20 @@ GRANT SELECT, UPDATE ON outbox_relay.relay_lease TO outbox_relay_relay;
 -- worker (`worker`): claims a row and records its outcome.
 GRANT USAGE ON SCHEMA outbox_relay TO outbox_relay_worker;
 GRANT SELECT ON outbox_relay.outbox, outbox_relay.schema_migrations TO outbox_relay_worker;
-GRANT UPDATE (status, attempts, last_error, finished_at, errors) ON outbox_relay.outbox TO outbox_relay_worker;
+GRANT UPDATE (status, attempts, last_error, finished_at, errors, claim_token, claimed_until)
+    ON outbox_relay.outbox TO outbox_relay_worker;
+-- deliveries outside transactions: claim tokens, and the live workers' routes
+GRANT USAGE ON SEQUENCE outbox_relay.claim_tokens TO outbox_relay_worker;
+GRANT SELECT, INSERT, UPDATE, DELETE ON outbox_relay.workers TO outbox_relay_worker;
+GRANT SELECT ON outbox_relay.workers TO outbox_relay_relay;
 
 -- operator (`status`, `requeue`, `prune`, `doctor`).
 GRANT USAGE ON SCHEMA outbox_relay TO outbox_relay_operator;
 GRANT SELECT, DELETE ON outbox_relay.outbox TO outbox_relay_operator;
 GRANT UPDATE (status, attempts, last_error, queued_at, finished_at, generation)
     ON outbox_relay.outbox TO outbox_relay_operator;
-GRANT SELECT ON outbox_relay.schema_migrations, outbox_relay.replication_slots, outbox_relay.relay_lease
-    TO outbox_relay_operator;
+GRANT SELECT ON outbox_relay.schema_migrations, outbox_relay.replication_slots, outbox_relay.relay_lease,
+    outbox_relay.workers TO outbox_relay_operator;
 GRANT pg_monitor TO outbox_relay_operator;  -- doctor: subscription and replication statistics
 
 -- subscriber (`subscribe`, `unsubscribe` on this side). PostgreSQL 16 and later:
@@ -69,7 +74,7 @@ GRANT USAGE ON SCHEMA ledger TO outbox_relay_worker;
 GRANT SELECT, UPDATE ON ledger.reservations, ledger.accounts TO outbox_relay_worker;
 
 -- ---------------------------------------------------------------------------
--- Sinks (only where ROUTES is set, so the `sinks` migration set made the schema).
+-- Sinks (the `sinks` migration set, applied by every `migrate`).
 -- ---------------------------------------------------------------------------
 DO $$
 BEGIN

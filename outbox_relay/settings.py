@@ -72,7 +72,7 @@ class Settings(SettingsBase):
         10.0,
         le=HOUR,
         description="time one handler attempt may take (seconds); a killed worker's job "
-        "is run again by another worker after job_timeout + 15 s",
+        "is run again by another worker after job_timeout + 6 s",
     )
     retry_backoff: float = seconds(
         1.0, le=DAY, description="first delay before a transient retry (seconds), doubling"
@@ -105,6 +105,12 @@ class Settings(SettingsBase):
         le=4.0,
         description="longest time an idle worker blocks on the relay's wake-up before it looks "
         "at the queue again (seconds)",
+    )
+    sink_in_flight: int = count(
+        64,
+        le=10_000,
+        description="deliveries one worker keeps in flight per sink at most (their acknowledgements "
+        "awaited together)",
     )
     max_queue_depth: int = count(
         20_000,

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Protocol, TypeVar
 
 from outbox_relay.config import SettingsBase
-from outbox_relay.db import Connection, Pool, create_pool
+from outbox_relay.db import Pool, create_pool
 from outbox_relay.events import OutboxEvent
 from outbox_relay.exceptions import (
     OutboxRelayError,
@@ -37,7 +37,7 @@ from outbox_relay.exceptions import (
     SettingsError,
     TransientError,
 )
-from outbox_relay.handlers import Handler, HandlerRegistry, Plugin
+from outbox_relay.handlers import Delivery, HandlerRegistry, Plugin, PutOff
 from outbox_relay.logs import describe
 from outbox_relay.sinks.routes import Route, sinks_named
 from outbox_relay.sql import QueryFile
@@ -46,8 +46,11 @@ logger = logging.getLogger(__name__)
 
 query = QueryFile(Path(__file__).resolve().parent / "queries.sql")
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
-#: The plugin that :func:`enable_routes` adds: the deliveries table and the sinks' lifespan.
+#: The sinks' own plugin, installed with the package (an entry point): the deliveries table,
+#: applied by every `migrate` whatever ROUTES says, so that routing is a setting of `worker` alone.
 ROUTES_PLUGIN = "sinks"
+#: The plugin :func:`enable_routes` adds to a worker: the routed sinks' connections (its lifespan).
+LIFESPAN_PLUGIN = "routed_sinks"
 
 S = TypeVar("S", bound=SettingsBase)
 
@@ -76,6 +79,10 @@ class SinkContext:
     database_url: str = field(repr=False)
     concurrency: int
     settings: SettingsBase | None = None
+    #: Deliveries in flight per sink per worker at most (SINK_IN_FLIGHT): size pools by it.
+    in_flight: int = 64
+    #: Time one job may take (JOB_TIMEOUT): a request timeout above it is a settings error.
+    job_timeout: float = 10.0
 
     def own_settings(self, cls: type[S]) -> S:
         """The plugin's settings as ``cls`` (what the plugin declared)."""
@@ -91,6 +98,10 @@ class Routing:
     routes: tuple[Route, ...]
     database_url: str = field(repr=False)
     concurrency: int
+    #: Deliveries in flight per sink per worker at most (SINK_IN_FLIGHT).
+    in_flight: int = 64
+    #: Time one job may take (JOB_TIMEOUT): a sink's own request timeout must fit in it.
+    job_timeout: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -121,27 +132,33 @@ def delivery_id(event: OutboxEvent) -> str:
 
 
 class SinkRouter:
-    """The handlers of the routes, and the connections they share in one worker process."""
+    """The deliveries of the routes, and what their sinks share in one worker process: the
+    sinks' connections, at most ``in_flight`` deliveries in flight per sink, and the small pool
+    that records which sinks of a route have acknowledged."""
 
-    def __init__(self, database_url: str) -> None:
+    def __init__(self, database_url: str, in_flight: int = 64) -> None:
         self._database_url = database_url
+        self._in_flight = in_flight
         self._sinks: dict[str, Sink] = {}
+        self._slots: dict[str, asyncio.Semaphore] = {}
         self._progress: Pool | None = None
 
     def add_sink(self, sink: Sink) -> None:
         """Use ``sink`` (opened by :meth:`lifespan`)."""
         self._sinks[sink.name] = sink
+        self._slots[sink.name] = asyncio.Semaphore(self._in_flight)
 
-    def handler(self, names: Sequence[str]) -> Handler:
-        """The handler that delivers to the sinks ``names``."""
+    def delivery(self, names: Sequence[str]) -> Delivery:
+        """What delivers to the sinks ``names``, outside any transaction."""
         sinks = tuple(self._sinks[name] for name in names)
-        if len(sinks) == 1:
-            return _single(sinks[0])
 
-        async def deliver_to_all(conn: Connection, event: OutboxEvent) -> None:
-            await self._deliver_to_all(conn, event, sinks)
+        async def deliver(event: OutboxEvent, seconds: float) -> None:
+            if len(sinks) == 1:
+                await self._deliver(sinks[0], event, seconds)
+            else:
+                await self._deliver_to_all(event, sinks, seconds)
 
-        return deliver_to_all
+        return Delivery(deliver)
 
     @asynccontextmanager
     async def lifespan(self) -> AsyncIterator[None]:
@@ -150,7 +167,7 @@ class SinkRouter:
             for sink in self._sinks.values():
                 await stack.enter_async_context(sink.lifespan())
             self._progress = await create_pool(
-                self._database_url, max_size=2, application_name="outbox_relay.sinks"
+                self._database_url, max_size=4, application_name="outbox_relay.sinks"
             )
             try:
                 yield
@@ -161,12 +178,34 @@ class SinkRouter:
                 except Exception:
                     pool.terminate()
 
-    async def _deliver_to_all(self, conn: Connection, event: OutboxEvent, sinks: tuple[Sink, ...]) -> None:
-        done = {r["sink"] for r in await conn.fetch(query("delivered_sinks"), event.id)}
+    async def _deliver(self, sink: Sink, event: OutboxEvent, seconds: float) -> None:
+        """One delivery to ``sink``, within ``seconds``: in one of its in-flight slots (a delivery
+        that gets none in time did not start: :class:`PutOff`), cut at the deadline naming it."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        slots = self._slots[sink.name]
+        try:
+            async with asyncio.timeout(seconds):
+                await slots.acquire()
+        except TimeoutError:
+            raise PutOff(f"{sink.name}: no delivery slot free in {seconds:g} s") from None
+        try:
+            left = deadline - loop.time()
+            try:
+                async with asyncio.timeout(left):
+                    await sink.deliver(event, event_json(event), delivery_id(event))
+            except TimeoutError:
+                raise TransientError(
+                    f"{sink.name}: no acknowledgement within {seconds:g} s (JOB_TIMEOUT)"
+                ) from None
+        finally:
+            slots.release()
+
+    async def _deliver_to_all(self, event: OutboxEvent, sinks: tuple[Sink, ...], seconds: float) -> None:
+        done = await self._delivered(event)
         pending = [sink for sink in sinks if sink.name not in done]
-        body, did = event_json(event), delivery_id(event)
         results = await asyncio.gather(
-            *(sink.deliver(event, body, did) for sink in pending), return_exceptions=True
+            *(self._deliver(sink, event, seconds) for sink in pending), return_exceptions=True
         )
         delivered = [sink.name for sink, result in zip(pending, results, strict=True) if result is None]
         failed = [
@@ -174,18 +213,25 @@ class SinkRouter:
             for sink, result in zip(pending, results, strict=True)
             if isinstance(result, BaseException)
         ]
+        if delivered:  # the next attempt (a retry, a requeue) delivers only to the others
+            await self._record_delivered(event, delivered)
         if not failed:
-            await conn.execute(query("record_deliveries"), event.id, delivered)
             return
         for _, result in failed:
             if not isinstance(result, Exception):  # CancelledError and the like: not ours to keep
                 raise result
-        if delivered:
-            await self._record_partial(event, delivered)
+        if all(isinstance(result, PutOff) for _, result in failed) and not delivered:
+            raise failed[0][1]
         raise _combined(failed)
 
-    async def _record_partial(self, event: OutboxEvent, delivered: list[str]) -> None:
-        """Record the sinks that acknowledged, outside the row's transaction (which rolls back)."""
+    async def _delivered(self, event: OutboxEvent) -> set[str]:
+        """The sinks that acknowledged this row in an earlier, partly failed attempt."""
+        if self._progress is None:
+            raise TransientError("the sinks are not open (worker starting or stopping)")
+        return {r["sink"] for r in await self._progress.fetch(query("delivered_sinks"), event.id)}
+
+    async def _record_delivered(self, event: OutboxEvent, delivered: list[str]) -> None:
+        """Record the sinks that acknowledged, so that a retry delivers only to the others."""
         if self._progress is None:
             return
         try:
@@ -195,13 +241,6 @@ class SinkRouter:
                 "could not record partial delivery",
                 extra={"row_id": event.id, "sinks": ",".join(delivered), "error": describe(exc)},
             )
-
-
-def _single(sink: Sink) -> Handler:
-    async def deliver(conn: Connection, event: OutboxEvent) -> None:
-        await sink.deliver(event, event_json(event), delivery_id(event))
-
-    return deliver
 
 
 def _combined(failed: list[tuple[str, BaseException]]) -> OutboxRelayError:
@@ -226,7 +265,7 @@ def enable_routes(registry: HandlerRegistry, routing: Routing, *, variable: str 
     if not routing.routes:
         return
     available = {p.name: p for p in registry.plugins() if isinstance(p, SinkPlugin)}
-    router = SinkRouter(routing.database_url)
+    router = SinkRouter(routing.database_url, routing.in_flight)
     for name in sinks_named(routing.routes):
         plugin = available.get(name)
         if plugin is None:
@@ -237,6 +276,8 @@ def enable_routes(registry: HandlerRegistry, routing: Routing, *, variable: str 
             database_url=routing.database_url,
             concurrency=routing.concurrency,
             settings=registry.settings_of(name),
+            in_flight=routing.in_flight,
+            job_timeout=routing.job_timeout,
         )
         try:
             router.add_sink(plugin.make(context))
@@ -245,14 +286,15 @@ def enable_routes(registry: HandlerRegistry, routing: Routing, *, variable: str 
                 variable, f"sink {name!r} needs the extra outbox-relay[{name}] ({exc.name} is missing)"
             ) from None
     for route in routing.routes:
-        registry.route(route.pattern, router.handler(route.sinks))
+        registry.route(route.pattern, router.delivery(route.sinks))
     try:
-        registry.add_plugin(
-            Plugin(ROUTES_PLUGIN, handlers={}, migrations=MIGRATIONS, lifespan=router.lifespan)
-        )
+        registry.add_plugin(Plugin(LIFESPAN_PLUGIN, handlers={}, lifespan=router.lifespan))
     except PluginError as exc:
         raise SettingsError(variable, str(exc)) from None
 
+
+#: The entry point of the sinks' schema (migration set ``sinks``).
+plugin = Plugin(ROUTES_PLUGIN, handlers={}, migrations=MIGRATIONS)
 
 __all__ = [
     "Route",

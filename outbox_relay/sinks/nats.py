@@ -88,9 +88,20 @@ class NatsConfig:
         )
 
 
+#: Longest subject published (bytes): far below the server's control-line limit (4 KiB by default),
+#: whose breach would close the connection every delivery of this worker shares.
+MAX_SUBJECT_BYTES = 1024
+#: Bytes of the headers block besides the delivery id ("NATS/1.0", "Nats-Msg-Id: ", line ends).
+HEADER_OVERHEAD = 64
+
+
 def subject_for(prefix: str, kind: str) -> str:
     """The subject of an event of ``kind``; a kind that cannot be one is a :class:`PermanentError`."""
     subject = prefix + kind
+    if len(subject.encode()) > MAX_SUBJECT_BYTES:
+        raise PermanentError(
+            f"kind of {len(kind)} characters makes a NATS subject over {MAX_SUBJECT_BYTES} bytes"
+        )
     tokens = subject.split(".")
     if not all(t and t.isprintable() and not any(c.isspace() or c in "*>" for c in t) for t in tokens):
         raise PermanentError(
@@ -164,6 +175,11 @@ class NatsSink:
 
         subject = subject_for(self.config.subject_prefix, event.kind)
         js = await self._jetstream()
+        limit = self._client.max_payload if self._client is not None else 0
+        if limit and len(body) + len(delivery_id) + HEADER_OVERHEAD > limit:
+            raise PermanentError(
+                f"event of {len(body)} bytes is over the NATS server's max_payload ({limit} bytes)"
+            )
         try:
             ack = await js.publish(
                 subject, body, timeout=self.config.timeout, headers={"Nats-Msg-Id": delivery_id}

@@ -31,6 +31,7 @@ from outbox_relay.events import OutboxEvent
 from outbox_relay.exceptions import PermanentError, SettingsError, TransientError
 from outbox_relay.logs import describe
 from outbox_relay.sinks import SinkContext, SinkPlugin
+from outbox_relay.terminal import escape_controls
 
 if TYPE_CHECKING:
     import aiohttp
@@ -41,6 +42,11 @@ NAME = "webhook"
 #: The longest Retry-After honoured (seconds): a longer one is cut to this.
 MAX_RETRY_AFTER = HOUR
 TRANSIENT_STATUSES = frozenset({408, 429})
+#: Bytes of an answer's body read at most (the body says nothing the status does not).
+MAX_RESPONSE_BODY = 64 * 1024
+#: Longest response header line or field accepted (bytes), and the most of a Location kept.
+MAX_HEADER_LINE = 16 * 1024
+MAX_LOCATION = 500
 
 
 class WebhookSettings(SettingsBase):
@@ -83,6 +89,12 @@ class WebhookConfig:
     def from_context(cls, context: SinkContext) -> WebhookConfig:
         """The sink's config; its URL and secret are required once a route names it."""
         settings = context.own_settings(WebhookSettings)
+        if settings.timeout > context.job_timeout:
+            raise SettingsError(
+                settings.env_name("timeout"),
+                f"must not exceed OUTBOX_RELAY_JOB_TIMEOUT ({context.job_timeout:g} s): a request "
+                "cut by the job's deadline may already have been accepted",
+            )
         if settings.url is None:
             raise SettingsError(settings.env_name("url"), "is required when a route names the webhook sink")
         if settings.secret is None:
@@ -93,7 +105,7 @@ class WebhookConfig:
             url=settings.url.get_secret_value(),
             secret=settings.secret.get_secret_value(),
             timeout=settings.timeout,
-            connections=context.concurrency,
+            connections=context.in_flight,
         )
 
 
@@ -137,9 +149,11 @@ class WebhookSink:
         """Open the connection pool; close it on exit."""
         import aiohttp
 
-        session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=self.config.connections),
+        session = aiohttp.ClientSession(  # keep-alive connections, one pool per worker process
+            connector=aiohttp.TCPConnector(limit=self.config.connections, enable_cleanup_closed=True),
             timeout=aiohttp.ClientTimeout(total=self.config.timeout),
+            max_line_size=MAX_HEADER_LINE,
+            max_field_size=MAX_HEADER_LINE,
         )
         self._session = session
         try:
@@ -170,17 +184,38 @@ class WebhookSink:
             ) as response:
                 status = response.status
                 wait = retry_after(response.headers.get("Retry-After"))
-                await response.read()  # the connection goes back to the pool
+                location = response.headers.get("Location")
+                await _drain(response)  # read (a bounded part of) the body
         except TimeoutError:
             raise TransientError(f"webhook timed out after {self.config.timeout:g} s") from None
         except aiohttp.ClientError as exc:
             raise TransientError(f"webhook unreachable: {describe(exc)}") from None
-        if 200 <= status < 300:
+        _judge(status, wait, location)
+
+
+async def _drain(response: aiohttp.ClientResponse) -> None:
+    """Read at most MAX_RESPONSE_BODY bytes of the answer: a small body returns the connection to
+    the pool; a larger one is not read whole (the connection is closed instead)."""
+    read = 0
+    async for chunk in response.content.iter_chunked(64 * 1024):
+        read += len(chunk)
+        if read > MAX_RESPONSE_BODY:
+            response.close()
             return
-        if status in TRANSIENT_STATUSES or status >= 500:
-            suffix = f" (Retry-After {wait:g} s)" if wait is not None else ""
-            raise TransientError(f"webhook answered {status}{suffix}", retry_after=wait)
-        raise PermanentError(f"webhook answered {status}")
+
+
+def _judge(status: int, wait: float | None, location: str | None) -> None:
+    """2xx returns; 408, 429 and 5xx are transient (Retry-After honoured); a redirect is permanent
+    naming where it points (the sink reaches only the address the operator set); others permanent."""
+    if 200 <= status < 300:
+        return
+    if status in TRANSIENT_STATUSES or status >= 500:
+        suffix = f" (Retry-After {wait:g} s)" if wait is not None else ""
+        raise TransientError(f"webhook answered {status}{suffix}", retry_after=wait)
+    if 300 <= status < 400:
+        where = escape_controls(location[:MAX_LOCATION]) if location else "no Location"
+        raise PermanentError(f"webhook answered {status} redirecting to {where} (redirects are not followed)")
+    raise PermanentError(f"webhook answered {status}")
 
 
 def _make(context: SinkContext) -> WebhookSink:

@@ -30,11 +30,12 @@ from dataclasses import dataclass, field
 from outbox_relay.db import Pool
 from outbox_relay.events import OutboxEvent
 from outbox_relay.exceptions import PermanentError, TransientError
-from outbox_relay.handlers import HandlerRegistry
+from outbox_relay.handlers import Delivery, HandlerRegistry
 from outbox_relay.logs import describe
 from outbox_relay.queue import Job, Outcome
 from outbox_relay.retry import is_denied
 from outbox_relay.sql import query, render
+from outbox_relay.worker.deliveries import Deliveries
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +84,8 @@ class RowProcessor:
         self._unrecorded = 0
         self._unrecorded_logged_at = -1e9
         self._coalescer = _Coalescer(self._run_fast_path)
+        #: Rows routed to sinks: claimed, delivered outside any transaction, finished (None: no routes).
+        self._deliveries = Deliveries(pool, registry, self.record_failure)
 
     async def __call__(self, jobs: Sequence[Job]) -> list[Outcome]:
         """The job function of the queue port (:data:`outbox_relay.queue.JobFunction`): the one
@@ -90,7 +93,8 @@ class RowProcessor:
         return await self.process_batch(jobs)
 
     async def process_batch(self, jobs: Sequence[Job]) -> list[Outcome]:
-        """Apply a batch: one fast-path statement for all, then the general path row by row."""
+        """Apply a batch: one fast-path statement for all, then the deliveries (outside any
+        transaction, all at once), then the general path row by row."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.job_timeout
         finished: dict[int, Outcome] = {}
@@ -103,6 +107,9 @@ class RowProcessor:
                     "batch fast path failed; rows one by one",
                     extra={"rows": len(jobs), "error": describe(exc)},
                 )
+        rest = [job for job in jobs if job.row_id not in finished]
+        if rest:
+            finished.update(await self._deliveries.run(rest, deadline))
         outcomes: dict[int, Outcome] = {}
         for job in sorted(jobs, key=lambda j: j.row_id):
             if job.row_id in finished:
@@ -134,7 +141,7 @@ class RowProcessor:
             error, permanent, retry_after = str(exc), False, exc.retry_after
         except Exception as exc:  # transient: database, timeouts, handler bugs
             error, permanent = describe(exc), False
-        return await self._record_failure(
+        return await self.record_failure(
             row_id, delivery, error, permanent=permanent, retry_after=retry_after
         )
 
@@ -160,25 +167,35 @@ class RowProcessor:
                 return Outcome("duplicate", kind=row["kind"])
             event = OutboxEvent.from_row(row)
             handler = self.registry.get(event.kind)
+            if isinstance(handler, Delivery):  # a route added while the job ran: deliver it next time
+                raise TransientError(f"kind {event.kind!r} is delivered outside a transaction; retrying")
             await handler(conn, event)
             done = await conn.fetchrow(self._finish_row, row_id)
         assert done is not None
         return Outcome("finished", kind=done["kind"], commit_to_finish=done["commit_to_finish"])
 
-    async def _record_failure(
-        self, row_id: int, delivery: int, error: str, *, permanent: bool, retry_after: float | None = None
+    async def record_failure(
+        self,
+        row_id: int,
+        delivery: int,
+        error: str,
+        *,
+        permanent: bool,
+        retry_after: float | None = None,
+        token: int | None = None,
     ) -> Outcome:
+        """Record a failed attempt (a claimed row's only while ``token`` is still its claim)."""
         try:
             async with asyncio.timeout(self.config.job_timeout):
                 if permanent:
-                    kind = await self.pool.fetchval(query("fail_row"), row_id, error)
+                    kind = await self.pool.fetchval(query("fail_row"), row_id, error, token)
                     logger.warning(
                         "row failed permanently",
                         extra={"event": "row_failed", "row_id": row_id, "error": error},
                     )
                     return Outcome("failed", kind=kind)
                 row = await self.pool.fetchrow(
-                    query("record_transient_failure"), row_id, error, self.config.max_attempts
+                    query("record_transient_failure"), row_id, error, self.config.max_attempts, token
                 )
         except Exception as exc:
             return self._unrecordable(row_id, delivery, error, exc)

@@ -300,7 +300,7 @@ async def test_rows_finish_when_a_worker_is_sigkilled_mid_load(env: OutboxEnv, s
         )
     finally:
         await conn.close()
-    # JOB_TIMEOUT=1: arq's in-progress key of a killed worker's job expires after 1 + 15 s.
+    # JOB_TIMEOUT=1: the in-progress key of a killed worker's job expires after 1 + 6 s.
     # MAX_ATTEMPTS=20: the rows held up by the test's lock below may time out once or twice.
     cli = cli_env(env.env(job_timeout="1", max_attempts="20"))
     relay, victim, survivor = await services.start_fleet(cli, workers=("worker-a", "worker-b"))

@@ -114,14 +114,15 @@ async def test_migrate_refuses_a_database_with_a_version_this_code_does_not_know
 
 
 async def test_service_triggers_are_enabled_as_documented(service: Any) -> None:
-    """outbox_notify fires always (also for replicated rows), outbox_skip_known only for replicated rows."""
+    """outbox_notify fires always (also for replicated rows), outbox_skip_known only for replicated rows;
+    the sinks' set (applied by every `migrate`) forgets pruned rows' deliveries."""
     enabled = dict(
         await service.fetch(
             "SELECT tgname, tgenabled::text FROM pg_trigger"
             " WHERE tgrelid = 'outbox_relay.outbox'::regclass AND NOT tgisinternal"
         )
     )
-    assert enabled == {"outbox_notify": "A", "outbox_skip_known": "R"}
+    assert enabled == {"outbox_notify": "A", "outbox_skip_known": "R", "outbox_sinks_forget_pruned": "O"}
 
 
 async def test_primary_publication_publishes_inserts_only(primary: Any) -> None:

@@ -16,7 +16,7 @@ from outbox_relay.devtools.nats_server import EmbeddedNats
 from outbox_relay.handlers import HandlerRegistry
 from outbox_relay.settings import Settings
 from tests.conftest import OutboxEnv
-from tests.helpers import Services, cli_env, count_status, running_relay, running_worker, wait_until
+from tests.helpers import Services, cli_env, count_status, equals, running_relay, running_worker, wait_until
 from tests.integration.sinks_support import (
     insert_events,
     make_stream,
@@ -175,3 +175,38 @@ async def test_a_worker_sigkilled_mid_stream_leaves_exactly_n_messages(
 
 async def _at_least(url: str, stream: str, n: int) -> bool:
     return await stream_messages(url, stream) >= n
+
+
+async def test_an_event_over_max_payload_and_a_huge_kind_fail_at_once_and_others_flow(
+    outbox_env: OutboxEnv, service: Any, nats_server: EmbeddedNats, prefix: str
+) -> None:
+    """A 5 MB payload (over the server's 1 MB max_payload) and a 5,000-character kind (over its
+    control-line limit) fail permanently on their first attempt, saying why; the connection the
+    worker shares is not dropped: 50 ordinary rows beside them all reach the stream."""
+    stream = await make_stream(nats_server.url, [f"{prefix}>"])
+    settings, registry = nats_settings(outbox_env, nats_server, prefix, routes="ev.*=nats")
+    await service.execute(
+        "INSERT INTO outbox_relay.outbox (correlation_id, kind, outcome, payload)"
+        " VALUES ('big', 'ev.big', 'success', jsonb_build_object('blob', repeat('x', 5000000))),"
+        " ('long', 'ev.' || repeat('k', 5000), 'success', '{}')"
+    )
+    cids = await insert_events(service, "ok", 50)
+    async with running_worker(settings, registry), running_relay(settings):
+        await wait_until(
+            lambda: equals(count_status(service, "finished", "failed"), 52),
+            timeout=60,
+            message="52 rows ended",
+        )
+    failed = {
+        r["correlation_id"]: r
+        for r in await service.fetch(
+            "SELECT correlation_id, attempts, last_error FROM outbox_relay.outbox WHERE status = 'failed'"
+        )
+    }
+    assert set(failed) == {"big", "long"}
+    assert failed["big"]["attempts"] == 1
+    assert "max_payload" in failed["big"]["last_error"]
+    assert failed["long"]["attempts"] == 1
+    assert "subject over" in failed["long"]["last_error"]
+    contents = await stream_contents(nats_server.url, stream)
+    assert sorted(h["Nats-Msg-Id"] for _, h, _ in contents) == sorted(cids)

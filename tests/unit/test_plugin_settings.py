@@ -114,3 +114,16 @@ def test_shipped_sinks_keep_their_variable_names(monkeypatch: pytest.MonkeyPatch
     with pytest.raises(SettingsError) as caught:
         load(NatsSettings)
     assert caught.value.variable == "OUTBOX_RELAY_NATS_TIMEOUT"
+
+
+def test_a_webhook_timeout_above_job_timeout_is_refused_naming_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """WEBHOOK_TIMEOUT above JOB_TIMEOUT is a settings error naming OUTBOX_RELAY_WEBHOOK_TIMEOUT: a request
+    the job's deadline cuts may already have been accepted (a duplicate)."""
+    monkeypatch.setenv("OUTBOX_RELAY_WEBHOOK_URL", "http://127.0.0.1:9/hook")
+    monkeypatch.setenv("OUTBOX_RELAY_WEBHOOK_SECRET", "whsec_" + "QUJDREVGR0hJSktMTU5PUA==")
+    monkeypatch.setenv("OUTBOX_RELAY_WEBHOOK_TIMEOUT", "20")
+    settings = load_settings({"database_url": DB, "routes": "ev.*=webhook", "job_timeout": 10})
+    with pytest.raises(SettingsError) as caught:
+        plugins(settings, HandlerRegistry())
+    assert caught.value.variable == "OUTBOX_RELAY_WEBHOOK_TIMEOUT"
+    assert "JOB_TIMEOUT" in str(caught.value)

@@ -148,7 +148,11 @@ def test_ddl_queries_use_only_the_known_placeholders() -> None:
 
 
 #: Queries the worker composes from fragments before running them, and the parts they take.
-COMPOSED = {"finish_row": {"finished_columns"}, "fast_path": {"effects", "applied", "finished_columns"}}
+COMPOSED = {
+    "finish_row": {"finished_columns"},
+    "finish_claimed": {"finished_columns"},
+    "fast_path": {"effects", "applied", "finished_columns"},
+}
 
 
 def test_parameterised_queries_hold_no_format_placeholders() -> None:
