@@ -60,6 +60,11 @@ def rabbit_settings(
     return settings, routed_registry(settings, rabbitmq=rabbitmq)
 
 
+def worker_env(env: OutboxEnv, url: str, exchange: str, **extra: str) -> dict[str, str]:
+    """The environment of a `worker` routing ev.* to the rabbitmq sink."""
+    return cli_env(env.env(ROUTES="ev.*=rabbitmq", RABBITMQ_URL=url, RABBITMQ_EXCHANGE=exchange, **extra))
+
+
 async def _all_finished(service: Any, n: int) -> bool:
     return await count_status(service, "finished") == n
 
@@ -193,15 +198,7 @@ async def test_the_password_never_reaches_a_log_or_last_error(
     settings, registry = rabbit_settings(outbox_env, wrong, bound.exchange)
     await migrate_sinks(outbox_env.service_url, registry)
     await insert_events(service, "pw", 5)
-    env = cli_env(
-        outbox_env.env(
-            ROUTES="ev.*=rabbitmq",
-            RABBITMQ_URL=wrong,
-            RABBITMQ_EXCHANGE=bound.exchange,
-            LOG_LEVEL="DEBUG",
-            MAX_ATTEMPTS="100",
-        )
-    )
+    env = worker_env(outbox_env, wrong, bound.exchange, LOG_LEVEL="DEBUG", MAX_ATTEMPTS="100")
     services = Services(tmp_path)
     try:
         async with running_relay(settings):
@@ -276,15 +273,8 @@ async def test_a_worker_sigkilled_mid_stream_delivers_every_row_under_its_id(
     await migrate_sinks(outbox_env.service_url, registry)
     n = 400
     cids = await insert_events(service, "kill", n)
-    env = cli_env(
-        outbox_env.env(
-            ROUTES="ev.*=rabbitmq",
-            RABBITMQ_URL=rabbit,
-            RABBITMQ_EXCHANGE=bound.exchange,
-            JOB_TIMEOUT="2",
-            WORKER_CONCURRENCY="4",
-            LOG_LEVEL="WARNING",
-        )
+    env = worker_env(
+        outbox_env, rabbit, bound.exchange, JOB_TIMEOUT="2", WORKER_CONCURRENCY="4", LOG_LEVEL="WARNING"
     )
     services = Services(tmp_path)
     try:
