@@ -143,6 +143,8 @@ class RabbitmqSink:
         self._channel: AbstractChannel | None = None
         self._exchange: AbstractExchange | None = None
         self._opening = asyncio.Lock()
+        self._attempts = 0  # connection attempts made
+        self._last_error: TransientError | None = None  # how the last one failed
 
     @asynccontextmanager
     async def lifespan(self) -> AsyncIterator[None]:
@@ -179,11 +181,22 @@ class RabbitmqSink:
         exchange, channel = self._exchange, self._channel
         if exchange is not None and channel is not None and not channel.is_closed:
             return exchange
+        attempts = self._attempts
         async with self._opening:
             if self._connection is None or not _alive(self._connection):
+                if self._attempts != attempts and self._last_error is not None:
+                    # an attempt made while this delivery waited failed: share it (a broker away
+                    # costs each delivery one wait at most, not one per delivery queued before it)
+                    raise TransientError(str(self._last_error))
                 self._channel = self._exchange = None
                 await self._drop_connection()
-                self._connection = await self._connect()
+                self._attempts += 1
+                try:
+                    self._connection = await self._connect()
+                except TransientError as exc:
+                    self._last_error = exc
+                    raise
+                self._last_error = None
                 self._connection.close_callbacks.add(self._on_connection_closed)
                 logger.info("connected to RabbitMQ", extra={"broker": self.config.address})
             if self._channel is None or self._channel.is_closed or self._exchange is None:

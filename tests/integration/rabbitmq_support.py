@@ -158,6 +158,26 @@ async def forwarding(target: str) -> AsyncIterator[Forwarder]:
         await forwarder.close()
 
 
+@contextlib.asynccontextmanager
+async def silent() -> AsyncIterator[str]:
+    """A server on 127.0.0.1 that takes connections and never answers (a broker hung or blackholed);
+    its ``amqp://`` URL."""
+    held: list[asyncio.StreamWriter] = []
+
+    async def hold(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+
+    server = await asyncio.start_server(hold, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        yield f"amqp://guest:guest@127.0.0.1:{port}/"
+    finally:
+        server.close()
+        for writer in held:
+            writer.transport.abort()
+        await server.wait_closed()
+
+
 def message_ids(messages: Sequence[Any]) -> list[str]:
     """The ``message_id`` of each message."""
     return [str(m.message_id) for m in messages]

@@ -3,14 +3,18 @@ container); every test on an exchange and queues of its own, deleted after."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from collections.abc import AsyncIterator, Iterator
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import aio_pika
 import pytest
 
+from outbox_relay.events import OutboxEvent
+from outbox_relay.exceptions import TransientError
 from outbox_relay.handlers import HandlerRegistry
 from outbox_relay.settings import Settings
 from outbox_relay.sinks.rabbitmq import RabbitmqConfig, RabbitmqSink
@@ -24,6 +28,7 @@ from tests.integration.rabbitmq_support import (
     drain,
     forwarding,
     message_ids,
+    silent,
     topology,
     unique,
 )
@@ -32,6 +37,7 @@ from tests.servers import session_rabbitmq
 
 #: A kind of 136 characters but 269 bytes: over AMQP's 255-byte routing key.
 LONG_KIND = "ev." + "é" * 133
+NOW = datetime.now(UTC)
 
 
 @pytest.fixture(scope="module")
@@ -259,6 +265,27 @@ async def test_diagnose_reports_the_server_and_the_exchange(rabbit: str, bound: 
     assert "unreachable" in checks[0].detail
     assert checks[0].fix is not None
     assert "OUTBOX_RELAY_RABBITMQ_URL" in checks[0].fix
+
+
+async def test_deliveries_queued_behind_a_hung_connect_fail_together(bound: Topology) -> None:
+    """A broker that takes the TCP connection and never answers: 32 deliveries at once all fail
+    transiently within about one connect timeout, not one timeout after another."""
+    async with silent() as url:
+        sink = RabbitmqSink(
+            RabbitmqConfig(url=url, exchange=bound.exchange, timeout=2.0, connect_timeout=1.0)
+        )
+        event = OutboxEvent(
+            id=1, correlation_id="hung", kind="ev.created", outcome="success", payload={}, created_at=NOW
+        )
+        started = time.monotonic()
+        async with sink.lifespan():
+            results = await asyncio.gather(
+                *(sink.deliver(event, b"{}", f"hung-{i}") for i in range(32)), return_exceptions=True
+            )
+        elapsed = time.monotonic() - started
+    assert all(isinstance(r, TransientError) for r in results), results
+    assert all("unreachable" in str(r) for r in results), results
+    assert elapsed < 3.0, f"32 deliveries took {elapsed:.1f} s against a 1 s connect timeout"
 
 
 @pytest.mark.slow
