@@ -301,3 +301,76 @@ def session_redis() -> RedisServer:
     """The Redis server most tests share."""
     url = os.environ.get(REDIS_ENV)
     return ExternalRedis(url) if url else owned_redis()
+
+
+# -- RabbitMQ (the rabbitmq sink) --------------------------------------------------------------------
+
+RABBITMQ_ENV = "OUTBOX_RELAY_TEST_RABBITMQ_URL"
+RABBITMQ_IMAGE_ENV = "OUTBOX_RELAY_RABBITMQ_IMAGE"
+RABBITMQ_IMAGE_DEFAULT = "rabbitmq:3"
+#: The broker these machines (and CI) run.
+RABBITMQ_LOCAL = "amqp://guest:guest@127.0.0.1:5672/"
+
+
+class RabbitmqServer:
+    """A RabbitMQ broker for the tests: given, the machine's, or a container of ours (stopped after).
+    Shared: tests never restart it; each uses exchanges and queues of its own."""
+
+    def __init__(self, url: str, container: object | None = None) -> None:
+        self.url = url
+        self._container = container
+
+    def cleanup(self) -> None:
+        if self._container is not None:
+            self._container.stop()  # type: ignore[attr-defined]
+
+
+def amqp_answers(url: str, timeout: float = 2.0) -> bool:
+    """True when an AMQP 0-9-1 server at ``url``'s host and port answers the protocol header with a
+    method frame (Connection.Start)."""
+    parts = urlsplit(url)
+    try:
+        with socket.create_connection((parts.hostname or "localhost", parts.port or 5672), timeout) as conn:
+            conn.sendall(b"AMQP\x00\x00\x09\x01")
+            return conn.recv(1) == b"\x01"
+    except OSError:
+        return False
+
+
+def session_rabbitmq() -> RabbitmqServer | str:
+    """``OUTBOX_RELAY_TEST_RABBITMQ_URL``, else the machine's broker at 127.0.0.1:5672, else a
+    testcontainers one (image ``OUTBOX_RELAY_RABBITMQ_IMAGE``, default ``rabbitmq:3``); when none
+    answers, a one-line reason (the tests skip with it)."""
+    given = os.environ.get(RABBITMQ_ENV)
+    if given:
+        return RabbitmqServer(given) if amqp_answers(given) else f"{RABBITMQ_ENV} does not answer AMQP"
+    if amqp_answers(RABBITMQ_LOCAL):
+        return RabbitmqServer(RABBITMQ_LOCAL)
+    if not docker_available():
+        return f"no RabbitMQ: {RABBITMQ_ENV} unset, none at 127.0.0.1:5672, no Docker engine"
+    image = container_image(RABBITMQ_IMAGE_ENV, RABBITMQ_IMAGE_DEFAULT)
+    if image is None:
+        return f"no RabbitMQ: none at 127.0.0.1:5672 and image {RABBITMQ_IMAGE_ENV} cannot be had"
+    from testcontainers.core.container import DockerContainer
+
+    port = free_port()
+    # guest may connect only from loopback, which a published port is not: a user of our own
+    container = (
+        DockerContainer(image)
+        .with_bind_ports(5672, port)
+        .with_env("RABBITMQ_DEFAULT_USER", "outbox")
+        .with_env("RABBITMQ_DEFAULT_PASS", "outbox")
+    )
+    container.start()
+    url = f"amqp://outbox:outbox@127.0.0.1:{port}/"
+
+    def probe() -> None:
+        if not amqp_answers(url):
+            raise ConnectionError(f"RabbitMQ at {url} does not answer yet")
+
+    try:
+        _until_ready(probe, 90.0)
+    except ConnectionError:
+        container.stop()
+        return f"no RabbitMQ: container of {image} did not answer AMQP within 90 s"
+    return RabbitmqServer(url, container)
