@@ -28,6 +28,7 @@ import json
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, Literal
 
@@ -604,6 +605,49 @@ def _relay_holder(holder: Any) -> str:
 
 
 # -- the primary ---------------------------------------------------------------------------------
+
+
+@check(80, needs="service")
+async def _plugin_checks(ctx: DoctorContext) -> None:
+    """Each plugin's own lines (the routed sinks: servers, streams, topics, exchanges), given the
+    kinds of the newest rows."""
+    asking = [plugin for plugin in ctx.config.plugins if plugin.diagnose is not None]
+    if not asking:
+        return
+    kinds = [r["kind"] for r in await ctx.db.fetch(_SQL("recent_kinds"))]
+    for plugin in asking:
+        assert plugin.diagnose is not None
+        for line in await plugin.diagnose(kinds):
+            ctx.add(line.name, line.status, line.detail, line.fix)
+
+
+@check(81, needs="service")
+async def _unrouted_kinds(ctx: DoctorContext) -> None:
+    """Pending rows of a kind no live worker handles or routes (a worker missing a route, a
+    rolling change of ROUTES gone wrong): they fail as `unknown kind` when a worker takes them."""
+    live = await ctx.db.fetch(_SQL("live_workers"))
+    if not live:
+        return  # the workers line says there is none
+    pending = await ctx.db.fetch(_SQL("pending_kinds"))
+    handled = [(list(w["routes"]), set(w["kinds"])) for w in live]
+    unrouted = {
+        r["kind"]: r["rows"]
+        for r in pending
+        if not any(
+            r["kind"] in kinds or any(fnmatchcase(r["kind"], p) for p in routes) for routes, kinds in handled
+        )
+    }
+    if not unrouted:
+        ctx.add("routed kinds", "ok", f"every pending kind has a live worker ({len(pending)} kinds pending)")
+        return
+    shown = ", ".join(f"{kind} ({n} rows)" for kind, n in sorted(unrouted.items())[:5])
+    ctx.add(
+        "routed kinds",
+        "warn",
+        f"no live worker handles or routes {len(unrouted)} pending kind(s): {shown}",
+        "set OUTBOX_RELAY_ROUTES on the workers to route them (or install their handler); "
+        "until then they wait, and fail as `unknown kind` when a worker takes them",
+    )
 
 
 @check(110, needs="primary")

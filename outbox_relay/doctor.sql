@@ -136,3 +136,18 @@ SELECT a.pid, a.application_name::text AS application_name, a.state::text AS sta
  WHERE a.datname = current_database() AND a.backend_xmin IS NOT NULL AND a.pid <> pg_backend_pid()
  ORDER BY age(a.backend_xmin) DESC
  LIMIT 1;
+
+-- name: recent_kinds
+-- The kinds of the newest rows (a bounded look, never a scan of the whole table).
+SELECT DISTINCT kind FROM (SELECT kind FROM outbox_relay.outbox ORDER BY id DESC LIMIT 10000) AS newest
+ ORDER BY kind;
+
+-- name: pending_kinds
+-- The kinds of pending rows, with how many (the oldest 10,000 pending rows looked at).
+SELECT kind, count(*) AS rows FROM (
+    SELECT kind FROM outbox_relay.outbox WHERE status IN ('new', 'queued') ORDER BY id LIMIT 10000
+) AS pending GROUP BY kind ORDER BY kind;
+
+-- name: live_workers
+-- What the workers seen in the last 30 s route and handle (outbox_relay.workers).
+SELECT routes, kinds FROM outbox_relay.workers WHERE seen_at > now() - interval '30 seconds';

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import importlib
 import logging
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
@@ -42,6 +42,7 @@ from typing import Any
 
 from outbox_relay.config import SettingsBase, load
 from outbox_relay.db import Connection
+from outbox_relay.diagnosis import Check
 from outbox_relay.events import OutboxEvent
 from outbox_relay.exceptions import PluginError, UnknownKindError
 
@@ -72,6 +73,8 @@ class PutOff(Exception):
 
 #: What a kind resolves to: a handler in the row's transaction, or a delivery outside any.
 Work = Handler | Delivery
+#: A plugin's part of `doctor`: the kinds of the newest rows in, check lines out (reads only).
+Diagnose = Callable[[Sequence[str]], Awaitable[Sequence[Check]]]
 #: A plugin's start/stop hook: called once per worker process, entered before the first job.
 Lifespan = Callable[[], AbstractAsyncContextManager[object]]
 
@@ -113,6 +116,9 @@ class Plugin:
     #: own (``OUTBOX_RELAY_<NAME>_``), read and checked once at the edge when the plugin is loaded
     #: (:meth:`HandlerRegistry.settings_of` then gives them).
     settings: type[SettingsBase] | None = None
+    #: What `doctor` asks the plugin: given the kinds of the newest rows, its own check lines (the
+    #: routed sinks: their servers answer, the streams, topics or exchanges they need exist).
+    diagnose: Diagnose | None = None
 
     def __post_init__(self) -> None:
         if not self.name.isidentifier() or self.name in RESERVED_TARGETS:

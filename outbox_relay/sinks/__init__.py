@@ -29,6 +29,7 @@ from typing import Protocol, TypeVar
 
 from outbox_relay.config import SettingsBase
 from outbox_relay.db import Pool, create_pool
+from outbox_relay.diagnosis import Check
 from outbox_relay.events import OutboxEvent
 from outbox_relay.exceptions import (
     OutboxRelayError,
@@ -39,7 +40,7 @@ from outbox_relay.exceptions import (
 )
 from outbox_relay.handlers import Delivery, HandlerRegistry, Plugin, PutOff
 from outbox_relay.logs import describe
-from outbox_relay.sinks.routes import Route, sinks_named
+from outbox_relay.sinks.routes import Route, first_route, sinks_named
 from outbox_relay.sql import QueryFile
 
 logger = logging.getLogger(__name__)
@@ -51,6 +52,8 @@ MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 ROUTES_PLUGIN = "sinks"
 #: The plugin :func:`enable_routes` adds to a worker: the routed sinks' connections (its lifespan).
 LIFESPAN_PLUGIN = "routed_sinks"
+#: Seconds one sink's checks may take in `doctor`.
+DIAGNOSE_TIMEOUT = 10.0
 
 S = TypeVar("S", bound=SettingsBase)
 
@@ -67,6 +70,11 @@ class Sink(Protocol):
 
     async def deliver(self, event: OutboxEvent, body: bytes, delivery_id: str) -> None:
         """Deliver ``body`` (the event JSON) and return once the system has acknowledged it."""
+        ...
+
+    async def diagnose(self, kinds: Sequence[str]) -> list[Check]:
+        """`doctor`'s lines (reads only, never delivers): the server answers, and what ``kinds``
+        (routed to this sink, seen in the newest rows) need exists (a stream, topic, exchange)."""
         ...
 
 
@@ -136,9 +144,10 @@ class SinkRouter:
     sinks' connections, at most ``in_flight`` deliveries in flight per sink, and the small pool
     that records which sinks of a route have acknowledged."""
 
-    def __init__(self, database_url: str, in_flight: int = 64) -> None:
+    def __init__(self, database_url: str, in_flight: int = 64, routes: tuple[Route, ...] = ()) -> None:
         self._database_url = database_url
         self._in_flight = in_flight
+        self._routes = routes
         self._sinks: dict[str, Sink] = {}
         self._slots: dict[str, asyncio.Semaphore] = {}
         self._progress: Pool | None = None
@@ -177,6 +186,19 @@ class SinkRouter:
                     await asyncio.wait_for(pool.close(), 5.0)
                 except Exception:
                     pool.terminate()
+
+    async def diagnose(self, kinds: Sequence[str]) -> list[Check]:
+        """`doctor`'s lines for every routed sink: each is asked about the kinds among ``kinds`` (those
+        of the newest rows) that its routes take, within DIAGNOSE_TIMEOUT seconds."""
+        lines: list[Check] = []
+        for name, sink in self._sinks.items():
+            taken = [k for k in kinds if (route := first_route(self._routes, k)) and name in route.sinks]
+            try:
+                async with asyncio.timeout(DIAGNOSE_TIMEOUT):
+                    lines.extend(await sink.diagnose(taken))
+            except Exception as exc:
+                lines.append(Check(name, "fail", f"could not check the {name} sink: {describe(exc)}"))
+        return lines
 
     async def _deliver(self, sink: Sink, event: OutboxEvent, seconds: float) -> None:
         """One delivery to ``sink``, within ``seconds``: in one of its in-flight slots (a delivery
@@ -265,7 +287,7 @@ def enable_routes(registry: HandlerRegistry, routing: Routing, *, variable: str 
     if not routing.routes:
         return
     available = {p.name: p for p in registry.plugins() if isinstance(p, SinkPlugin)}
-    router = SinkRouter(routing.database_url, routing.in_flight)
+    router = SinkRouter(routing.database_url, routing.in_flight, routing.routes)
     for name in sinks_named(routing.routes):
         plugin = available.get(name)
         if plugin is None:
@@ -288,7 +310,9 @@ def enable_routes(registry: HandlerRegistry, routing: Routing, *, variable: str 
     for route in routing.routes:
         registry.route(route.pattern, router.delivery(route.sinks))
     try:
-        registry.add_plugin(Plugin(LIFESPAN_PLUGIN, handlers={}, lifespan=router.lifespan))
+        registry.add_plugin(
+            Plugin(LIFESPAN_PLUGIN, handlers={}, lifespan=router.lifespan, diagnose=router.diagnose)
+        )
     except PluginError as exc:
         raise SettingsError(variable, str(exc)) from None
 

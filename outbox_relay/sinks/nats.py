@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -25,6 +25,7 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from outbox_relay.config import HOUR, SettingsBase, check_url, seconds
+from outbox_relay.diagnosis import Check
 from outbox_relay.events import OutboxEvent
 from outbox_relay.exceptions import PermanentError, TransientError
 from outbox_relay.logs import describe
@@ -135,6 +136,51 @@ class NatsSink:
                     await asyncio.wait_for(client.close(), 5.0)
                 except Exception as exc:
                     logger.debug("closing the NATS client failed", extra={"error": describe(exc)})
+
+    async def diagnose(self, kinds: Sequence[str]) -> list[Check]:
+        """The server answers (its own client, not the deliveries'), and a JetStream stream takes
+        the subject of each of ``kinds`` (or, with none seen yet, some subject under the prefix)."""
+        import nats
+
+        try:
+            client = await nats.connect(
+                servers=list(self.config.servers),
+                connect_timeout=2.0,
+                allow_reconnect=False,
+                max_reconnect_attempts=1,
+                error_cb=_on_error,
+            )
+        except Exception as exc:
+            fix = "check OUTBOX_RELAY_NATS_URL and that nats-server (with JetStream) is up"
+            return [Check("nats", "fail", f"NATS server unreachable: {describe(exc)}", fix)]
+        try:
+            lines = [Check("nats", "ok", f"NATS server {client.connected_server_version} answers")]
+            lines.append(await self._streams(client.jetstream(timeout=self.config.timeout), kinds))
+            return lines
+        finally:
+            await client.close()
+
+    async def _streams(self, js: JetStreamContext, kinds: Sequence[str]) -> Check:
+        from nats.js.errors import NotFoundError
+
+        subjects = [subject_for(self.config.subject_prefix, k) for k in kinds] or [
+            self.config.subject_prefix + ">"
+        ]
+        missing = []
+        for subject in subjects:
+            try:
+                await js.find_stream_name_by_subject(subject)
+            except NotFoundError:
+                missing.append(subject)
+        if missing:
+            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            return Check(
+                "nats streams",
+                "fail",
+                f"no JetStream stream takes {shown}: those rows fail",
+                f"nats stream add --subjects '{self.config.subject_prefix}>' (or one per subject)",
+            )
+        return Check("nats streams", "ok", f"a stream takes each of {len(subjects)} subject(s)")
 
     async def _jetstream(self) -> JetStreamContext:
         client, js = self._client, self._js

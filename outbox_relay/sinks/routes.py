@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 
 #: A sink's name in ROUTES, and a kind pattern: no separators, no blanks.
 _SINK_RE = re.compile(r"^[a-z_][a-z0-9_]*$")
@@ -37,3 +38,8 @@ def parse_routes(text: str) -> tuple[Route, ...]:
 def sinks_named(routes: tuple[Route, ...]) -> tuple[str, ...]:
     """Every sink the routes name, once each, in order of first mention."""
     return tuple(dict.fromkeys(name for route in routes for name in route.sinks))
+
+
+def first_route(routes: tuple[Route, ...], kind: str) -> Route | None:
+    """The route ``kind`` takes (the first whose pattern matches it), if any."""
+    return next((route for route in routes if fnmatchcase(kind, route.pattern)), None)

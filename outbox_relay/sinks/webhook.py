@@ -12,21 +12,25 @@ Needs the extra ``outbox-relay[webhook]`` (aiohttp, standardwebhooks).
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import contextlib
 import logging
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, Annotated
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from outbox_relay.config import HOUR, HTTP_SCHEMES, SettingsBase, seconds, url_of
+from outbox_relay.diagnosis import Check
 from outbox_relay.events import OutboxEvent
 from outbox_relay.exceptions import PermanentError, SettingsError, TransientError
 from outbox_relay.logs import describe
@@ -47,6 +51,8 @@ MAX_RESPONSE_BODY = 64 * 1024
 #: Longest response header line or field accepted (bytes), and the most of a Location kept.
 MAX_HEADER_LINE = 16 * 1024
 MAX_LOCATION = 500
+#: Seconds `doctor` waits for the endpoint's host to accept a connection.
+DIAGNOSE_CONNECT = 3.0
 
 
 class WebhookSettings(SettingsBase):
@@ -161,6 +167,29 @@ class WebhookSink:
         finally:
             self._session = None
             await session.close()
+
+    async def diagnose(self, kinds: Sequence[str]) -> list[Check]:
+        """The endpoint's host accepts connections (only a TCP connection: `doctor` sends nothing)."""
+        parts = urlsplit(self.config.url)
+        host = parts.hostname or ""
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        where = f"{parts.scheme}://{host}:{port}"  # never the path, query or credentials
+        try:
+            async with asyncio.timeout(DIAGNOSE_CONNECT):
+                _, writer = await asyncio.open_connection(host, port)
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+        except (OSError, TimeoutError) as exc:
+            return [
+                Check(
+                    "webhook",
+                    "fail",
+                    f"{where} does not accept connections: {describe(exc)}",
+                    "check OUTBOX_RELAY_WEBHOOK_URL and that the receiver is up (rows wait and retry)",
+                )
+            ]
+        return [Check("webhook", "ok", f"{where} accepts connections")]
 
     def headers(self, body: bytes, delivery_id: str, now: datetime) -> dict[str, str]:
         """The request's headers, the Standard Webhooks ones signed over ``body``."""

@@ -5,7 +5,7 @@ Name it in HANDLER_MODULES as ``tests.plugins.echo:plugin``; a route ``ev.*=echo
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -13,6 +13,7 @@ from pydantic import Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
 from outbox_relay.config import HOUR, SettingsBase
+from outbox_relay.diagnosis import Check
 from outbox_relay.events import OutboxEvent
 from outbox_relay.sinks import SinkContext, SinkPlugin
 
@@ -41,6 +42,10 @@ class EchoSink:
     async def lifespan(self) -> AsyncIterator[None]:
         """Nothing to open."""
         yield
+
+    async def diagnose(self, kinds: Sequence[str]) -> list[Check]:
+        """One line naming the kinds it was asked about."""
+        return [Check("echo", "ok", f"asked about {', '.join(kinds) or 'no kinds'}")]
 
     async def deliver(self, event: OutboxEvent, body: bytes, delivery_id: str) -> None:
         """Remember the delivery id."""
