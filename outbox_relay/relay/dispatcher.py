@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
@@ -26,6 +27,7 @@ from outbox_relay.exceptions import QueueError, QueueUnavailable
 from outbox_relay.lifecycle import raise_if_cancelling, stopped_within
 from outbox_relay.observability.hooks import RelayHooks
 from outbox_relay.queue import HandOver, Queue
+from outbox_relay.relay import notifications
 from outbox_relay.relay.store import PendingRow
 from outbox_relay.retry import Backoff, retry
 
@@ -33,8 +35,16 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-#: Notified ids kept in memory at most; past that the relay falls back to a sweep.
+#: Notified ids kept in memory at most; past that the relay stops collecting ids (it counts
+#: each one it leaves, ``reason="pending_full"``) and falls back to a sweep.
 MAX_PENDING_IDS = 20_000
+#: The ``reason`` label of dropped notifications: a payload that is no row id (nor ``sweep``) ...
+NOT_A_ROW_ID = "not_a_row_id"
+#: ... and a row id arriving while MAX_PENDING_IDS are waiting.
+PENDING_FULL = "pending_full"
+#: While notifications naming no row arrive (a flood may hold the real ones back: the server
+#: delivers them in order), the relay sweeps at most this often (seconds) whatever SWEEP_INTERVAL.
+FLOOD_SWEEP_INTERVAL = 0.1
 #: Seconds between two looks at the queue's depth while it is full.
 FULL_QUEUE_POLL = 0.05
 #: While the workers are behind (the last hand-over found due jobs no worker had
@@ -98,6 +108,14 @@ class Dispatcher:
         self._sweep_requested = True
         self._wake = asyncio.Event()
         self._epoch: str | None = None
+        self._swept_at = -float("inf")
+        self._not_row_ids = notifications.DropLog(
+            NOT_A_ROW_ID,
+            "dropped notifications that name no row (a forged or foreign NOTIFY; the sweep finds every row)",
+        )
+        self._overflow = notifications.DropLog(
+            PENDING_FULL, f"{MAX_PENDING_IDS} notified ids waiting: later ones are left to the sweep"
+        )
 
     def restart(self) -> None:
         """A new session: notifications sent meanwhile are gone, so sweep first."""
@@ -105,12 +123,24 @@ class Dispatcher:
         self._sweep_requested = True
 
     def notified(self, payload: str) -> None:
-        """A NOTIFY payload: a row id, or anything else to ask for a sweep (`requeue` does)."""
+        """A NOTIFY payload: a row id, ``sweep`` (`requeue` sends it), or anything else: dropped
+        and counted (see :mod:`~outbox_relay.relay.notifications`); never raises."""
         self.stats.notifications += 1
-        if payload.isdigit() and len(self._pending) < MAX_PENDING_IDS:
-            self._pending.add(int(payload))
+        row_id = notifications.row_id(payload)
+        if row_id is None and payload != notifications.SWEEP:
+            self._not_row_ids.dropped(payload)
+            self.hooks.notification_dropped(NOT_A_ROW_ID)
+            # Real notifications may be queued behind a flood of these: let sweeps find the rows.
+            if time.monotonic() - self._swept_at >= FLOOD_SWEEP_INTERVAL:
+                self._sweep_requested = True
+                self._wake.set()
+            return
+        if row_id is not None and len(self._pending) < MAX_PENDING_IDS:
+            self._pending.add(row_id)
         else:
-            # Not a row id, or too many waiting: the sweep finds every new row anyway.
+            if row_id is not None:  # too many waiting: stop collecting, the sweep finds every new row
+                self._overflow.dropped(payload)
+                self.hooks.notification_dropped(PENDING_FULL)
             self._sweep_requested = True
         self._wake.set()
 
@@ -125,6 +155,8 @@ class Dispatcher:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), max(0.0, next_sweep - loop.time()))
             self._wake.clear()
+            self._not_row_ids.flush()
+            self._overflow.flush()
             while self._pending:
                 # Under a steady stream, let the rows arriving meanwhile join this batch:
                 # fewer, larger jobs; longer while the workers are behind (a job now
@@ -143,6 +175,7 @@ class Dispatcher:
     async def sweep(self, store: Store) -> None:
         """New rows nobody was told about, then queued rows the queue may have lost."""
         self.stats.sweeps += 1
+        self._swept_at = time.monotonic()
         new = 0
         async for rows in store.new_rows():
             await self._hand_over(store, rows)

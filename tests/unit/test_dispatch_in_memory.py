@@ -9,9 +9,13 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from outbox_relay.observability.hooks import RelayHooks
+from outbox_relay.observability.metrics import Metrics
 from outbox_relay.queue import HandOver, Job, Outcome
 from outbox_relay.queue.memory import InMemoryQueue
+from outbox_relay.relay import dispatcher as dispatcher_module
 from outbox_relay.relay.dispatcher import BEHIND_FACTOR, Dispatcher, RelayStats
+from outbox_relay.relay.notifications import DropLog
 from outbox_relay.relay.store import PendingRow
 
 
@@ -46,7 +50,11 @@ class MemoryStore:
 
 
 def _dispatcher(
-    queue: InMemoryQueue, *, max_queue_depth: int = 1000, hand_over_interval: float = 0.0
+    queue: InMemoryQueue,
+    *,
+    max_queue_depth: int = 1000,
+    hand_over_interval: float = 0.0,
+    hooks: RelayHooks | None = None,
 ) -> Dispatcher:
     return Dispatcher(
         queue,
@@ -56,6 +64,7 @@ def _dispatcher(
         max_queue_depth=max_queue_depth,
         stop=asyncio.Event(),
         hand_over_interval=hand_over_interval,
+        hooks=hooks,
     )
 
 
@@ -139,14 +148,86 @@ async def test_backpressure_holds_hand_over_until_the_queue_drains() -> None:
     await asyncio.wait_for(consumer, 5)
 
 
-@pytest.mark.parametrize("payload", ["sweep", "x1", ""])
-async def test_a_payload_that_is_not_a_row_id_asks_for_a_sweep(payload: str) -> None:
-    """`requeue` wakes the relay with a non-numeric payload: that means sweep, not look up an id."""
+async def test_the_sweep_payload_asks_for_a_sweep() -> None:
+    """`requeue` wakes the relay with ``sweep``: that means sweep, not look up an id."""
     dispatcher = _dispatcher(InMemoryQueue())
     dispatcher._sweep_requested = False
-    dispatcher.notified(payload)
+    dispatcher.notified("sweep")
     assert dispatcher._sweep_requested
     assert not dispatcher._pending
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        "x1",
+        "",
+        "0",
+        "-1",
+        "+1",
+        " 1",
+        "1 ",
+        "1e3",
+        "9223372036854775808",
+        "9" * 30,
+        "\u00b2",
+        "\u0661",
+        "7" * 8000,
+    ],
+)
+async def test_a_payload_that_names_no_row_is_dropped_and_counted(payload: str) -> None:
+    """Issue 15.1: out of bigint range, zero, negative, signed, non-ASCII digits, huge: dropped and
+    counted (metric, reason not_a_row_id), never a pending id, never raises."""
+    metrics = Metrics("relay")
+    dispatcher = _dispatcher(InMemoryQueue(), hooks=RelayHooks(metrics=metrics))
+    dispatcher.notified(payload)
+    dispatcher.notified(payload)
+    assert not dispatcher._pending
+    assert b'outbox_relay_notifications_dropped_total{reason="not_a_row_id"} 2.0' in metrics.exposition()
+
+
+async def test_row_ids_up_to_the_largest_bigint_are_kept() -> None:
+    """1 and 2**63 - 1 are row ids; leading zeros name the same row."""
+    dispatcher = _dispatcher(InMemoryQueue())
+    for payload in ("1", "9223372036854775807", "007"):
+        dispatcher.notified(payload)
+    assert dispatcher._pending == {1, 7, 2**63 - 1}
+
+
+async def test_past_max_pending_ids_ids_are_left_to_the_sweep_and_counted(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With MAX_PENDING_IDS waiting the relay stops collecting ids: counted as pending_full, a sweep asked."""
+    monkeypatch.setattr(dispatcher_module, "MAX_PENDING_IDS", 3)
+    metrics = Metrics("relay")
+    dispatcher = _dispatcher(InMemoryQueue(), hooks=RelayHooks(metrics=metrics))
+    dispatcher._sweep_requested = False
+    for i in range(1, 6):
+        dispatcher.notified(str(i))
+    assert dispatcher._pending == {1, 2, 3}
+    assert dispatcher._sweep_requested
+    assert b'outbox_relay_notifications_dropped_total{reason="pending_full"} 2.0' in metrics.exposition()
+
+
+def test_dropped_notifications_are_logged_at_most_once_per_period_escaped(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """One line per LOG_EVERY with the count since the last and a truncated, escaped sample."""
+    now = [0.0]
+    log = DropLog("not_a_row_id", "dropped", every=10.0, clock=lambda: now[0])
+    with caplog.at_level("WARNING"):
+        for i in range(1000):
+            log.dropped(f"\u202e\x1b[2J{i}" + "x" * 100)
+        now[0] = 10.0
+        log.flush()
+    lines = [r for r in caplog.records if r.getMessage() == "dropped"]
+    assert [r.dropped for r in lines] == [1, 999]  # type: ignore[attr-defined]
+    sample = lines[-1].sample  # type: ignore[attr-defined]
+    assert "\u202e" not in sample
+    assert "\x1b" not in sample
+    assert sample.startswith("'\\u202e\\x1b[2J999")
+    assert sample.endswith("(108 chars)")
+    assert log.total == 1000
 
 
 async def test_a_refusal_is_logged_as_what_the_server_said_not_as_unreachable(
