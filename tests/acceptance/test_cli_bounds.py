@@ -41,7 +41,15 @@ async def test_prune_older_than_1e12_is_a_usage_error() -> None:
 
 @pytest.mark.parametrize(
     ("routes", "needle"),
-    [("ev.*=kafka", "unknown sink 'kafka'"), ("ev.*", "is not KIND_PATTERN=SINK")],
+    [
+        ("ev.*=kafka", "unknown sink 'kafka'"),
+        ("ev.*", "is not KIND_PATTERN=SINK"),
+        # issue 15.6: a pattern given twice (the second never matches), a ROUTES too long to be meant
+        ("ev.*=nats,audit=nats,ev.*=webhook", "pattern 'ev.*' appears twice"),
+        (",".join(f"ev{i}.*=nats" for i in range(8000)), "at most 10,000 are allowed"),
+        (",".join(f"e{i}=nats" for i in range(201)), "more than 200 entries"),
+    ],
+    ids=["unknown-sink", "malformed", "duplicate", "100k-chars", "201-entries"],
 )
 def test_worker_with_bad_routes_exits_2_naming_the_variable(routes: str, needle: str) -> None:
     """`worker` with an unknown sink or a malformed ROUTES entry exits 2, one line naming ROUTES."""
