@@ -141,6 +141,11 @@ class RelayHooks(_Hooks):
                 child = self._dropped[reason] = self.metrics.notifications_dropped.labels(reason=reason)
             child.inc()
 
+    def listener_reset(self) -> None:
+        """The notification listener fell behind (a flood) and was replaced, its backlog dropped."""
+        if self.metrics is not None:
+            self.metrics.listener_resets.inc()
+
     def queue_depth(self, depth: int) -> None:
         if self.metrics is not None:
             self.metrics.queue_depth.set(depth)

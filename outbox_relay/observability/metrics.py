@@ -91,6 +91,9 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("notifications_dropped", "outbox_relay_notifications_dropped", "counter",
                "Notifications the relay dropped: no row id (forged or foreign), or too many ids waiting",
                "relay", ("reason",), known={"reason": NOTIFICATION_DROP_REASONS}),
+    MetricSpec("listener_resets", "outbox_relay_listener_resets", "counter",
+               "Times the relay's notification listener fell behind (a flood) and was replaced, its "
+               "backlog dropped (the sweep hands those rows over)", "relay"),
     MetricSpec("queue_depth", "outbox_relay_queue_depth", "gauge",
                "Jobs in the arq queue, as the relay last saw it", "relay"),
     MetricSpec("replication_lag_seconds", "outbox_relay_replication_lag_seconds", "gauge",
@@ -129,6 +132,7 @@ class Metrics:
     listener_reconnects: Counter
     sweep_missed_notify: Counter
     notifications_dropped: Counter
+    listener_resets: Counter
     queue_depth: Gauge
     replication_lag_seconds: Gauge
     replication_lag_bytes: Gauge

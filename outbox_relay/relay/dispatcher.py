@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
@@ -42,9 +41,9 @@ MAX_PENDING_IDS = 20_000
 NOT_A_ROW_ID = "not_a_row_id"
 #: ... and a row id arriving while MAX_PENDING_IDS are waiting.
 PENDING_FULL = "pending_full"
-#: While notifications naming no row arrive (a flood may hold the real ones back: the server
-#: delivers them in order), the relay sweeps at most this often (seconds) whatever SWEEP_INTERVAL.
-FLOOD_SWEEP_INTERVAL = 0.1
+#: Seconds between two sweeps of the new rows (one index scan of the partial index) while the
+#: listener does not listen (a flood of notifications naming no row: see relay/listener.py).
+FLOOD_SWEEP_INTERVAL = 0.01
 #: Seconds between two looks at the queue's depth while it is full.
 FULL_QUEUE_POLL = 0.05
 #: While the workers are behind (the last hand-over found due jobs no worker had
@@ -109,6 +108,7 @@ class Dispatcher:
         self._wake = asyncio.Event()
         self._epoch: str | None = None
         self._swept_at = -float("inf")
+        self._flood_until = -float("inf")
         self._not_row_ids = notifications.DropLog(
             NOT_A_ROW_ID,
             "dropped notifications that name no row (a forged or foreign NOTIFY; the sweep finds every row)",
@@ -122,19 +122,26 @@ class Dispatcher:
         self._pending.clear()
         self._sweep_requested = True
 
-    def notified(self, payload: str) -> None:
+    def missed(self) -> None:
+        """The listener (re)connected: notifications sent meanwhile are gone, so sweep now."""
+        self._sweep_requested = True
+        self._wake.set()
+
+    def flooded(self, seconds: float) -> None:
+        """The listener stops listening for ``seconds`` (a flood): sweep at once, then every
+        FLOOD_SWEEP_INTERVAL until then."""
+        self._flood_until = asyncio.get_running_loop().time() + seconds
+        self.missed()
+
+    def notified(self, payload: str) -> bool:
         """A NOTIFY payload: a row id, ``sweep`` (`requeue` sends it), or anything else: dropped
-        and counted (see :mod:`~outbox_relay.relay.notifications`); never raises."""
+        and counted (see :mod:`~outbox_relay.relay.notifications`); False then. Never raises."""
         self.stats.notifications += 1
         row_id = notifications.row_id(payload)
         if row_id is None and payload != notifications.SWEEP:
             self._not_row_ids.dropped(payload)
             self.hooks.notification_dropped(NOT_A_ROW_ID)
-            # Real notifications may be queued behind a flood of these: let sweeps find the rows.
-            if time.monotonic() - self._swept_at >= FLOOD_SWEEP_INTERVAL:
-                self._sweep_requested = True
-                self._wake.set()
-            return
+            return False
         if row_id is not None and len(self._pending) < MAX_PENDING_IDS:
             self._pending.add(row_id)
         else:
@@ -143,6 +150,7 @@ class Dispatcher:
                 self.hooks.notification_dropped(PENDING_FULL)
             self._sweep_requested = True
         self._wake.set()
+        return True
 
     async def serve(self, store: Store) -> None:
         """Hand rows over until cancelled."""
@@ -152,8 +160,9 @@ class Dispatcher:
             raise_if_cancelling()
             self.hooks.beat()
             if not self._pending and not self._sweep_requested:
+                due = self._sweep_due(next_sweep, loop.time())
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), max(0.0, next_sweep - loop.time()))
+                    await asyncio.wait_for(self._wake.wait(), max(0.0, due - loop.time()))
             self._wake.clear()
             self._not_row_ids.flush()
             self._overflow.flush()
@@ -171,16 +180,33 @@ class Dispatcher:
                 self._sweep_requested = False
                 await self.sweep(store)
                 next_sweep = loop.time() + self.sweep_interval
+            elif loop.time() >= self._sweep_due(next_sweep, loop.time()):
+                await self._sweep_new(store)  # a flood: the new rows only, every FLOOD_SWEEP_INTERVAL
 
-    async def sweep(self, store: Store) -> None:
-        """New rows nobody was told about, then queued rows the queue may have lost."""
-        self.stats.sweeps += 1
-        self._swept_at = time.monotonic()
+    def _sweep_due(self, next_sweep: float, now: float) -> float:
+        """When the next sweep is due: ``next_sweep``, or FLOOD_SWEEP_INTERVAL after the last one
+        while the listener is not listening (a flood)."""
+        if now < self._flood_until:
+            return min(next_sweep, self._swept_at + FLOOD_SWEEP_INTERVAL)
+        return next_sweep
+
+    async def _sweep_new(self, store: Store) -> int:
+        """Hand over every ``new`` row; how many."""
+        self._swept_at = asyncio.get_running_loop().time()
         new = 0
         async for rows in store.new_rows():
             await self._hand_over(store, rows)
             new += len(rows)
         self.hooks.swept_unnotified(new)
+        self.stats.swept += new
+        if new and self._swept_at >= self._flood_until:  # not a line every 10 ms during a flood
+            logger.info("sweep handed rows over", extra={"new": new})
+        return new
+
+    async def sweep(self, store: Store) -> None:
+        """New rows nobody was told about, then queued rows the queue may have lost."""
+        self.stats.sweeps += 1
+        await self._sweep_new(store)
         epoch = await self._queue(self.queue.epoch)
         lost = self._epoch is not None and epoch != self._epoch
         if lost:
@@ -192,9 +218,9 @@ class Dispatcher:
         async for rows in store.stale_queued_rows(everything=lost):
             await self._hand_over(store, rows)
             stale += len(rows)
-        self.stats.swept += new + stale
-        if new or stale:
-            logger.info("sweep handed rows over", extra={"new": new, "requeued": stale})
+        self.stats.swept += stale
+        if stale:
+            logger.info("sweep handed queued rows over again", extra={"requeued": stale})
 
     async def _hand_over(self, store: Store, rows: list[PendingRow], path: str = "sweep") -> None:
         if not rows:
