@@ -4,6 +4,7 @@ tests/conformance."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
@@ -75,13 +76,22 @@ async def _until(predicate: object, timeout: float = 5.0) -> None:
         await asyncio.sleep(0.001)
 
 
-async def test_notified_rows_are_handed_over_once_and_marked_queued() -> None:
-    """A notified id becomes one job and a queued row; notifying it again adds no second job."""
+@contextlib.asynccontextmanager
+async def _serving(**options: float) -> AsyncIterator[tuple[InMemoryQueue, MemoryStore, Dispatcher]]:
+    """A dispatcher serving an in-memory queue and store, past its first sweep; cancelled on exit."""
     queue, store = InMemoryQueue(), MemoryStore()
-    dispatcher = _dispatcher(queue)
+    dispatcher = _dispatcher(queue, **options)  # type: ignore[arg-type]
     serving = asyncio.create_task(dispatcher.serve(store))
     try:
         await _until(lambda: dispatcher.stats.sweeps == 1)
+        yield queue, store, dispatcher
+    finally:
+        serving.cancel()
+
+
+async def test_notified_rows_are_handed_over_once_and_marked_queued() -> None:
+    """A notified id becomes one job and a queued row; notifying it again adds no second job."""
+    async with _serving() as (queue, store, dispatcher):
         store.add(1)
         dispatcher.notified("1")
         await _until(lambda: store.rows[1][1] == "queued")
@@ -89,8 +99,6 @@ async def test_notified_rows_are_handed_over_once_and_marked_queued() -> None:
         await _until(lambda: dispatcher.stats.notifications == 2 and not dispatcher._pending)
         assert queue.added == ["memory:cid-1#0"]
         assert dispatcher.stats.handed_over == 1
-    finally:
-        serving.cancel()
 
 
 async def test_a_new_queue_epoch_hands_every_queued_row_over_again() -> None:
@@ -302,3 +310,20 @@ async def test_while_the_workers_are_behind_notified_rows_linger_longer_and_trav
         assert queue.batches == [[1], [2], [3, 4]]
     finally:
         serving.cancel()
+
+
+async def test_while_the_listener_holds_off_a_flood_new_rows_are_swept_every_flood_sweep_interval() -> None:
+    """Issue 15.1: flooded(seconds) makes the dispatcher hand new rows over without any notification,
+    every FLOOD_SWEEP_INTERVAL (SWEEP_INTERVAL is an hour here), until the hold ends."""
+    async with _serving() as (_queue, store, dispatcher):
+        dispatcher.flooded(1.0)
+        loop = asyncio.get_running_loop()
+        for i in (1, 2, 3):
+            store.add(i)
+            added = loop.time()
+            await _until(lambda i=i: store.rows[i][1] == "queued", timeout=0.5)
+            assert loop.time() - added < 10 * dispatcher_module.FLOOD_SWEEP_INTERVAL
+        await asyncio.sleep(1.0)  # past the hold, not synchronisation
+        store.add(4)
+        await asyncio.sleep(0.3)
+        assert store.rows[4][1] == "new", "swept after the flood hold ended"
