@@ -22,11 +22,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
+import outbox_relay.relay.notifications as notifications
 from outbox_relay.exceptions import QueueError, QueueUnavailable
 from outbox_relay.lifecycle import raise_if_cancelling, stopped_within
 from outbox_relay.observability.hooks import RelayHooks
 from outbox_relay.queue import HandOver, Queue
-from outbox_relay.relay import notifications
 from outbox_relay.relay.store import PendingRow
 from outbox_relay.retry import Backoff, retry
 
