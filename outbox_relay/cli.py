@@ -28,6 +28,7 @@ from outbox_relay.exceptions import OutboxRelayError, SettingsError, UsageError
 from outbox_relay.lifecycle import run_async, stop_on_signals
 from outbox_relay.logs import describe
 from outbox_relay.settings import Settings, env_name, load_settings
+from outbox_relay.terminal import escape_controls
 
 if TYPE_CHECKING:
     from outbox_relay.db import DirectConnection
@@ -316,7 +317,8 @@ async def cmd_requeue(args: argparse.Namespace, settings: Settings) -> int:
         await conn.close()
     print(f"requeued {result.requeued} row{'s' if result.requeued != 1 else ''}")
     for cid in result.not_failed:
-        print(f"not a failed row (nor queued for longer than REQUEUE_AFTER): {cid}", file=sys.stderr)
+        shown = escape_controls(cid)
+        print(f"not a failed row (nor queued for longer than REQUEUE_AFTER): {shown}", file=sys.stderr)
     return 1 if result.not_failed else 0
 
 

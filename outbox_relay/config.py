@@ -5,17 +5,19 @@ A settings class derives from :class:`SettingsBase` with a prefix of its own
 bounded on both sides, URLs are :class:`~pydantic.SecretStr`, and
 :func:`load` reads the environment once, turning the first bad value into a
 :class:`~outbox_relay.exceptions.SettingsError` naming its variable (exit 2,
-one line). Nothing here knows any particular setting.
+one line). An empty value of a setting that may be unset means unset. Nothing
+here knows any particular setting.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping
-from typing import Any, TypeVar
+from typing import Any, TypeVar, get_args
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import AfterValidator, Field, SecretStr, ValidationError
+from pydantic import AfterValidator, Field, SecretStr, ValidationError, ValidationInfo, field_validator
+from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from pydantic_settings import SettingsError as SettingsSourceError
 
@@ -42,10 +44,24 @@ class SettingsBase(BaseSettings):
         frozen=True,
     )
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any, info: ValidationInfo) -> Any:
+        """``VAR=`` (empty) on a setting that may be unset (``X | None``) means unset: what a user
+        writing ``OUTBOX_RELAY_PRIMARY_URL=`` in an env file means, not an invalid URL."""
+        if value == "" and info.field_name is not None and _optional(cls.model_fields[info.field_name]):
+            return None
+        return value
+
     @classmethod
     def env_name(cls, field: str) -> str:
         """The environment variable of ``field``."""
         return f"{cls.model_config.get('env_prefix', '')}{field}".upper()
+
+
+def _optional(field: FieldInfo) -> bool:
+    """True when ``field`` may be None (its type is ``X | None``)."""
+    return type(None) in get_args(field.annotation)
 
 
 def load(cls: type[S], overrides: Mapping[str, Any] | None = None) -> S:

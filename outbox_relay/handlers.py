@@ -128,6 +128,10 @@ class Plugin:
             raise PluginError(f"plugin {self.name!r} has fast paths for kinds without a handler: {unknown}")
 
 
+#: Kinds whose route :meth:`HandlerRegistry.get` remembers (then it starts over).
+ROUTED_KINDS_KEPT = 1024
+
+
 class HandlerRegistry:
     """Maps a ``kind`` to its handler; remembers the plugins it was given."""
 
@@ -136,6 +140,9 @@ class HandlerRegistry:
         self._fast_paths: dict[str, FastPath] = {}
         self._plugins: dict[str, Plugin] = {}
         self._routes: list[tuple[str, Work]] = []
+        #: kind -> its route's handler (None: no route matches), so that each kind is matched
+        #: against the patterns once, not once per row; bounded (kinds come from rows).
+        self._routed: dict[str, Work | None] = {}
         self._settings: dict[str, SettingsBase] = {}
 
     def register(self, kind: str) -> Callable[[Handler], Handler]:
@@ -167,17 +174,25 @@ class HandlerRegistry:
         """Make ``handler`` (or a :class:`Delivery`) the one for every kind matching the shell
         ``pattern`` that has no handler of its own; earlier routes win over later ones."""
         self._routes.append((pattern, handler))
+        self._routed.clear()
 
     def get(self, kind: str) -> Work:
         """The handler of ``kind``, else the first route matching it; :class:`UnknownKindError`
         (permanent) when neither."""
-        handler = self._handlers.get(kind)
-        if handler is not None:
-            return handler
-        for pattern, routed in self._routes:
-            if fnmatchcase(kind, pattern):
-                return routed
-        raise UnknownKindError(f"unknown kind {kind!r}: no handler is registered for it")
+        own = self._handlers.get(kind)
+        if own is not None:
+            return own
+        work: Work | None
+        if kind in self._routed:
+            work = self._routed[kind]
+        else:
+            work = next((routed for pattern, routed in self._routes if fnmatchcase(kind, pattern)), None)
+            if len(self._routed) >= ROUTED_KINDS_KEPT:
+                self._routed.clear()
+            self._routed[kind] = work
+        if work is None:
+            raise UnknownKindError(f"unknown kind {kind!r}: no handler is registered for it")
+        return work
 
     def kinds(self) -> list[str]:
         """Every registered kind."""

@@ -14,6 +14,8 @@ import sys
 import time
 from typing import Any
 
+from outbox_relay.terminal import escape_controls
+
 _STANDARD_ATTRS = frozenset(
     vars(logging.LogRecord("", 0, "", 0, "", (), None)).keys() | {"message", "asctime", "taskName"}
 )
@@ -67,8 +69,10 @@ class JsonFormatter(logging.Formatter):
 
 
 def _kv(value: Any) -> str:
+    """A field's value: JSON-quoted (every control or non-ASCII character escaped) when it holds a
+    space or a character :func:`escape_controls` would escape (row text may reach a terminal)."""
     text = str(value)
-    return json.dumps(text) if (" " in text or not text) else text
+    return json.dumps(text) if (" " in text or not text or escape_controls(text) != text) else text
 
 
 def _plain_library_lines(record: logging.LogRecord) -> bool:

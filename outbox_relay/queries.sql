@@ -170,8 +170,13 @@ WITH requeued AS (
 SELECT count(*) FROM requeued;
 
 -- name: wake_relay
--- Any payload that is not a row id asks the relay for an immediate sweep.
+-- The payload `sweep` asks the relay for an immediate sweep (a row id is the trigger's; anything
+-- else is dropped and counted).
 SELECT pg_notify('outbox_relay', 'sweep');
+
+-- name: listener_ping
+-- The relay's notification listener: answered late when its connection is behind (a flood).
+SELECT 1;
 
 -- name: migrate_lock
 SELECT pg_advisory_xact_lock(hashtext('outbox_relay'), 0);

@@ -45,16 +45,31 @@ class Backoff:
 _DENIED_SQLSTATES = frozenset({"42501", "28000", "28P01"})
 
 
+#: SQLSTATE of a database that does not exist (invalid_catalog_name): a one-off command fails
+#: at once; a service keeps retrying (the database may be created later), saying so.
+_MISSING_DATABASE = "3D000"
+
+
 def is_denied(exc: BaseException) -> bool:
     """True for a permission or authentication error: the server answered, and said no."""
     return getattr(exc, "sqlstate", None) in _DENIED_SQLSTATES
 
 
+def is_missing_database(exc: BaseException) -> bool:
+    """True when the server answered that the database asked for does not exist."""
+    return getattr(exc, "sqlstate", None) == _MISSING_DATABASE
+
+
 def why_failed(exc: BaseException, what: str) -> str:
-    """``permission denied for <what>`` or ``cannot reach <what>``, as the error says."""
+    """``permission denied for <what>``, ``<what> does not exist``, ``<what> needs `outbox-relay
+    migrate``` or ``cannot reach <what>``, as the error says."""
+    if is_denied(exc):
+        return f"permission denied for {what}"
+    if is_missing_database(exc):
+        return f"{what} does not exist"
     if isinstance(exc, MigrationError):  # reached, but its schema is behind this code
         return f"{what} needs `outbox-relay migrate`"
-    return f"permission denied for {what}" if is_denied(exc) else f"cannot reach {what}"
+    return f"cannot reach {what}"
 
 
 async def retry(
@@ -71,7 +86,8 @@ async def retry(
 
     Services pass ``give_up_after=None`` and retry forever with capped backoff;
     one-off commands pass a few seconds and get an :class:`UnavailableError`
-    (at once for a permission or authentication error, see :func:`is_denied`).
+    (at once for a permission or authentication error, see :func:`is_denied`, or a
+    database that does not exist).
     Each failed attempt logs one plain line (no traceback). When ``stop`` is
     set while waiting, :class:`asyncio.CancelledError` is raised.
     """
@@ -82,8 +98,10 @@ async def retry(
             return await operation()
         except retry_on as exc:
             delay = backoff.next_delay()
-            # A one-off command denied access fails at once: waiting will not grant it.
-            if deadline is not None and (is_denied(exc) or time.monotonic() + delay > deadline):
+            # A one-off command denied access, or asking for a database that does not exist,
+            # fails at once: waiting will not grant it.
+            final = is_denied(exc) or is_missing_database(exc)
+            if deadline is not None and (final or time.monotonic() + delay > deadline):
                 raise UnavailableError(f"{why_failed(exc, what)}: {describe(exc)}") from None
             logger.warning(
                 "%s, retrying",

@@ -38,6 +38,7 @@ from outbox_relay.devtools.setup import prepare
 from outbox_relay.exceptions import DemoError
 from outbox_relay.replication import unsubscribe
 from outbox_relay.settings import Settings
+from outbox_relay.terminal import escape_controls
 
 ACCOUNTS = 20
 ACCOUNT_BALANCE = 10_000_000
@@ -425,7 +426,7 @@ async def _report(
     report.check(poison_ok, f"{len(POISON)} poison rows quarantined as failed, the rest kept flowing:")
     for cid, *_ in POISON:
         error = rows[cid]["last_error"] if cid in rows else "missing"
-        report.lines.append(f"         {cid}: {error}")
+        report.lines.append(f"         {escape_controls(cid)}: {escape_controls(str(error))}")
 
     states: dict[str, str] = {
         r["correlation_id"]: r["state"]

@@ -12,6 +12,8 @@ import logging
 import time
 from collections.abc import Collection, Iterator, Sequence
 
+from prometheus_client import Counter
+
 from outbox_relay.observability.health import Health
 from outbox_relay.observability.metrics import EVENT_RESULTS, Metrics, Role
 from outbox_relay.queue import Job, JobFunction, Outcome
@@ -87,6 +89,7 @@ class RelayHooks(_Hooks):
             health, metrics, deadline=deadline, starting="connecting to the service database", role="standby"
         )
         self._set_active(0)
+        self._dropped: dict[str, Counter] = {}
 
     def _set_active(self, value: int) -> None:
         if self.metrics is not None:
@@ -133,6 +136,19 @@ class RelayHooks(_Hooks):
         """The sweep found ``rows`` new rows that no notification had brought."""
         if self.metrics is not None and rows:
             self.metrics.sweep_missed_notify.inc(rows)
+
+    def notification_dropped(self, reason: str) -> None:
+        """The relay dropped a notification for ``reason`` (a fixed set: no payload is a label)."""
+        if self.metrics is not None:  # a flood calls this thousands of times a second: no labels() call
+            child = self._dropped.get(reason)
+            if child is None:
+                child = self._dropped[reason] = self.metrics.notifications_dropped.labels(reason=reason)
+            child.inc()
+
+    def listener_reset(self) -> None:
+        """The notification listener fell behind (a flood) and was replaced, its backlog dropped."""
+        if self.metrics is not None:
+            self.metrics.listener_resets.inc()
 
     def queue_depth(self, depth: int) -> None:
         if self.metrics is not None:

@@ -29,6 +29,9 @@ HANDLER_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 PENDING_STATUSES = ("new", "queued", "failed")
 HAND_OVER_PATHS = ("notify", "sweep")
 EVENT_RESULTS = ("finished", "failed", "retried")
+#: Why the relay dropped a notification (relay/dispatcher.py): a payload naming no row, or a row id
+#: arriving while the relay holds as many notified ids as it keeps (the sweep finds those rows).
+NOTIFICATION_DROP_REASONS = ("not_a_row_id", "pending_full")
 
 #: The process a :class:`Metrics` belongs to.
 Role = Literal["relay", "worker"]
@@ -85,6 +88,12 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("sweep_missed_notify", "outbox_relay_sweep_found_unnotified_rows", "counter",
                "New rows the sweep found that no notification had delivered (the fast path's health)",
                "relay"),
+    MetricSpec("notifications_dropped", "outbox_relay_notifications_dropped", "counter",
+               "Notifications the relay dropped: no row id (forged or foreign), or too many ids waiting",
+               "relay", ("reason",), known={"reason": NOTIFICATION_DROP_REASONS}),
+    MetricSpec("listener_resets", "outbox_relay_listener_resets", "counter",
+               "Times the relay's notification listener fell behind (a flood) and was replaced, its "
+               "backlog dropped (the sweep hands those rows over)", "relay"),
     MetricSpec("queue_depth", "outbox_relay_queue_depth", "gauge",
                "Jobs in the arq queue, as the relay last saw it", "relay"),
     MetricSpec("replication_lag_seconds", "outbox_relay_replication_lag_seconds", "gauge",
@@ -132,6 +141,8 @@ class Metrics:
     handed_over: Counter
     listener_reconnects: Counter
     sweep_missed_notify: Counter
+    notifications_dropped: Counter
+    listener_resets: Counter
     queue_depth: Gauge
     replication_lag_seconds: Gauge
     replication_lag_bytes: Gauge

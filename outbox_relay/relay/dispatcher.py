@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
+import outbox_relay.relay.notifications as notifications
 from outbox_relay.exceptions import QueueError, QueueUnavailable
 from outbox_relay.lifecycle import raise_if_cancelling, stopped_within
 from outbox_relay.observability.hooks import RelayHooks
@@ -34,8 +35,16 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-#: Notified ids kept in memory at most; past that the relay falls back to a sweep.
+#: Notified ids kept in memory at most; past that the relay stops collecting ids (it counts
+#: each one it leaves, ``reason="pending_full"``) and falls back to a sweep.
 MAX_PENDING_IDS = 20_000
+#: The ``reason`` label of dropped notifications: a payload that is no row id (nor ``sweep``) ...
+NOT_A_ROW_ID = "not_a_row_id"
+#: ... and a row id arriving while MAX_PENDING_IDS are waiting.
+PENDING_FULL = "pending_full"
+#: Seconds between two sweeps of the new rows (one index scan of the partial index) while the
+#: listener does not listen (a flood of notifications naming no row: see relay/listener.py).
+FLOOD_SWEEP_INTERVAL = 0.01
 #: Seconds between two looks at the queue's depth while it is full.
 FULL_QUEUE_POLL = 0.05
 #: While the workers are behind (the last hand-over found due jobs no worker had
@@ -99,21 +108,50 @@ class Dispatcher:
         self._sweep_requested = True
         self._wake = asyncio.Event()
         self._epoch: str | None = None
+        self._swept_at = -float("inf")
+        self._flood_until = -float("inf")
+        self._not_row_ids = notifications.DropLog(
+            NOT_A_ROW_ID,
+            "dropped notifications that name no row (a forged or foreign NOTIFY; the sweep finds every row)",
+        )
+        self._overflow = notifications.DropLog(
+            PENDING_FULL, f"{MAX_PENDING_IDS} notified ids waiting: later ones are left to the sweep"
+        )
 
     def restart(self) -> None:
         """A new session: notifications sent meanwhile are gone, so sweep first."""
         self._pending.clear()
         self._sweep_requested = True
 
-    def notified(self, payload: str) -> None:
-        """A NOTIFY payload: a row id, or anything else to ask for a sweep (`requeue` does)."""
+    def missed(self) -> None:
+        """The listener (re)connected: notifications sent meanwhile are gone, so sweep now."""
+        self._sweep_requested = True
+        self._wake.set()
+
+    def flooded(self, seconds: float) -> None:
+        """The listener stops listening for ``seconds`` (a flood): sweep at once, then every
+        FLOOD_SWEEP_INTERVAL until then."""
+        self._flood_until = asyncio.get_running_loop().time() + seconds
+        self.missed()
+
+    def notified(self, payload: str) -> bool:
+        """A NOTIFY payload: a row id, ``sweep`` (`requeue` sends it), or anything else: dropped
+        and counted (see :mod:`~outbox_relay.relay.notifications`); False then. Never raises."""
         self.stats.notifications += 1
-        if payload.isdigit() and len(self._pending) < MAX_PENDING_IDS:
-            self._pending.add(int(payload))
+        row_id = notifications.row_id(payload)
+        if row_id is None and payload != notifications.SWEEP:
+            self._not_row_ids.dropped(payload)
+            self.hooks.notification_dropped(NOT_A_ROW_ID)
+            return False
+        if row_id is not None and len(self._pending) < MAX_PENDING_IDS:
+            self._pending.add(row_id)
         else:
-            # Not a row id, or too many waiting: the sweep finds every new row anyway.
+            if row_id is not None:  # too many waiting: stop collecting, the sweep finds every new row
+                self._overflow.dropped(payload)
+                self.hooks.notification_dropped(PENDING_FULL)
             self._sweep_requested = True
         self._wake.set()
+        return True
 
     async def serve(self, store: Store) -> None:
         """Hand rows over until cancelled."""
@@ -127,9 +165,12 @@ class Dispatcher:
             raise_if_cancelling()
             self.hooks.beat()
             if not self._pending and not self._sweep_requested:
+                due = self._sweep_due(next_sweep, loop.time())
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), max(0.0, next_sweep - loop.time()))
+                    await asyncio.wait_for(self._wake.wait(), max(0.0, due - loop.time()))
             self._wake.clear()
+            self._not_row_ids.flush()
+            self._overflow.flush()
             while self._pending:
                 # Under a steady stream, let the rows arriving meanwhile join this batch:
                 # fewer, larger jobs; longer while the workers are behind (a job now
@@ -144,6 +185,28 @@ class Dispatcher:
                 self._sweep_requested = False
                 await self.sweep(store)
                 next_sweep = loop.time() + self.sweep_interval
+            elif loop.time() >= self._sweep_due(next_sweep, loop.time()):
+                await self._sweep_new(store)  # a flood: the new rows only, every FLOOD_SWEEP_INTERVAL
+
+    def _sweep_due(self, next_sweep: float, now: float) -> float:
+        """When the next sweep is due: ``next_sweep``, or FLOOD_SWEEP_INTERVAL after the last one
+        while the listener is not listening (a flood)."""
+        if now < self._flood_until:
+            return min(next_sweep, self._swept_at + FLOOD_SWEEP_INTERVAL)
+        return next_sweep
+
+    async def _sweep_new(self, store: Store) -> int:
+        """Hand over every ``new`` row; how many."""
+        self._swept_at = asyncio.get_running_loop().time()
+        new = 0
+        async for rows in store.new_rows():
+            await self._hand_over(store, rows)
+            new += len(rows)
+        self.hooks.swept_unnotified(new)
+        self.stats.swept += new
+        if new and self._swept_at >= self._flood_until:  # not a line every 10 ms during a flood
+            logger.info("sweep handed rows over", extra={"new": new})
+        return new
 
     async def sweep(self, store: Store) -> None:
         """New rows nobody was told about, and queued rows the queue may have lost: all of them
@@ -158,17 +221,13 @@ class Dispatcher:
             )
         self._epoch = epoch
         stale = await self._requeue(store, everything=True) if lost else 0
-        new = 0
-        async for rows in store.new_rows():
-            await self._hand_over(store, rows)
-            new += len(rows)
-        self.hooks.swept_unnotified(new)
+        await self._sweep_new(store)
         if not lost:
             stale = await self._requeue(store, everything=False)
-        self.stats.swept += new + stale
+        self.stats.swept += stale
         self.stats.sweeps += 1  # a sweep done (tests wait for one)
-        if new or stale:
-            logger.info("sweep handed rows over", extra={"new": new, "requeued": stale})
+        if stale:
+            logger.info("sweep handed queued rows over again", extra={"requeued": stale})
 
     async def _requeue(self, store: Store, *, everything: bool) -> int:
         """Hand queued rows over again (``everything``, or those older than REQUEUE_AFTER)."""

@@ -1,9 +1,10 @@
 """Leadership and the listening session: the relay's dedicated connection.
 
-It holds the leadership lock and the lease, LISTENs, and checks its own liveness.
+It holds the leadership lock and the lease, and checks its own liveness; the
+active relay LISTENs on a connection of its own (:mod:`~outbox_relay.relay.listener`),
+so that no flood of notifications can delay a renewal.
 
-It is never pooled (a pool runs ``UNLISTEN *`` on release). Leadership is
-two things, both kept by this connection:
+It is never pooled. Leadership is two things, both kept by this connection:
 
 * the **leadership lock**, a session advisory lock: one active relay per
   service database whatever its queue name; released the moment the session
@@ -28,7 +29,6 @@ import logging
 import os
 import socket
 import uuid
-from collections.abc import Callable
 from typing import Any
 
 from outbox_relay.db import DirectConnection
@@ -60,11 +60,10 @@ def holder_name() -> str:
 
 
 class LeaderSession:
-    """Wraps the dedicated connection; ``on_notify`` gets each payload, synchronously."""
+    """Wraps the dedicated connection of the lock and the lease."""
 
-    def __init__(self, conn: DirectConnection, on_notify: Callable[[str], None]) -> None:
+    def __init__(self, conn: DirectConnection) -> None:
         self.conn = conn
-        self._on_notify = on_notify
         self._lost = asyncio.Event()
         self.holder = holder_name()
         #: The lease's epoch while this session leads (the fencing token of its writes).
@@ -88,10 +87,9 @@ class LeaderSession:
         self.epoch = int(await self.conn.fetchval(query("take_lease"), self.holder, LEASE_TTL))
         return True
 
-    async def listen(self) -> None:
-        """LISTEN on the outbox channel; watch for the connection's end."""
+    def watch(self) -> None:
+        """Watch for the connection's end (:meth:`keep` raises then)."""
         self.conn.add_termination_listener(self._terminated)
-        await self.conn.add_listener(CHANNEL, self._notified)
 
     async def keep(self, interval: float = RENEW_INTERVAL, timeout: float = RENEW_TIMEOUT) -> None:
         """Return never: renew the lease every ``interval`` seconds.
@@ -118,11 +116,6 @@ class LeaderSession:
                 raise LeadershipLostError(
                     f"the lease of epoch {self.epoch} expired or was taken over by another relay"
                 )
-
-    def _notified(self, _conn: Any, _pid: int, _channel: str, payload: object) -> None:
-        # A plain callback (not a coroutine): asyncpg would run an async one as a
-        # task nobody holds.
-        self._on_notify(str(payload))
 
     def _terminated(self, _conn: Any) -> None:
         self._lost.set()

@@ -9,6 +9,9 @@ every second. While active, supervised tasks share the work:
   check too) and ends the session when the connection is lost (notifications
   sent meanwhile are gone, so the next session starts with a full sweep) or
   the lease is (then this relay stands by);
+* ``relay.listen`` LISTENs on a connection of its own, replacing it (and
+  asking for a sweep) when it falls behind a flood of notifications
+  (:mod:`~outbox_relay.relay.listener`);
 * ``relay.dispatch`` hands rows over (:mod:`~outbox_relay.relay.dispatcher`);
 * whatever the command adds to run only while active (the retention loop).
 
@@ -33,6 +36,7 @@ from outbox_relay.observability.hooks import RelayHooks
 from outbox_relay.queue import Queue
 from outbox_relay.relay.dispatcher import Dispatcher, RelayStats
 from outbox_relay.relay.leadership import LeaderSession
+from outbox_relay.relay.listener import Listener
 from outbox_relay.relay.store import RelayStore
 from outbox_relay.retry import Backoff
 
@@ -144,7 +148,7 @@ class Relay:
             if self.stop.is_set():
                 return
             raise
-        session = LeaderSession(conn, self.dispatcher.notified)
+        session = LeaderSession(conn)
         try:
             await check_schema(conn)
             await session.prepare()
@@ -156,8 +160,17 @@ class Relay:
                 application_name="outbox_relay.relay",
                 session_settings=RELAY_POOL_SETTINGS,
             )
+            dispatcher = self.dispatcher
+            listener = Listener(
+                self.config.database_url,
+                dispatcher.notified,
+                dispatcher.missed,
+                dispatcher.flooded,
+                self.hooks,
+            )
             try:
-                await session.listen()
+                session.watch()
+                await listener.open()  # before the first sweep: no row falls between the two
                 self.stats.sessions += 1
                 self.dispatcher.restart()
                 self.active.set()
@@ -172,12 +185,14 @@ class Relay:
                 )
                 tasks: dict[str, Coroutine[Any, Any, None]] = {
                     "relay.lease": session.keep(),
+                    "relay.listen": listener.keep(),
                     "relay.dispatch": self.dispatcher.serve(store),
                 }
                 # Their writes are fenced too: the second argument raises once the lease is gone.
                 tasks.update({name: task(pool, store.check_leadership) for name, task in self._while_active})
                 await supervise(tasks, self.stop)
             finally:
+                listener.close()
                 self.active.clear()
                 self.hooks.inactive()
                 await _close_pool(pool)

@@ -9,6 +9,10 @@ from fnmatch import fnmatchcase
 #: A sink's name in ROUTES, and a kind pattern: no separators, no blanks.
 _SINK_RE = re.compile(r"^[a-z_][a-z0-9_]*$")
 _PATTERN_RE = re.compile(r"^[^\s,=+]+$")
+#: ROUTES is at most this many characters and entries (a kind is matched against each pattern in
+#: turn: a longer list is a mistake, and it would slow every routed row).
+MAX_ROUTES_CHARS = 10_000
+MAX_ROUTES = 200
 
 
 @dataclass(frozen=True)
@@ -20,8 +24,12 @@ class Route:
 
 
 def parse_routes(text: str) -> tuple[Route, ...]:
-    """``"ev.*=nats+webhook, audit=nats"`` as routes; a malformed entry is a ``ValueError``."""
-    routes = []
+    """``"ev.*=nats+webhook, audit=nats"`` as routes; a malformed entry, a pattern given twice (the
+    second would never match: the first match wins) or a list past :data:`MAX_ROUTES_CHARS`
+    characters or :data:`MAX_ROUTES` entries is a ``ValueError``."""
+    if len(text) > MAX_ROUTES_CHARS:
+        raise ValueError(f"is {len(text):,} characters long; at most {MAX_ROUTES_CHARS:,} are allowed")
+    routes: dict[str, Route] = {}
     for entry in (part.strip() for part in text.split(",")):
         if not entry:
             continue
@@ -31,8 +39,14 @@ def parse_routes(text: str) -> tuple[Route, ...]:
             raise ValueError(f"entry {entry!r} is not KIND_PATTERN=SINK or KIND_PATTERN=SINK+SINK")
         if len(set(sinks)) != len(sinks):
             raise ValueError(f"entry {entry!r} names a sink twice")
-        routes.append(Route(pattern, sinks))
-    return tuple(routes)
+        if pattern in routes:
+            raise ValueError(
+                f"pattern {pattern!r} appears twice (the first match wins: the second never would)"
+            )
+        if len(routes) == MAX_ROUTES:
+            raise ValueError(f"has more than {MAX_ROUTES} entries")
+        routes[pattern] = Route(pattern, sinks)
+    return tuple(routes.values())
 
 
 def sinks_named(routes: tuple[Route, ...]) -> tuple[str, ...]:

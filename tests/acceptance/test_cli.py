@@ -445,6 +445,20 @@ async def test_status_json_reports_counts_age_and_failed_rows(
     assert "weird-1" in text.stdout, describe(text)
 
 
+async def test_status_shows_a_bidi_override_in_a_row_as_an_escape(
+    outbox_env: OutboxEnv, service: Any
+) -> None:
+    """Issue 15.5: a failed row whose correlation id and error hold U+202E (RIGHT-TO-LEFT OVERRIDE)
+    and U+2066 is shown with them escaped by `status`; they never reach the terminal raw."""
+    await make_failed(service, "invoice-\u202efdp.exe")
+    await service.execute("UPDATE outbox_relay.outbox SET last_error = 'bad \u2066amount\u2069'")
+    result = await cli("status", env=cli_env(outbox_env.env()))
+    assert result.returncode == 0, describe(result)
+    assert "invoice-\\u202efdp.exe" in result.stdout, describe(result)
+    assert "error=bad \\u2066amount\\u2069" in result.stdout, describe(result)
+    assert not {"\u202e", "\u2066", "\u2069"} & set(result.stdout), describe(result)
+
+
 async def test_status_json_on_an_empty_outbox(outbox_env: OutboxEnv) -> None:
     """On an empty outbox `status --json` reports zero counts, no pending age and no failed rows."""
     result = await cli("status", "--json", env=cli_env(outbox_env.env()))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tests.acceptance.test_cli import UNREACHABLE, assert_settings_error, cli, describe
+from tests.conftest import OutboxEnv
 from tests.helpers import cli_env, run_cli
 
 
@@ -41,7 +42,15 @@ async def test_prune_older_than_1e12_is_a_usage_error() -> None:
 
 @pytest.mark.parametrize(
     ("routes", "needle"),
-    [("ev.*=kafka", "unknown sink 'kafka'"), ("ev.*", "is not KIND_PATTERN=SINK")],
+    [
+        ("ev.*=kafka", "unknown sink 'kafka'"),
+        ("ev.*", "is not KIND_PATTERN=SINK"),
+        # issue 15.6: a pattern given twice (the second never matches), a ROUTES too long to be meant
+        ("ev.*=nats,audit=nats,ev.*=webhook", "pattern 'ev.*' appears twice"),
+        (",".join(f"ev{i}.*=nats" for i in range(8000)), "at most 10,000 are allowed"),
+        (",".join(f"e{i}=nats" for i in range(201)), "more than 200 entries"),
+    ],
+    ids=["unknown-sink", "malformed", "duplicate", "100k-chars", "201-entries"],
 )
 def test_worker_with_bad_routes_exits_2_naming_the_variable(routes: str, needle: str) -> None:
     """`worker` with an unknown sink or a malformed ROUTES entry exits 2, one line naming ROUTES."""
@@ -56,3 +65,19 @@ def test_worker_with_bad_routes_exits_2_naming_the_variable(routes: str, needle:
     assert "OUTBOX_RELAY_ROUTES" in result.stderr
     assert needle in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+async def test_empty_optional_urls_are_unset_through_the_cli(outbox_env: OutboxEnv) -> None:
+    """Issue 15.6: ``OUTBOX_RELAY_PRIMARY_URL=`` and friends mean unset: `status` works (exit 0);
+    a command needing the primary says it is required (exit 2), as the webhook sink says of its URL."""
+    empty = {"OUTBOX_RELAY_PRIMARY_URL": "", "OUTBOX_RELAY_SUBSCRIPTION_CONNINFO": ""}
+    env = cli_env({**outbox_env.env(), **empty})
+    status = await cli("status", env=env, timeout=60)
+    assert status.returncode == 0, describe(status)
+    subscribe = await cli("subscribe", env=env, timeout=30)
+    assert_settings_error(subscribe, "OUTBOX_RELAY_PRIMARY_URL")
+    assert "is required" in subscribe.stderr, describe(subscribe)
+    webhook = {"OUTBOX_RELAY_ROUTES": "ev.*=webhook", "OUTBOX_RELAY_WEBHOOK_URL": ""}
+    worker = await cli("worker", env=cli_env({**UNREACHABLE, **webhook}), timeout=30)
+    assert_settings_error(worker, "OUTBOX_RELAY_WEBHOOK_URL")
+    assert "is required" in worker.stderr, describe(worker)

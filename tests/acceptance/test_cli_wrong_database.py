@@ -8,11 +8,12 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
+import pytest
 
 from outbox_relay.db import quote_ident
 from tests.acceptance.test_cli import cli, describe
 from tests.conftest import OutboxEnv
-from tests.helpers import cli_env
+from tests.helpers import Services, cli_env
 
 
 async def test_migrate_primary_on_a_service_database_says_which_command_was_meant(
@@ -90,3 +91,46 @@ async def test_permission_denied_fails_at_once_and_says_so(outbox_env: OutboxEnv
     assert "permission denied for the service database" in result.stderr, describe(result)
     assert "cannot reach" not in result.stderr, describe(result)
     assert elapsed < 6.0, f"took {elapsed:.1f} s: it retried instead of failing at once"
+
+
+@pytest.mark.parametrize(
+    "command",
+    [("status",), ("migrate",), ("requeue", "--all-failed"), ("doctor",), ("prune", "--older-than", "60")],
+    ids=lambda c: c[0],
+)
+async def test_a_one_off_command_on_a_database_that_does_not_exist_fails_at_once_naming_it(
+    outbox_env: OutboxEnv, command: tuple[str, ...]
+) -> None:
+    """Issue 15.6: no 8 s of "cannot reach" retries: exit 1 within a few seconds, naming the database."""
+    missing = f"nowhere_{uuid.uuid4().hex[:8]}"
+    env = cli_env(outbox_env.env(DATABASE_URL=outbox_env.pg.url(missing)))
+    started = time.monotonic()
+    result = await cli(*command, env=env)
+    elapsed = time.monotonic() - started
+    output = result.stdout + result.stderr  # `doctor` says it in its report, the others on stderr
+    assert result.returncode == 1, describe(result)
+    assert f'database "{missing}" does not exist' in output, describe(result)
+    assert "cannot reach" not in output, describe(result)
+    assert elapsed < 5, f"took {elapsed:.1f} s\n{describe(result)}"
+
+
+async def test_run_waits_for_a_database_that_does_not_exist_yet_saying_so(
+    outbox_env: OutboxEnv, services: Services
+) -> None:
+    """`run` keeps retrying a database that does not exist (it may be created later), logging that it
+    does not exist and its name; once created and migrated, the relay becomes active."""
+    missing = f"later_{uuid.uuid4().hex[:8]}"
+    env = cli_env(outbox_env.env(DATABASE_URL=outbox_env.pg.url(missing)))
+    relay = services.start_relay("relay", env)
+    await services.wait_logged(relay, f'database \\"{missing}\\" does not exist', count=2)
+    assert relay.count("the service database does not exist, retrying") >= 2, relay.text()
+    admin = await asyncpg.connect(outbox_env.pg.url("postgres"))
+    try:
+        await admin.execute(f"CREATE DATABASE {quote_ident(missing)}")
+        migrated = await cli("migrate", env=env)
+        assert migrated.returncode == 0, describe(migrated)
+        await services.ready(relay, role="active")
+    finally:
+        services.kill_all()
+        await admin.execute(f"DROP DATABASE IF EXISTS {quote_ident(missing)} WITH (FORCE)")
+        await admin.close()

@@ -156,10 +156,12 @@ async def test_watch_on_a_terminal_refreshes_counts_and_ends_cleanly_on_ctrl_c(
 async def test_watch_escapes_control_characters_and_markup_from_rows(
     outbox_env: OutboxEnv, service: Any, terminals: list[Terminal]
 ) -> None:
-    """A failed row's id and error holding ESC or rich markup are shown escaped and literal."""
+    """A failed row's id and error holding ESC, a bidi override (issue 15.5) or rich markup are shown
+    escaped and literal."""
     evil_id = "evil\x1b[31mred"
     markup_id = "m-[bold]x[/bold]"
-    for cid in (evil_id, markup_id):
+    bidi_id = "pay-\u202edsu-001"
+    for cid in (evil_id, markup_id, bidi_id):
         await produce(service, cid)
     await service.execute(
         "UPDATE outbox_relay.outbox SET status = 'failed', attempts = 1,"
@@ -169,8 +171,14 @@ async def test_watch_escapes_control_characters_and_markup_from_rows(
     terminals.append(terminal)
     text = await in_thread(
         terminal.wait_for,
-        lambda t: escape_controls(evil_id) in t and markup_id in t and "[red]not red[/red]" in t,
+        lambda t: (
+            escape_controls(evil_id) in t
+            and markup_id in t
+            and "[red]not red[/red]" in t
+            and "pay-\\u202edsu-001" in t
+        ),
     )
+    assert "\u202e".encode() not in terminal.raw
     assert "boom \\x1b[2J" in text
     assert evil_id.encode() not in terminal.raw
     assert b"\x1b[2J" not in terminal.raw

@@ -4,14 +4,19 @@ tests/conformance."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 import pytest
 
+from outbox_relay.observability.hooks import RelayHooks
+from outbox_relay.observability.metrics import Metrics
 from outbox_relay.queue import HandOver, Job, Outcome
 from outbox_relay.queue.memory import InMemoryQueue
+from outbox_relay.relay import dispatcher as dispatcher_module
 from outbox_relay.relay.dispatcher import BEHIND_FACTOR, Dispatcher, RelayStats
+from outbox_relay.relay.notifications import DropLog
 from outbox_relay.relay.store import PendingRow
 
 
@@ -46,7 +51,11 @@ class MemoryStore:
 
 
 def _dispatcher(
-    queue: InMemoryQueue, *, max_queue_depth: int = 1000, hand_over_interval: float = 0.0
+    queue: InMemoryQueue,
+    *,
+    max_queue_depth: int = 1000,
+    hand_over_interval: float = 0.0,
+    hooks: RelayHooks | None = None,
 ) -> Dispatcher:
     return Dispatcher(
         queue,
@@ -56,6 +65,7 @@ def _dispatcher(
         max_queue_depth=max_queue_depth,
         stop=asyncio.Event(),
         hand_over_interval=hand_over_interval,
+        hooks=hooks,
     )
 
 
@@ -66,13 +76,22 @@ async def _until(predicate: object, timeout: float = 5.0) -> None:
         await asyncio.sleep(0.001)
 
 
-async def test_notified_rows_are_handed_over_once_and_marked_queued() -> None:
-    """A notified id becomes one job and a queued row; notifying it again adds no second job."""
+@contextlib.asynccontextmanager
+async def _serving(**options: float) -> AsyncIterator[tuple[InMemoryQueue, MemoryStore, Dispatcher]]:
+    """A dispatcher serving an in-memory queue and store, past its first sweep; cancelled on exit."""
     queue, store = InMemoryQueue(), MemoryStore()
-    dispatcher = _dispatcher(queue)
+    dispatcher = _dispatcher(queue, **options)  # type: ignore[arg-type]
     serving = asyncio.create_task(dispatcher.serve(store))
     try:
         await _until(lambda: dispatcher.stats.sweeps == 1)
+        yield queue, store, dispatcher
+    finally:
+        serving.cancel()
+
+
+async def test_notified_rows_are_handed_over_once_and_marked_queued() -> None:
+    """A notified id becomes one job and a queued row; notifying it again adds no second job."""
+    async with _serving() as (queue, store, dispatcher):
         store.add(1)
         dispatcher.notified("1")
         await _until(lambda: store.rows[1][1] == "queued")
@@ -80,8 +99,6 @@ async def test_notified_rows_are_handed_over_once_and_marked_queued() -> None:
         await _until(lambda: dispatcher.stats.notifications == 2 and not dispatcher._pending)
         assert queue.added == ["memory:cid-1#0"]
         assert dispatcher.stats.handed_over == 1
-    finally:
-        serving.cancel()
 
 
 async def test_a_new_queue_epoch_hands_every_queued_row_over_again() -> None:
@@ -139,14 +156,86 @@ async def test_backpressure_holds_hand_over_until_the_queue_drains() -> None:
     await asyncio.wait_for(consumer, 5)
 
 
-@pytest.mark.parametrize("payload", ["sweep", "x1", ""])
-async def test_a_payload_that_is_not_a_row_id_asks_for_a_sweep(payload: str) -> None:
-    """`requeue` wakes the relay with a non-numeric payload: that means sweep, not look up an id."""
+async def test_the_sweep_payload_asks_for_a_sweep() -> None:
+    """`requeue` wakes the relay with ``sweep``: that means sweep, not look up an id."""
     dispatcher = _dispatcher(InMemoryQueue())
     dispatcher._sweep_requested = False
-    dispatcher.notified(payload)
+    dispatcher.notified("sweep")
     assert dispatcher._sweep_requested
     assert not dispatcher._pending
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        "x1",
+        "",
+        "0",
+        "-1",
+        "+1",
+        " 1",
+        "1 ",
+        "1e3",
+        "9223372036854775808",
+        "9" * 30,
+        "\u00b2",
+        "\u0661",
+        "7" * 8000,
+    ],
+)
+async def test_a_payload_that_names_no_row_is_dropped_and_counted(payload: str) -> None:
+    """Issue 15.1: out of bigint range, zero, negative, signed, non-ASCII digits, huge: dropped and
+    counted (metric, reason not_a_row_id), never a pending id, never raises."""
+    metrics = Metrics("relay")
+    dispatcher = _dispatcher(InMemoryQueue(), hooks=RelayHooks(metrics=metrics))
+    dispatcher.notified(payload)
+    dispatcher.notified(payload)
+    assert not dispatcher._pending
+    assert b'outbox_relay_notifications_dropped_total{reason="not_a_row_id"} 2.0' in metrics.exposition()
+
+
+async def test_row_ids_up_to_the_largest_bigint_are_kept() -> None:
+    """1 and 2**63 - 1 are row ids; leading zeros name the same row."""
+    dispatcher = _dispatcher(InMemoryQueue())
+    for payload in ("1", "9223372036854775807", "007"):
+        dispatcher.notified(payload)
+    assert dispatcher._pending == {1, 7, 2**63 - 1}
+
+
+async def test_past_max_pending_ids_ids_are_left_to_the_sweep_and_counted(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With MAX_PENDING_IDS waiting the relay stops collecting ids: counted as pending_full, a sweep asked."""
+    monkeypatch.setattr(dispatcher_module, "MAX_PENDING_IDS", 3)
+    metrics = Metrics("relay")
+    dispatcher = _dispatcher(InMemoryQueue(), hooks=RelayHooks(metrics=metrics))
+    dispatcher._sweep_requested = False
+    for i in range(1, 6):
+        dispatcher.notified(str(i))
+    assert dispatcher._pending == {1, 2, 3}
+    assert dispatcher._sweep_requested
+    assert b'outbox_relay_notifications_dropped_total{reason="pending_full"} 2.0' in metrics.exposition()
+
+
+def test_dropped_notifications_are_logged_at_most_once_per_period_escaped(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """One line per LOG_EVERY with the count since the last and a truncated, escaped sample."""
+    now = [0.0]
+    log = DropLog("not_a_row_id", "dropped", every=10.0, clock=lambda: now[0])
+    with caplog.at_level("WARNING"):
+        for i in range(1000):
+            log.dropped(f"\u202e\x1b[2J{i}" + "x" * 100)
+        now[0] = 10.0
+        log.flush()
+    lines = [r for r in caplog.records if r.getMessage() == "dropped"]
+    assert [r.dropped for r in lines] == [1, 999]  # type: ignore[attr-defined]
+    sample = lines[-1].sample  # type: ignore[attr-defined]
+    assert "\u202e" not in sample
+    assert "\x1b" not in sample
+    assert sample.startswith("'\\u202e\\x1b[2J999")
+    assert sample.endswith("(108 chars)")
+    assert log.total == 1000
 
 
 async def test_a_refusal_is_logged_as_what_the_server_said_not_as_unreachable(
@@ -221,3 +310,20 @@ async def test_while_the_workers_are_behind_notified_rows_linger_longer_and_trav
         assert queue.batches == [[1], [2], [3, 4]]
     finally:
         serving.cancel()
+
+
+async def test_while_the_listener_holds_off_a_flood_new_rows_are_swept_every_flood_sweep_interval() -> None:
+    """Issue 15.1: flooded(seconds) makes the dispatcher hand new rows over without any notification,
+    every FLOOD_SWEEP_INTERVAL (SWEEP_INTERVAL is an hour here), until the hold ends."""
+    async with _serving() as (_queue, store, dispatcher):
+        dispatcher.flooded(1.0)
+        loop = asyncio.get_running_loop()
+        for i in (1, 2, 3):
+            store.add(i)
+            added = loop.time()
+            await _until(lambda i=i: store.rows[i][1] == "queued", timeout=0.5)
+            assert loop.time() - added < 10 * dispatcher_module.FLOOD_SWEEP_INTERVAL
+        await asyncio.sleep(1.0)  # past the hold, not synchronisation
+        store.add(4)
+        await asyncio.sleep(0.3)
+        assert store.rows[4][1] == "new", "swept after the flood hold ended"

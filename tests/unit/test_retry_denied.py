@@ -76,3 +76,20 @@ def test_backoff_survives_thousands_of_attempts() -> None:
     backoff = Backoff(0.2, 5.0)
     delays = [backoff.next_delay() for _ in range(2000)]
     assert max(delays) <= 5.0 * 1.2
+
+
+async def test_a_database_that_does_not_exist_ends_a_one_off_retry_at_once_and_is_named() -> None:
+    """Issue 15.6: InvalidCatalogNameError (3D000) fails a one-off retry at first try, saying the
+    database does not exist (with its name), not "cannot reach"."""
+    calls = 0
+
+    async def attempt() -> None:
+        nonlocal calls
+        calls += 1
+        raise asyncpg.InvalidCatalogNameError('database "svc_x" does not exist')
+
+    with pytest.raises(UnavailableError) as caught:
+        await retry(attempt, what="the service database", logger=logger, give_up_after=8.0)
+    assert calls == 1
+    assert str(caught.value).startswith("the service database does not exist: ")
+    assert 'database "svc_x" does not exist' in str(caught.value)

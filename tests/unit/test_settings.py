@@ -6,10 +6,12 @@ import re
 
 import pytest
 
+from outbox_relay.config import load
 from outbox_relay.exceptions import SettingsError
 from outbox_relay.identity import job_namespace
 from outbox_relay.replication import derived_subscription_name
 from outbox_relay.settings import Settings, env_name, load_settings, redact_url
+from outbox_relay.sinks.webhook import WebhookSettings
 
 PASSWORD = "hunter2-s3cret"
 
@@ -94,6 +96,32 @@ def test_invalid_value_raises_settings_error_naming_the_variable(
     assert variable in message
     assert "\n" not in message
     assert PASSWORD not in message
+
+
+@pytest.mark.parametrize(
+    "variable",
+    [
+        "OUTBOX_RELAY_DATABASE_URL",
+        "OUTBOX_RELAY_PRIMARY_URL",
+        "OUTBOX_RELAY_SUBSCRIPTION_CONNINFO",
+        "OUTBOX_RELAY_SUBSCRIPTION_NAME",
+    ],
+)
+def test_an_empty_optional_setting_is_unset(monkeypatch: pytest.MonkeyPatch, variable: str) -> None:
+    """Issue 15.6: ``VAR=`` (an env file's way of leaving it out) on a setting that may be unset is
+    unset, not an invalid value; a required setting left empty stays an error (QUEUE_NAME above)."""
+    monkeypatch.setenv(variable, "")
+    settings = load_settings()
+    assert getattr(settings, variable.removeprefix("OUTBOX_RELAY_").lower()) is None
+
+
+def test_empty_webhook_url_and_secret_are_unset(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The webhook sink's optional URL and secret left empty are unset: the sink says they are required."""
+    monkeypatch.setenv("OUTBOX_RELAY_WEBHOOK_URL", "")
+    monkeypatch.setenv("OUTBOX_RELAY_WEBHOOK_SECRET", "")
+    settings = load(WebhookSettings)
+    assert settings.url is None
+    assert settings.secret is None
 
 
 def test_first_of_several_bad_variables_is_named(monkeypatch: pytest.MonkeyPatch) -> None:

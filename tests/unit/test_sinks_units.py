@@ -8,6 +8,7 @@ from email.utils import format_datetime
 
 import pytest
 
+from outbox_relay import handlers as handlers_module
 from outbox_relay.composition import plugins
 from outbox_relay.config import load
 from outbox_relay.events import OutboxEvent
@@ -43,6 +44,31 @@ def test_malformed_routes_name_the_variable(value: str) -> None:
     with pytest.raises(SettingsError) as caught:
         load_settings({"routes": value})
     assert caught.value.variable == "OUTBOX_RELAY_ROUTES"
+
+
+def test_routes_refuse_a_pattern_twice_and_are_bounded() -> None:
+    """Issue 15.6: a repeated pattern is refused naming it; at most 10,000 characters and 200 entries."""
+    with pytest.raises(SettingsError, match=r"pattern 'ev\.\*' appears twice") as caught:
+        load_settings({"routes": "ev.*=nats, ev.*=webhook"})
+    assert caught.value.variable == "OUTBOX_RELAY_ROUTES"
+    assert len(load_settings({"routes": ",".join(f"e{i}=nats" for i in range(200))}).routes) == 200
+    with pytest.raises(SettingsError, match="more than 200 entries"):
+        load_settings({"routes": ",".join(f"e{i}=nats" for i in range(201))})
+    with pytest.raises(SettingsError, match="100,001 characters long"):
+        load_settings({"routes": "e=nats," + " " * 99_994})
+
+
+def test_a_kinds_route_is_matched_once_and_remembered_within_a_bound() -> None:
+    """get() remembers each kind's route (a miss too) in a bounded memo, cleared when a route is added."""
+    registry = HandlerRegistry()
+    registry.route("ev.*", _other)
+    for i in range(3 * handlers_module.ROUTED_KINDS_KEPT):
+        assert registry.get(f"ev.{i}") is _other
+    assert len(registry._routed) <= handlers_module.ROUTED_KINDS_KEPT
+    with pytest.raises(UnknownKindError):
+        registry.get("audit")
+    registry.route("*", _noop)
+    assert registry.get("audit") is _noop
 
 
 def test_unknown_sink_names_the_variable_and_the_installed_sinks() -> None:

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+import sys
+import unicodedata
+
 import pytest
 
 from outbox_relay.admin import FailedRow, Status
+from outbox_relay.logs import KeyValueFormatter
 from outbox_relay.terminal import escape_controls
 
 
@@ -60,3 +65,47 @@ def test_status_text_shows_the_failure_count_and_the_newest_error_escaped() -> N
     expected = "  id-1  kind=reservation  attempts=2  failures=2  error=second\\x1b[31m red"
     assert text.splitlines()[-1] == expected
     assert "\x1b" not in text
+
+
+@pytest.mark.parametrize(
+    ("raw", "shown"),
+    [
+        ("abc\u202eevil", "abc\\u202eevil"),  # RIGHT-TO-LEFT OVERRIDE
+        ("\u202dltr\u202c", "\\u202dltr\\u202c"),  # LEFT-TO-RIGHT OVERRIDE, POP DIRECTIONAL FORMATTING
+        ("\u2066a\u2067b\u2068c\u2069", "\\u2066a\\u2067b\\u2068c\\u2069"),  # isolates
+        ("\u200e\u200f", "\\u200e\\u200f"),  # LRM, RLM
+        ("zero\u200bwidth\ufeff", "zero\\u200bwidth\\ufeff"),
+        ("soft\u00adhyphen", "soft\\u00adhyphen"),
+        ("line\u2028para\u2029", "line\\u2028para\\u2029"),
+        ("tag\U000e0041", "tag\\U000e0041"),
+        (
+            "\u05e9\u05dc\u05d5\u05dd \u0645\u0631\u062d\u0628\u0627 🙂",
+            "\u05e9\u05dc\u05d5\u05dd \u0645\u0631\u062d\u0628\u0627 🙂",
+        ),
+    ],
+)
+def test_invisible_format_characters_are_escaped(raw: str, shown: str) -> None:
+    """Issue 15.5: bidi overrides and isolates, other format characters (Cf) and the line and
+    paragraph separators become visible escapes; right-to-left scripts and emoji are kept."""
+    assert escape_controls(raw) == shown
+
+
+def test_every_format_character_is_escaped() -> None:
+    """No character of Unicode categories Cf, Zl or Zp survives escaping."""
+    invisible = "".join(
+        c for c in map(chr, range(sys.maxunicode + 1)) if unicodedata.category(c) in ("Cf", "Zl", "Zp")
+    )
+    escaped = escape_controls(invisible)
+    assert not [c for c in escaped if unicodedata.category(c) in ("Cf", "Zl", "Zp")]
+
+
+def test_status_text_and_log_fields_escape_a_bidi_override() -> None:
+    """status's text and a key=value log field show U+202E as an escape, never raw."""
+    row = FailedRow("pay\u202eusd", "kind", 1, "err\u2066")
+    text = Status({"new": 0, "queued": 0, "finished": 0, "failed": 1}, None, [row]).as_text()
+    assert "\u202e" not in text
+    assert "pay\\u202eusd" in text
+    record = logging.LogRecord("x", logging.WARNING, "", 0, "row failed", (), None)
+    record.error = "boom\u202e\x1b[2J"
+    line = KeyValueFormatter().format(record)
+    assert line.endswith('error="boom\\u202e\\u001b[2J"'), line
