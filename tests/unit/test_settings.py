@@ -81,7 +81,7 @@ def test_command_line_overrides_win_over_the_environment(monkeypatch: pytest.Mon
         ("OUTBOX_RELAY_REDIS_URL", "http://cache.example:6379/0"),
         ("OUTBOX_RELAY_SUBSCRIPTION_NAME", "Bad-Name"),
         ("OUTBOX_RELAY_SUBSCRIPTION_NAME", "x" * 64),
-        ("OUTBOX_RELAY_QUEUE_NAME", ""),
+        ("OUTBOX_RELAY_QUEUE_NAME", "x" * 201),
     ],
 )
 def test_invalid_value_raises_settings_error_naming_the_variable(
@@ -105,6 +105,7 @@ def test_invalid_value_raises_settings_error_naming_the_variable(
         "OUTBOX_RELAY_PRIMARY_URL",
         "OUTBOX_RELAY_SUBSCRIPTION_CONNINFO",
         "OUTBOX_RELAY_SUBSCRIPTION_NAME",
+        "OUTBOX_RELAY_QUEUE_NAME",
     ],
 )
 def test_an_empty_optional_setting_is_unset(monkeypatch: pytest.MonkeyPatch, variable: str) -> None:
