@@ -144,10 +144,19 @@ class SinkRouter:
     sinks' connections, at most ``in_flight`` deliveries in flight per sink, and the small pool
     that records which sinks of a route have acknowledged."""
 
-    def __init__(self, database_url: str, in_flight: int = 64, routes: tuple[Route, ...] = ()) -> None:
+    def __init__(
+        self,
+        database_url: str,
+        in_flight: int = 64,
+        routes: tuple[Route, ...] = (),
+        job_timeout: float = 10.0,
+    ) -> None:
         self._database_url = database_url
         self._in_flight = in_flight
         self._routes = routes
+        #: Least time a delivery must have left to start: one started later would likely be cut
+        #: by the job's deadline after the receiver took it (a duplicate); put off instead.
+        self._min_start = job_timeout / 2
         self._sinks: dict[str, Sink] = {}
         self._slots: dict[str, asyncio.Semaphore] = {}
         self._progress: Pool | None = None
@@ -213,12 +222,14 @@ class SinkRouter:
             raise PutOff(f"{sink.name}: no delivery slot free in {seconds:g} s") from None
         try:
             left = deadline - loop.time()
+            if left < self._min_start:
+                raise PutOff(f"{sink.name}: {left:.2f} s left of the job, too little to start a delivery")
             try:
                 async with asyncio.timeout(left):
                     await sink.deliver(event, event_json(event), delivery_id(event))
             except TimeoutError:
                 raise TransientError(
-                    f"{sink.name}: no acknowledgement within {seconds:g} s (JOB_TIMEOUT)"
+                    f"{sink.name}: no acknowledgement within {left:.1f} s (the job's JOB_TIMEOUT ran out)"
                 ) from None
         finally:
             slots.release()
@@ -287,7 +298,7 @@ def enable_routes(registry: HandlerRegistry, routing: Routing, *, variable: str 
     if not routing.routes:
         return
     available = {p.name: p for p in registry.plugins() if isinstance(p, SinkPlugin)}
-    router = SinkRouter(routing.database_url, routing.in_flight, routing.routes)
+    router = SinkRouter(routing.database_url, routing.in_flight, routing.routes, routing.job_timeout)
     for name in sinks_named(routing.routes):
         plugin = available.get(name)
         if plugin is None:
