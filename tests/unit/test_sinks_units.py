@@ -47,8 +47,10 @@ def test_malformed_routes_name_the_variable(value: str) -> None:
 
 def test_unknown_sink_names_the_variable_and_the_installed_sinks() -> None:
     """A route to a sink no plugin provides is refused at the edge."""
-    settings = load_settings({"routes": "ev.*=kafka", "database_url": "postgresql://x@127.0.0.1/db"})
-    with pytest.raises(SettingsError, match=r"unknown sink .kafka.*nats, webhook") as caught:
+    settings = load_settings({"routes": "ev.*=sqs", "database_url": "postgresql://x@127.0.0.1/db"})
+    with pytest.raises(
+        SettingsError, match=r"unknown sink .sqs.*installed sinks: .*kafka.*nats.*webhook"
+    ) as caught:
         plugins(settings, HandlerRegistry())
     assert caught.value.variable == "OUTBOX_RELAY_ROUTES"
 
