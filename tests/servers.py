@@ -20,7 +20,6 @@ own and in memory (a restart empties it).
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import importlib.resources
 import logging
@@ -396,11 +395,11 @@ class Tansu:
 
     def kill(self) -> None:
         """SIGKILL the broker (everything it held is gone)."""
-        if self._proc is not None:
-            with contextlib.suppress(ProcessLookupError):
-                self._proc.kill()
-            self._proc.wait(10)
-            self._proc = None
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+        if proc is not None:
+            proc.wait(10)
 
     def cleanup(self) -> None:
         self.kill()

@@ -156,16 +156,8 @@ class KafkaConfig:
                 "must be SASL_PLAINTEXT or SASL_SSL when SASL credentials are set",
             )
         return cls(
+            **s.model_dump(exclude={"bootstrap_servers", "sasl_password"}),
             bootstrap_servers=",".join(part.strip() for part in s.bootstrap_servers.split(",")),
-            topic_prefix=s.topic_prefix,
-            timeout=s.timeout,
-            linger_ms=s.linger_ms,
-            compression=s.compression,
-            message_max_bytes=s.message_max_bytes,
-            metadata_max_age=s.metadata_max_age,
-            security_protocol=s.security_protocol,
-            sasl_mechanism=s.sasl_mechanism,
-            sasl_username=s.sasl_username,
             sasl_password=password,
         )
 

@@ -9,7 +9,7 @@ import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
@@ -22,18 +22,29 @@ from outbox_relay.sinks.kafka import KafkaSettings, KafkaSink, plugin
 from tests.conftest import OutboxEnv
 from tests.helpers import Services, cli_env, count_status, running_relay, running_worker, wait_until
 from tests.integration.kafka_support import create_topics, read_topic, topic_names
-from tests.integration.sinks_support import insert_events, migrate_sinks, routed_registry
+from tests.integration.sinks_support import (
+    all_finished,
+    insert_events,
+    migrate_sinks,
+    routed_registry,
+    worker_killed_mid_stream,
+)
 from tests.servers import NO_KAFKA, KafkaServer, Tansu, owned_kafka, session_kafka
 
 SASL_PASSWORD = "k4fka-s3cret-pw"
+K = TypeVar("K", bound=KafkaServer)
+
+
+def _or_skip(server: K | None) -> K:
+    if server is None:
+        pytest.skip(NO_KAFKA)
+    return server
 
 
 @pytest.fixture(scope="module")
 def kafka_server() -> Iterator[KafkaServer]:
     """The Kafka broker of this module's tests (the environment's, else tansu), or a skip."""
-    server = session_kafka()
-    if server is None:
-        pytest.skip(NO_KAFKA)
+    server = _or_skip(session_kafka())
     yield server
     server.cleanup()
 
@@ -41,9 +52,7 @@ def kafka_server() -> Iterator[KafkaServer]:
 @pytest.fixture
 def owned_tansu() -> Iterator[Tansu]:
     """A tansu broker of this test's own, which it may kill and restart; or a skip."""
-    server = owned_kafka()
-    if server is None:
-        pytest.skip(NO_KAFKA)
+    server = _or_skip(owned_kafka())
     yield server
     server.cleanup()
 
@@ -85,10 +94,6 @@ def event(n: int, correlation_id: str = "key-1", kind: str = "ev.created") -> Ou
     )
 
 
-async def _all_finished(service: Any, n: int) -> bool:
-    return await count_status(service, "finished") == n
-
-
 async def test_n_rows_make_n_records_keyed_with_the_delivery_id_header(
     outbox_env: OutboxEnv, service: Any, kafka_server: KafkaServer, topic_prefix: str
 ) -> None:
@@ -100,7 +105,7 @@ async def test_n_rows_make_n_records_keyed_with_the_delivery_id_header(
     await migrate_sinks(outbox_env.service_url, registry)
     cids = await insert_events(service, "n", 200)
     async with running_worker(settings, registry), running_relay(settings):
-        await wait_until(lambda: _all_finished(service, 200), timeout=60, message="200 rows finished")
+        await wait_until(lambda: all_finished(service, 200), timeout=60, message="200 rows finished")
     records = await read_topic(kafka_server.bootstrap, topic)
     assert len(records) == 200
     assert sorted(r.headers["id"].decode() for r in records) == sorted(cids)
@@ -145,7 +150,7 @@ async def test_a_missing_topic_fails_its_row_permanently_naming_it_and_others_go
     await insert_events(service, "missing", 1, kind="ev.missing")
     async with running_worker(settings, registry), running_relay(settings):
         await wait_until(lambda: count_status(service, "failed"), timeout=30, message="row failed")
-        await wait_until(lambda: _all_finished(service, 20), timeout=30, message="the other rows finished")
+        await wait_until(lambda: all_finished(service, 20), timeout=30, message="the other rows finished")
     row = await service.fetchrow(
         "SELECT attempts, last_error FROM outbox_relay.outbox WHERE status = 'failed'"
     )
@@ -215,7 +220,7 @@ async def test_a_broker_down_is_transient_and_rows_finish_when_it_returns(
     await migrate_sinks(outbox_env.service_url, registry)
     await insert_events(service, "before", 20)
     async with running_worker(settings, registry), running_relay(settings):
-        await wait_until(lambda: _all_finished(service, 20), timeout=60, message="first 20 finished")
+        await wait_until(lambda: all_finished(service, 20), timeout=60, message="first 20 finished")
         owned_tansu.kill()
         during = await insert_events(service, "during", 20)
         await wait_until(
@@ -230,7 +235,7 @@ async def test_a_broker_down_is_transient_and_rows_finish_when_it_returns(
         await asyncio.to_thread(owned_tansu.start)
         # a produce may reach the new broker first, which then creates the topic itself
         await create_topics(owned_tansu.bootstrap, [topic], exist_ok=True)
-        await wait_until(lambda: _all_finished(service, 40), timeout=90, message="all 40 finished")
+        await wait_until(lambda: all_finished(service, 40), timeout=90, message="all 40 finished")
     assert await count_status(service, "failed") == 0
     ids = {r.headers["id"].decode() for r in await read_topic(owned_tansu.bootstrap, topic)}
     assert set(during) <= ids
@@ -288,43 +293,26 @@ async def test_a_worker_sigkilled_mid_stream_leaves_one_record_id_per_row(
     the same value: what a consumer deduplicates)."""
     topic = f"{topic_prefix}ev.created"
     await create_topics(kafka_server.bootstrap, [topic])
-    settings, registry = kafka_settings(
-        outbox_env, kafka_server.bootstrap, topic_prefix, requeue_after=3.0, job_timeout=2.0
-    )
+    _, registry = kafka_settings(outbox_env, kafka_server.bootstrap, topic_prefix)
     await migrate_sinks(outbox_env.service_url, registry)
     n = 400
     cids = await insert_events(service, "kill", n)
-    env = cli_env(
-        outbox_env.env(
-            ROUTES="ev.*=kafka",
-            KAFKA_BOOTSTRAP_SERVERS=kafka_server.bootstrap,
-            KAFKA_TOPIC_PREFIX=topic_prefix,
-            JOB_TIMEOUT="2",
-            WORKER_CONCURRENCY="4",
-            LOG_LEVEL="WARNING",
-        )
+    sink_env = {
+        "ROUTES": "ev.*=kafka",
+        "KAFKA_BOOTSTRAP_SERVERS": kafka_server.bootstrap,
+        "KAFKA_TOPIC_PREFIX": topic_prefix,
+    }
+    await worker_killed_mid_stream(
+        outbox_env,
+        service,
+        sink_env,
+        tmp_path,
+        rows=n,
+        started=lambda: service.fetchval(
+            "SELECT count(*) >= 50 FROM outbox_relay.outbox WHERE status = 'finished'"
+        ),
+        what="50 rows delivered",
     )
-    services = Services(tmp_path)
-    try:
-        async with running_relay(settings):
-            first = services.start("worker-1", "worker", env=env)
-            await services.wait(
-                lambda: service.fetchval(
-                    "SELECT count(*) >= 50 FROM outbox_relay.outbox WHERE status = 'finished'"
-                ),
-                timeout=60,
-                message="50 rows delivered",
-            )
-            first.proc.kill()
-            first.proc.wait(10)
-            assert await count_status(service, "finished") < n, (
-                "the worker finished everything before it was killed"
-            )
-            services.start("worker-2", "worker", env=env)
-            await services.wait(lambda: _all_finished(service, n), timeout=120, message="all rows finished")
-    finally:
-        services.kill_all()
-    assert await count_status(service, "failed") == 0
     records = await read_topic(kafka_server.bootstrap, topic)
     by_id: dict[str, set[bytes]] = {}
     for record in records:
