@@ -78,7 +78,7 @@ class KafkaSettings(SettingsBase):
         default="outbox.event.", max_length=200, description="topic of an event: this prefix + its kind"
     )
     timeout: float = seconds(
-        10.0, ge=1.0, le=HOUR, description="wait for the broker's delivery report (seconds)"
+        5.0, ge=1.0, le=HOUR, description="wait for the broker's delivery report (seconds)"
     )
     linger_ms: int = Field(default=5, ge=0, le=500, description="how long the producer gathers a batch")
     compression: Literal["none", "gzip", "snappy", "lz4", "zstd"] = Field(

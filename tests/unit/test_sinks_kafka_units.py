@@ -84,9 +84,10 @@ def test_out_of_bounds_values_are_refused_naming_the_variable(
 
 
 def test_defaults_and_accepted_values(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Defaults: 127.0.0.1:9092 and outbox.event.; several servers, IPv6 and the bounds themselves pass."""
+    """Defaults: 127.0.0.1:9092, outbox.event., 5 s; several servers, IPv6 and the bounds themselves pass."""
     defaults = load(KafkaSettings)
     assert (defaults.bootstrap_servers, defaults.topic_prefix) == ("127.0.0.1:9092", "outbox.event.")
+    assert defaults.timeout == 5.0  # below JOB_TIMEOUT's default (10 s)
     monkeypatch.setenv("OUTBOX_RELAY_KAFKA_BOOTSTRAP_SERVERS", "k1.example:9092, [::1]:9093,10.0.0.1:1")
     monkeypatch.setenv("OUTBOX_RELAY_KAFKA_TIMEOUT", "3600")
     monkeypatch.setenv("OUTBOX_RELAY_KAFKA_LINGER_MS", "0")
