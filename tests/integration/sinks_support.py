@@ -6,8 +6,9 @@ import asyncio
 import base64
 import contextlib
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -20,6 +21,8 @@ from outbox_relay.devtools.embedded import free_port
 from outbox_relay.handlers import HandlerRegistry
 from outbox_relay.migrate import migrate
 from outbox_relay.settings import Settings
+from tests.conftest import OutboxEnv
+from tests.helpers import Services, cli_env, count_status, running_relay
 
 SECRET = "whsec_" + base64.b64encode(b"outbox-relay-test-secret-32bytes").decode()
 
@@ -136,3 +139,40 @@ async def insert_events(conn: Any, prefix: str, n: int, kind: str = "ev.created"
         kind,
     )
     return cids
+
+
+async def all_finished(service: Any, n: int) -> bool:
+    """Whether all ``n`` rows are finished."""
+    return await count_status(service, "finished") == n
+
+
+async def worker_killed_mid_stream(
+    outbox_env: OutboxEnv,
+    service: Any,
+    sink_env: Mapping[str, str],
+    directory: Path,
+    *,
+    rows: int,
+    started: Callable[[], Awaitable[bool]],
+    what: str,
+) -> None:
+    """With a relay running: a `worker` process (``sink_env``: ROUTES and the sink's variables,
+    JOB_TIMEOUT 2 s, 4 jobs) until ``started`` (``what``), SIGKILLed before it finished all
+    ``rows``; then another until every row finished, none failed."""
+    settings = outbox_env.settings(routes=sink_env["ROUTES"], requeue_after=3.0, job_timeout=2.0)
+    env = cli_env(outbox_env.env(JOB_TIMEOUT="2", WORKER_CONCURRENCY="4", LOG_LEVEL="WARNING", **sink_env))
+    services = Services(directory)
+    try:
+        async with running_relay(settings):
+            first = services.start("worker-1", "worker", env=env)
+            await services.wait(started, timeout=60, message=what)
+            first.proc.kill()
+            first.proc.wait(10)
+            assert await count_status(service, "finished") < rows, (
+                "the worker finished all before it was killed"
+            )
+            services.start("worker-2", "worker", env=env)
+            await services.wait(lambda: all_finished(service, rows), timeout=120, message="all rows finished")
+    finally:
+        services.kill_all()
+    assert await count_status(service, "failed") == 0

@@ -24,6 +24,7 @@ from tests.integration.sinks_support import (
     routed_registry,
     stream_contents,
     stream_messages,
+    worker_killed_mid_stream,
 )
 
 
@@ -138,36 +139,20 @@ async def test_a_worker_sigkilled_mid_stream_leaves_exactly_n_messages(
     """A `worker` process SIGKILLed while publishing: its jobs run again in another worker, every
     row finishes, and the stream holds each event exactly once (Nats-Msg-Id deduplication)."""
     stream = await make_stream(nats_server.url, [f"{prefix}>"])
-    settings, registry = nats_settings(outbox_env, nats_server, prefix, requeue_after=3.0, job_timeout=2.0)
+    _, registry = nats_settings(outbox_env, nats_server, prefix)
     await migrate_sinks(outbox_env.service_url, registry)
     n = 400
     await insert_events(service, "kill", n)
-    env = cli_env(
-        outbox_env.env(
-            ROUTES="ev.*=nats",
-            NATS_URL=nats_server.url,
-            NATS_SUBJECT_PREFIX=prefix,
-            JOB_TIMEOUT="2",
-            WORKER_CONCURRENCY="4",
-            LOG_LEVEL="WARNING",
-        )
+    sink_env = {"ROUTES": "ev.*=nats", "NATS_URL": nats_server.url, "NATS_SUBJECT_PREFIX": prefix}
+    await worker_killed_mid_stream(
+        outbox_env,
+        service,
+        sink_env,
+        tmp_path,
+        rows=n,
+        started=lambda: _at_least(nats_server.url, stream, 50),
+        what="50 messages published",
     )
-    services = Services(tmp_path)
-    try:
-        async with running_relay(settings):
-            first = services.start("worker-1", "worker", env=env)
-            await services.wait(
-                lambda: _at_least(nats_server.url, stream, 50), timeout=60, message="50 messages published"
-            )
-            first.proc.kill()
-            first.proc.wait(10)
-            finished_at_kill = await count_status(service, "finished")
-            assert finished_at_kill < n, "the worker finished everything before it was killed"
-            services.start("worker-2", "worker", env=env)
-            await services.wait(lambda: _all_finished(service, n), timeout=120, message="all rows finished")
-    finally:
-        services.kill_all()
-    assert await count_status(service, "failed") == 0
     assert await stream_messages(nats_server.url, stream) == n
     ids = [h["Nats-Msg-Id"] for _, h, _ in await stream_contents(nats_server.url, stream)]
     assert len(set(ids)) == n

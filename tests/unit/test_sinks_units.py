@@ -73,8 +73,10 @@ def test_a_kinds_route_is_matched_once_and_remembered_within_a_bound() -> None:
 
 def test_unknown_sink_names_the_variable_and_the_installed_sinks() -> None:
     """A route to a sink no plugin provides is refused at the edge."""
-    settings = load_settings({"routes": "ev.*=pigeon", "database_url": "postgresql://x@127.0.0.1/db"})
-    with pytest.raises(SettingsError, match=r"unknown sink .pigeon.*nats, rabbitmq, webhook") as caught:
+    settings = load_settings({"routes": "ev.*=sqs", "database_url": "postgresql://x@127.0.0.1/db"})
+    with pytest.raises(
+        SettingsError, match=r"unknown sink .sqs.*installed sinks: .*kafka.*nats.*webhook"
+    ) as caught:
         plugins(settings, HandlerRegistry())
     assert caught.value.variable == "OUTBOX_RELAY_ROUTES"
 
