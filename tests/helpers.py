@@ -195,13 +195,13 @@ async def connect(url: str) -> asyncpg.Connection:
 # -- signals: /readyz of a process, the relay's lease row ---------------------------
 
 
-async def http_get(port: int, path: str) -> tuple[int, Any]:
-    """(status, body) of GET ``path`` on 127.0.0.1: JSON decoded except for /metrics; (0, None) when
-    nothing answers."""
+async def http_get(port: int, path: str, host: str = "127.0.0.1") -> tuple[int, Any]:
+    """(status, body) of GET ``path`` on ``host`` (loopback): JSON decoded except for /metrics; (0, None)
+    when nothing answers."""
     try:
         async with (
             aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=3)) as http,
-            http.get(f"http://127.0.0.1:{port}{path}") as response,
+            http.get(f"http://{host}:{port}{path}") as response,
         ):
             if path == "/metrics":
                 return response.status, await response.text()
@@ -211,14 +211,14 @@ async def http_get(port: int, path: str) -> tuple[int, Any]:
 
 
 async def wait_ready(
-    port: int, *, role: str | None = None, ready: bool = True, timeout: float = 30.0
+    port: int, *, role: str | None = None, ready: bool = True, timeout: float = 30.0, host: str = "127.0.0.1"
 ) -> dict[str, Any]:
     """Poll ``/readyz`` on ``port`` until it says ``ready`` (and ``role``, when given); its body.
 
     Roles: ``active`` and ``standby`` for a relay, ``worker`` for a worker."""
 
     async def answered() -> dict[str, Any] | None:
-        _, body = await http_get(port, "/readyz")
+        _, body = await http_get(port, "/readyz", host)
         if isinstance(body, dict) and body.get("ready") is ready and role in (None, body.get("role")):
             return body
         return None
@@ -273,12 +273,21 @@ def log_tail(path: Path, lines: int = 30) -> str:
 class Service:
     """One ``python -m outbox_relay`` subprocess and its log."""
 
-    def __init__(self, name: str, proc: subprocess.Popen[bytes], log: Path, port: int | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        proc: subprocess.Popen[bytes],
+        log: Path,
+        port: int | None = None,
+        host: str = "127.0.0.1",
+    ) -> None:
         self.name = name
         self.proc = proc
         self.log = log
         #: OUTBOX_RELAY_HTTP_PORT of the process (``/readyz``), when it serves one.
         self.port = port
+        #: The address that HTTP server listens on (another network namespace's, for tests/hosts.py).
+        self.host = host
 
     def running(self) -> bool:
         """True while the process has not exited."""
@@ -350,7 +359,7 @@ class Services:
         if service.port is None:
             raise ValueError(f"{service.name} serves no /readyz: start it with http=True")
         try:
-            await wait_ready(service.port, role=role, ready=ready, timeout=timeout)
+            await wait_ready(service.port, role=role, ready=ready, timeout=timeout, host=service.host)
         except AssertionError as exc:
             raise AssertionError(f"{service.name}: {exc}\n{self.tails()}") from None
 
