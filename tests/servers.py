@@ -447,6 +447,10 @@ class SentinelSet:
         return redis.Redis(port=port, password=self.password, socket_timeout=2, socket_connect_timeout=2)
 
     def _settled(self) -> None:
+        for port in self.nodes:
+            with self._client(port) as client:
+                if client.info("replication").get("master_link_status", "up") != "up":
+                    raise ConnectionError(f"replica {port} is not in sync yet")
         for port in self.sentinel_ports:
             with self._client(port) as client:
                 state = client.sentinel_master(SENTINEL_SERVICE)

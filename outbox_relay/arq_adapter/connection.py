@@ -22,6 +22,8 @@ from arq.connections import ArqRedis
 from redis.asyncio import ConnectionPool, Redis
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 
+from outbox_relay.config import check_url
+
 #: The URL schemes of a Sentinel set (plain, and TLS to the Redis nodes).
 SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
 #: A sentinel's port when the URL gives none.
@@ -72,12 +74,8 @@ def _address(text: str) -> tuple[str, int]:
 
 def parse_sentinel_url(url: str) -> SentinelTarget:
     """The Sentinel set ``url`` names; a ``ValueError`` (never quoting the URL) when malformed."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        raise ValueError("is not a valid URL") from None
-    if parts.scheme not in SENTINEL_SCHEMES:
-        raise ValueError(f"is not a Sentinel URL ({' or '.join(s + '://' for s in SENTINEL_SCHEMES)})")
+    check_url(url, SENTINEL_SCHEMES)  # parses, the scheme, every port
+    parts = urlsplit(url)
     if parts.query or parts.fragment:
         raise ValueError("takes no query or fragment in its Sentinel form")
     hosts = parts.netloc.rpartition("@")[2]
