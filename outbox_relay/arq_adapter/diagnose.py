@@ -20,7 +20,9 @@ from arq.connections import ArqRedis
 from arq.constants import health_check_key_suffix, job_key_prefix
 from redis.exceptions import RedisError
 
+from outbox_relay.arq_adapter.connection import is_sentinel, parse_sentinel_url
 from outbox_relay.arq_adapter.producer import redis_client, workers_key
+from outbox_relay.arq_adapter.sentinel import read_sentinels, sentinel_check
 from outbox_relay.diagnosis import Check
 from outbox_relay.logs import describe
 from outbox_relay.queue import Diagnosis
@@ -54,16 +56,24 @@ class ArqDiagnostics:
         return f"ArqDiagnostics(queue_name={self.queue_name!r})"
 
     async def diagnose(self) -> Diagnosis:
-        """The ``redis`` and ``redis maxmemory-policy`` lines and what the health-check key shows."""
+        """The ``redis`` and ``redis maxmemory-policy`` lines and what the health-check key shows;
+        for a Sentinel set first the ``redis sentinel`` line (sentinels, master, replicas)."""
+        first: tuple[Check, ...] = ()
+        if is_sentinel(self._url):
+            target = parse_sentinel_url(self._url)
+            found = sentinel_check(target, await read_sentinels(target))
+            first = (found,)
+            if found.status == "fail":
+                return self._unreachable("no master found through the sentinels", first)
         redis = redis_client(self._url, queue_name=self.queue_name, max_connections=2)
         try:
             facts = await self._read(redis)
         except (RedisError, OSError, TimeoutError) as exc:
-            return self._unreachable(describe(exc))
+            return self._unreachable(describe(exc), first)
         finally:
             await redis.aclose(close_connection_pool=True)
         return Diagnosis(
-            checks=self._checks(facts),
+            checks=first + self._checks(facts),
             reachable=True,
             workers_seen=self._seen(facts),
             workers_signal=self.health_key,
@@ -117,10 +127,10 @@ class ArqDiagnostics:
         members = await redis.zrangebyscore(workers_key(self.queue_name), f"({now_ms}", "+inf")
         return tuple(sorted(m.decode(errors="replace") for m in members))
 
-    def _unreachable(self, error: str) -> Diagnosis:
+    def _unreachable(self, error: str, first: tuple[Check, ...] = ()) -> Diagnosis:
         fix = "check OUTBOX_RELAY_REDIS_URL and that Redis is up"
         return Diagnosis(
-            checks=(Check("redis", "fail", f"cannot reach Redis: {error}", fix),),
+            checks=(*first, Check("redis", "fail", f"cannot reach Redis: {error}", fix)),
             reachable=False,
             workers_seen=None,
             workers_signal=self.health_key,

@@ -16,12 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from arq.connections import ArqRedis
-from redis.asyncio import ConnectionPool
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from outbox_relay.arq_adapter.connection import redis_client as redis_client  # the one way to make one
 from outbox_relay.exceptions import QueueError, QueueUnavailable
 from outbox_relay.logs import describe, scrub
 from outbox_relay.queue import HandOver, PendingJob
@@ -86,18 +85,6 @@ def job_id(namespace: str, correlation_id: str, generation: int = 0) -> str:
     escaped = correlation_id.replace("%", "%25").replace(":", "%3A").replace("#", "%23")
     base = f"{namespace}:{escaped}"
     return base if generation == 0 else f"{base}#{generation}"
-
-
-def redis_client(url: str, *, queue_name: str, max_connections: int = 20) -> ArqRedis:
-    """An arq Redis client; it connects lazily, so it can be made while Redis is down."""
-    pool = ConnectionPool.from_url(
-        url,
-        max_connections=max_connections,
-        socket_timeout=5.0,
-        socket_connect_timeout=5.0,
-        retry_on_timeout=False,
-    )
-    return ArqRedis(pool, default_queue_name=queue_name)
 
 
 @asynccontextmanager

@@ -3,7 +3,8 @@
 A backend is published under the entry-point group ``outbox_relay.queues``, one
 entry per URL scheme it serves, pointing at a :data:`BackendFactory`; adding a
 backend is one module plus its entry points. The composition root calls
-:func:`from_url` once; nothing else names a backend.
+:func:`from_url` once; nothing else names a backend. A factory may also have ``check_url(url)``,
+raising ``ValueError`` for a URL of its scheme it cannot take: settings validation calls it (exit 2).
 """
 
 from __future__ import annotations
@@ -79,10 +80,23 @@ def schemes() -> tuple[str, ...]:
 
 
 def from_url(url: str, options: QueueOptions, *, variable: str = "the queue URL") -> QueueBackend:
-    """The backend serving ``url``'s scheme; an unknown scheme is a :class:`SettingsError`."""
+    """The backend serving ``url``'s scheme; an unknown scheme, or a URL its backend refuses
+    (a ``ValueError`` when made), is a :class:`SettingsError`."""
     scheme = urlsplit(url).scheme
     factory = _factories().get(scheme)
     if factory is None:
         known = ", ".join(s + "://" for s in schemes()) or "none installed"
         raise SettingsError(variable, f"no queue backend serves {scheme}:// (known: {known})")
-    return factory()(url, options)
+    try:
+        return factory()(url, options)
+    except ValueError as exc:
+        raise SettingsError(variable, str(exc)) from None
+
+
+def check(url: str) -> None:
+    """A ``ValueError`` when the backend serving ``url``'s scheme refuses its form: the factory's
+    ``check_url(url)``, if it has one (settings validation; nothing is made or connected)."""
+    factory = _factories().get(urlsplit(url).scheme)
+    validate = getattr(factory(), "check_url", None) if factory is not None else None
+    if callable(validate):
+        validate(url)

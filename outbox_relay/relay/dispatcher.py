@@ -217,7 +217,8 @@ class Dispatcher:
         lost = epoch != self._epoch
         if lost and self._epoch is not None:
             logger.warning(
-                "%s restarted (it may have lost jobs): enqueueing every queued row again", self.queue.server
+                "%s restarted or failed over (it may have lost jobs): enqueueing every queued row again",
+                self.queue.server,
             )
         self._epoch = epoch
         stale = await self._requeue(store, everything=True) if lost else 0
