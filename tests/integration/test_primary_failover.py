@@ -26,10 +26,12 @@ from outbox_relay.composition import doctor_config, replication_config
 from outbox_relay.db import quote_ident
 from outbox_relay.devtools.embedded import EmbeddedPostgres
 from outbox_relay.doctor import run_doctor
+from outbox_relay.exceptions import ReplicationError
 from outbox_relay.handlers import registry
 from outbox_relay.migrate import migrate
 from outbox_relay.replication import subscribe, unsubscribe
 from outbox_relay.settings import Settings
+from tests.conftest import OutboxEnv
 from tests.helpers import (
     cli_env,
     money_total,
@@ -328,3 +330,36 @@ async def _assert_exactly_once(setup: Failover, service: Any) -> None:
 
 async def _at_least(value: Any, expected: int) -> bool:
     return int(await value) >= expected
+
+
+async def test_subscribe_again_makes_an_old_slot_a_failover_slot_and_points_at_repoint(
+    outbox_env: OutboxEnv, primary: Any, service: Any
+) -> None:
+    """A 17+ subscription whose slot is no failover slot (made by an older release) becomes one when
+    `subscribe` runs again; a subscription whose slot is not on the primary is refused, naming `repoint`."""
+    if int(await service.fetchval("SHOW server_version_num")) < 170000:
+        pytest.skip("failover slots need PostgreSQL 17+ (the test server is older)")
+    settings = outbox_env.settings()
+    name = (await subscribe(replication_config(settings))).slot
+    ident = quote_ident(name)
+    failover_sql = "SELECT failover FROM pg_replication_slots WHERE slot_name = $1"
+    await service.execute(f"ALTER SUBSCRIPTION {ident} DISABLE")
+    await wait_until(lambda: _inactive(primary, name), message="the slot let go")
+    await service.execute(f"ALTER SUBSCRIPTION {ident} SET (failover = false)")
+    await service.execute(f"ALTER SUBSCRIPTION {ident} ENABLE")
+    assert await primary.fetchval(failover_sql, name) is False
+
+    again = await subscribe(replication_config(settings))
+    assert again.failover
+    assert await primary.fetchval(failover_sql, name) is True
+    assert await service.fetchval("SELECT subenabled FROM pg_subscription WHERE subname = $1", name)
+
+    await service.execute(f"ALTER SUBSCRIPTION {ident} DISABLE")
+    await wait_until(lambda: _inactive(primary, name), message="the slot let go")
+    await primary.execute("SELECT pg_drop_replication_slot($1)", name)
+    with pytest.raises(ReplicationError, match="outbox-relay repoint"):
+        await subscribe(replication_config(settings))
+
+
+async def _inactive(primary: Any, slot: str) -> bool:
+    return not await primary.fetchval("SELECT active FROM pg_replication_slots WHERE slot_name = $1", slot)
