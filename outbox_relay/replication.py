@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -97,26 +99,33 @@ async def subscribe(
     skipped by its ``outbox_skip_known`` trigger, so a re-subscription
     duplicates nothing and never stalls.
     """
+    async with _locked_pair(config) as (primary, service):
+        primary_id = await _identity(primary)
+        name = await subscription_name(config.subscription_name, service, primary_id)
+        info = await service.fetchrow(query("subscription_info"), name)
+        if info is not None:
+            slot = info["subslotname"] or name
+            result = await _reenable(service, primary, name, slot, info["subenabled"])
+        else:
+            result = await _create(service, primary, primary_id, name, config.conninfo, adopt_slot)
+        synced = await _wait_for_sync(service, name, sync_timeout) if wait else False
+    return replace(result, synced=synced)
+
+
+@contextlib.asynccontextmanager
+async def _locked_pair(config: ReplicationConfig) -> AsyncIterator[tuple[Connection, Connection]]:
+    """(primary, service database), both checked, with the service's subscription lock held."""
     primary = await connect_retrying(config.primary_url, what="the primary")
     try:
         service = await connect_retrying(config.database_url, what="the service database")
         try:
             await service.execute(query("subscription_lock"))  # released when `service` closes
             await _check_databases(primary, service)
-            primary_id = await _identity(primary)
-            name = await subscription_name(config.subscription_name, service, primary_id)
-            info = await service.fetchrow(query("subscription_info"), name)
-            if info is not None:
-                slot = info["subslotname"] or name
-                result = await _reenable(service, primary, name, slot, info["subenabled"])
-            else:
-                result = await _create(service, primary, primary_id, name, config.conninfo, adopt_slot)
-            synced = await _wait_for_sync(service, name, sync_timeout) if wait else False
+            yield primary, service
         finally:
             await service.close()
     finally:
         await primary.close()
-    return replace(result, synced=synced)
 
 
 async def _check_databases(primary: Connection, service: Connection) -> None:
@@ -379,26 +388,17 @@ async def repoint(
     service database holds are skipped (``outbox_skip_known``). Either way
     nothing committed on the new primary is lost, and no row is applied twice.
     """
-    primary = await connect_retrying(config.primary_url, what="the primary")
-    try:
-        service = await connect_retrying(config.database_url, what="the service database")
-        try:
-            await service.execute(query("subscription_lock"))  # released when `service` closes
-            await _check_databases(primary, service)
-            if await primary.fetchval(query("in_recovery")):
-                raise ReplicationError(
-                    "the server at OUTBOX_RELAY_PRIMARY_URL is a standby (in recovery): promote it first "
-                    "(pg_ctl promote, or SELECT pg_promote();), then run `repoint` again"
-                )
-            primary_id = await _identity(primary)
-            name = await subscription_name(config.subscription_name, service, primary_id)
-            result = await _repoint(service, primary, primary_id, name, config.conninfo)
-            if wait and result.copied:
-                await _wait_for_sync(service, name, sync_timeout)
-        finally:
-            await service.close()
-    finally:
-        await primary.close()
+    async with _locked_pair(config) as (primary, service):
+        if await primary.fetchval(query("in_recovery")):
+            raise ReplicationError(
+                "the server at OUTBOX_RELAY_PRIMARY_URL is a standby (in recovery): promote it first "
+                "(pg_ctl promote, or SELECT pg_promote();), then run `repoint` again"
+            )
+        primary_id = await _identity(primary)
+        name = await subscription_name(config.subscription_name, service, primary_id)
+        result = await _repoint(service, primary, primary_id, name, config.conninfo)
+        if wait and result.copied:
+            await _wait_for_sync(service, name, sync_timeout)
     return result
 
 

@@ -34,6 +34,7 @@ from outbox_relay.settings import Settings
 from tests.conftest import OutboxEnv
 from tests.helpers import (
     cli_env,
+    count_status,
     money_total,
     open_account,
     run_cli,
@@ -202,14 +203,6 @@ async def _produce(setup: Failover, url: str, prefix: str, stop: asyncio.Event, 
             await primary.close()
 
 
-async def _finished(url: str) -> int:
-    conn = await asyncpg.connect(url)
-    try:
-        return int(await conn.fetchval("SELECT count(*) FROM outbox_relay.outbox WHERE status = 'finished'"))
-    finally:
-        await conn.close()
-
-
 async def _slot_synced(primary: EmbeddedPostgres, standby: EmbeddedPostgres, slot: str) -> bool:
     """The standby's copy of the slot is synced and persistent (ready to be taken over). The copy turns
     persistent once the primary's slot has moved past where the standby's copy began, which it does at
@@ -262,18 +255,20 @@ async def test_primary_failover_repointed_every_row_once(
         service = await asyncpg.connect(setup.service_url)
         try:
             await open_account(service, "acct", BALANCE)
-            await _run_through_failover(setup, made.slot, sync_slots)
+            await _run_through_failover(setup, service, made.slot, sync_slots)
             await _assert_exactly_once(setup, service)
         finally:
             await service.close()
 
 
-async def _run_through_failover(setup: Failover, slot: str, sync_slots: bool) -> None:
+async def _run_through_failover(setup: Failover, service: Any, slot: str, sync_slots: bool) -> None:
     """Relay and worker run while the primary streams, stops, and the standby takes over."""
     async with running_relay(setup.settings), running_worker(setup.settings):
         stop = asyncio.Event()
         old = asyncio.create_task(_produce(setup, setup.primary.url("prim"), "old", stop, 100_000))
-        await wait_until(lambda: _at_least(_finished(setup.service_url), 60), timeout=60, message="60 rows")
+        await wait_until(
+            lambda: _at_least(count_status(service, "finished"), 60), timeout=60, message="60 rows"
+        )
         if sync_slots:
             await wait_until(
                 lambda: _slot_synced(setup.primary, setup.standby, slot),
@@ -298,7 +293,7 @@ async def _run_through_failover(setup: Failover, slot: str, sync_slots: bool) ->
         await _produce(setup, setup.standby.url("prim"), "new", asyncio.Event(), 60)
         on_new_primary = set(await _ids(setup.standby.url("prim")))
         await wait_until(
-            lambda: _at_least(_finished(setup.service_url), len(on_new_primary)),
+            lambda: _at_least(count_status(service, "finished"), len(on_new_primary)),
             timeout=60,
             message=f"{len(on_new_primary)} rows finished",
         )
