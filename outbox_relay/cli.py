@@ -159,7 +159,37 @@ async def cmd_subscribe(args: argparse.Namespace, settings: Settings) -> int:
     verb = "created" if result.created else "already exists"
     adopted = ", adopted" if result.adopted else ""
     synced = "; initial copy done" if result.synced else ""
-    print(f"subscription {result.name} {verb} (slot {result.slot}{adopted}){synced}")
+    failover = ", failover slot" if result.failover else ""
+    print(f"subscription {result.name} {verb} (slot {result.slot}{adopted}{failover}){synced}")
+    return 0
+
+
+def configure_repoint(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--no-wait",
+        action="store_true",
+        help="when it re-subscribes, return once the subscription exists, before the copy ends",
+    )
+
+
+async def cmd_repoint(args: argparse.Namespace, settings: Settings) -> int:
+    from outbox_relay.composition import replication_config
+    from outbox_relay.replication import repoint
+
+    result = await repoint(replication_config(settings), wait=not args.no_wait)
+    failover = "; a failover slot" if result.failover else ""
+    if result.how == "adopted":
+        kept = "synced from the old primary" if result.synced_slot else "already there"
+        print(
+            f"subscription {result.name} repointed: slot {result.slot} adopted ({kept}), "
+            f"resuming from {result.resume_lsn}{failover}"
+        )
+    else:
+        made = "re-subscribed" if result.how == "resubscribed" else "subscribed"
+        print(
+            f"subscription {result.name} {made} to the new primary: new slot {result.slot}, the table "
+            f"copied, rows already here skipped{failover}"
+        )
     return 0
 
 
@@ -444,6 +474,14 @@ COMMANDS: tuple[Command, ...] = (
         "drop the subscription and its slot (safe to run again)",
         configure_nothing,
         cmd_unsubscribe,
+    ),
+    Command(
+        "repoint",
+        "after a primary failover: point the subscription at the primary now at "
+        "OUTBOX_RELAY_PRIMARY_URL (adopts its synced slot on 17+, else re-subscribes copying only what is "
+        "missing)",
+        configure_repoint,
+        cmd_repoint,
     ),
     Command("run", "the relay: LISTEN fast path plus periodic sweep", configure_run, cmd_run),
     Command("worker", "an arq worker that applies the handlers", configure_worker, cmd_worker),

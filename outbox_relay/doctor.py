@@ -722,7 +722,10 @@ async def _primary_slot(ctx: DoctorContext) -> None:
     if sub is None or sub.slot is None:
         return
     slot = await ctx.db.fetchrow(_SQL("slot"), sub.slot)
-    recreate = "outbox-relay unsubscribe && outbox-relay subscribe (copies only what is missing)"
+    recreate = (
+        "after a failover, with OUTBOX_RELAY_PRIMARY_URL naming the promoted primary: outbox-relay repoint; "
+        "else outbox-relay unsubscribe && outbox-relay subscribe (either copies only what is missing)"
+    )
     if slot is None:
         ctx.add("primary slot", "fail", f"slot {sub.slot} does not exist on the primary", recreate)
         return
@@ -751,6 +754,20 @@ async def _primary_slot(ctx: DoctorContext) -> None:
         )
     else:
         ctx.add("primary slot", "ok", found)
+
+
+@check(140, needs="primary")
+async def _primary_failover(ctx: DoctorContext) -> None:
+    """Whether the primary's physical standbys can take the slot over after a failover (17+), or why
+    none can (15, 16), and what to do after one (:mod:`outbox_relay.failover`)."""
+    from outbox_relay.failover import FailoverFacts, failover_checks
+
+    sub = ctx.subscription
+    if sub is None or sub.slot is None:
+        return
+    row = await ctx.db.fetchrow(_SQL("failover_facts"), sub.slot)
+    for line in failover_checks(FailoverFacts.from_row(row, _ident(sub), sub.slot)):
+        ctx.add(line.name, line.status, line.detail, line.fix)
 
 
 # -- the queue and its workers -------------------------------------------------------------------

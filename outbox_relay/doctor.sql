@@ -151,3 +151,21 @@ SELECT kind, count(*) AS rows FROM (
 -- name: live_workers
 -- What the workers seen in the last 30 s route and handle (outbox_relay.workers).
 SELECT routes, kinds FROM outbox_relay.workers WHERE seen_at > now() - interval '30 seconds';
+
+-- name: failover_facts
+-- What the primary shows of its physical standbys' readiness to take the
+-- subscription's slot ($1) over after a failover. Readable by any role: slots
+-- and settings are public, and pg_stat_activity shows every session's
+-- application_name (a standby's slot sync worker: '[<cluster_name>_]slotsync worker').
+-- 17+ columns and settings through to_jsonb / missing_ok, so one query serves 15 to 18.
+SELECT current_setting('server_version_num')::int AS version_num,
+       coalesce(current_setting('synchronized_standby_slots', true), '') AS synchronized_standby_slots,
+       (SELECT (to_jsonb(s) ->> 'failover')::boolean
+          FROM pg_replication_slots s WHERE s.slot_name = $1) AS slot_failover,
+       (SELECT count(*) FROM pg_stat_activity
+         WHERE application_name LIKE '%slotsync worker')::int AS slotsync_sessions,
+       coalesce((SELECT jsonb_agg(jsonb_build_object('name', s.slot_name, 'active', s.active,
+                                                    'feedback', s.xmin IS NOT NULL
+                                                                OR s.catalog_xmin IS NOT NULL)
+                                  ORDER BY s.slot_name)
+                   FROM pg_replication_slots s WHERE s.slot_type = 'physical'), '[]')::text AS standbys;

@@ -218,6 +218,46 @@ SELECT count(*) > 0 FROM pg_replication_slots WHERE slot_name = $1;
 -- name: create_slot
 SELECT pg_create_logical_replication_slot($1, 'pgoutput');
 
+-- name: create_failover_slot
+-- PostgreSQL 17+: a slot that physical standbys running sync_replication_slots
+-- keep a copy of, so that it survives the primary's failover.
+SELECT pg_create_logical_replication_slot($1, 'pgoutput', false, false, true);
+
+-- name: server_version_num
+SELECT current_setting('server_version_num')::int;
+
+-- name: in_recovery
+SELECT pg_is_in_recovery();
+
+-- name: repoint_slot
+-- The subscription's slot on the (new) primary. Columns of 17+ (synced,
+-- failover, invalidation_reason) through to_jsonb, so that one query serves 15 to 18.
+SELECT s.active, s.database::text AS database, s.plugin::text AS plugin,
+       s.wal_status::text AS wal_status, s.confirmed_flush_lsn::text AS confirmed_flush_lsn,
+       coalesce((to_jsonb(s) ->> 'synced')::boolean, false) AS synced,
+       coalesce((to_jsonb(s) ->> 'failover')::boolean, false) AS failover,
+       coalesce(to_jsonb(s) ->> 'invalidation_reason',
+                CASE WHEN (to_jsonb(s) ->> 'conflicting')::boolean THEN 'conflicting' END) AS invalid
+  FROM pg_replication_slots s
+ WHERE s.slot_name = $1 AND s.slot_type = 'logical';
+
+-- name: subscription_oid
+SELECT oid::bigint
+  FROM pg_subscription
+ WHERE subname = $1
+   AND subdbid = (SELECT oid FROM pg_database WHERE datname = current_database());
+
+-- name: apply_workers
+-- The subscription's workers still running (a disabled subscription's exit within moments).
+SELECT count(*) FROM pg_stat_subscription WHERE subid = $1::bigint::oid AND pid IS NOT NULL;
+
+-- name: origin_advance
+-- The subscription's replication origin (named pg_<oid> by PostgreSQL) moved to
+-- the adopted slot's confirmed_flush_lsn: the new primary resends from there
+-- (rows the service has are skipped by outbox_skip_known), so no row committed
+-- after that point is skipped, whatever the subscriber received from the old primary.
+SELECT pg_replication_origin_advance('pg_' || $1::bigint::text, $2::text::pg_lsn);
+
 -- name: drop_slot
 SELECT pg_drop_replication_slot(slot_name)
   FROM pg_replication_slots
@@ -237,7 +277,14 @@ SELECT subenabled, subslotname
 CREATE SUBSCRIPTION {subscription}
     CONNECTION {conninfo}
     PUBLICATION outbox_relay
-    WITH (create_slot = false, slot_name = {slot}, copy_data = true);
+    WITH (create_slot = false, slot_name = {slot}, copy_data = true{options});
+
+-- name: alter_subscription_connection
+ALTER SUBSCRIPTION {subscription} CONNECTION {conninfo};
+
+-- name: subscription_failover_on
+-- 17+ only; the subscription must be disabled and its slot idle (PostgreSQL alters the slot).
+ALTER SUBSCRIPTION {subscription} SET (failover = true);
 
 -- name: enable_subscription
 ALTER SUBSCRIPTION {subscription} ENABLE;

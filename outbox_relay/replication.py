@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
+from typing import Any, Literal
 
 from outbox_relay.admin import require_shape
 from outbox_relay.db import Connection, connect_retrying, quote_ident, quote_literal
@@ -15,6 +18,9 @@ from outbox_relay.migrate import check_schema
 from outbox_relay.sql import query, render
 
 logger = logging.getLogger(__name__)
+
+#: PostgreSQL's first release with failover slots (``failover``, ``sync_replication_slots``).
+FAILOVER_SLOTS_VERSION = 170000
 
 
 def derived_subscription_name(database: str, system_identifier: str, database_oid: int) -> str:
@@ -62,6 +68,8 @@ class SubscribeResult:
     synced: bool
     slot: str = ""
     adopted: bool = False
+    #: The slot is a failover slot (PostgreSQL 17+): physical standbys keep a copy of it.
+    failover: bool = False
 
 
 @dataclass(frozen=True)
@@ -91,25 +99,33 @@ async def subscribe(
     skipped by its ``outbox_skip_known`` trigger, so a re-subscription
     duplicates nothing and never stalls.
     """
+    async with _locked_pair(config) as (primary, service):
+        primary_id = await _identity(primary)
+        name = await subscription_name(config.subscription_name, service, primary_id)
+        info = await service.fetchrow(query("subscription_info"), name)
+        if info is not None:
+            slot = info["subslotname"] or name
+            result = await _reenable(service, primary, name, slot, info["subenabled"])
+        else:
+            result = await _create(service, primary, primary_id, name, config.conninfo, adopt_slot)
+        synced = await _wait_for_sync(service, name, sync_timeout) if wait else False
+    return replace(result, synced=synced)
+
+
+@contextlib.asynccontextmanager
+async def _locked_pair(config: ReplicationConfig) -> AsyncIterator[tuple[Connection, Connection]]:
+    """(primary, service database), both checked, with the service's subscription lock held."""
     primary = await connect_retrying(config.primary_url, what="the primary")
     try:
         service = await connect_retrying(config.database_url, what="the service database")
         try:
             await service.execute(query("subscription_lock"))  # released when `service` closes
             await _check_databases(primary, service)
-            primary_id = await _identity(primary)
-            name = await subscription_name(config.subscription_name, service, primary_id)
-            info = await service.fetchrow(query("subscription_info"), name)
-            if info is not None:
-                result = await _reenable(service, name, info["subslotname"] or name, info["subenabled"])
-            else:
-                result = await _create(service, primary, primary_id, name, config.conninfo, adopt_slot)
-            synced = await _wait_for_sync(service, name, sync_timeout) if wait else False
+            yield primary, service
         finally:
             await service.close()
     finally:
         await primary.close()
-    return replace(result, synced=synced)
 
 
 async def _check_databases(primary: Connection, service: Connection) -> None:
@@ -127,33 +143,97 @@ async def _check_databases(primary: Connection, service: Connection) -> None:
         raise ReplicationError(str(exc)) from None
 
 
-async def _reenable(service: Connection, name: str, slot: str, enabled: bool) -> SubscribeResult:
-    """The subscription exists: enable it if it is not."""
+async def _reenable(
+    service: Connection, primary: Connection, name: str, slot: str, enabled: bool
+) -> SubscribeResult:
+    """The subscription exists: its slot must be on this primary (else it is a failover: `repoint`);
+    on 17+ the slot is made a failover slot if it is not one yet; enable it if it is not."""
+    state = await primary.fetchrow(query("repoint_slot"), slot)
+    if state is None:
+        raise ReplicationError(
+            f"subscription {name} exists but its slot {slot} is not on the primary at "
+            f"OUTBOX_RELAY_PRIMARY_URL (after a failover, or a dropped slot): run `outbox-relay repoint`, "
+            f"which re-subscribes copying only what is missing"
+        )
+    failover = bool(state["failover"])
+    if not failover and await _failover_capable(service, primary):
+        await _make_failover(service, primary, name, slot, enabled)
+        failover, enabled = True, True
     if not enabled:
         await service.execute(_ddl("enable_subscription", name))
         logger.info("subscription re-enabled", extra={"subscription": name})
-    return SubscribeResult(name=name, created=False, slot_created=False, synced=False, slot=slot)
+    return SubscribeResult(
+        name=name, created=False, slot_created=False, synced=False, slot=slot, failover=failover
+    )
+
+
+async def _failover_capable(service: Connection, primary: Connection) -> bool:
+    """Both servers know failover slots (PostgreSQL 17+: the subscription's ``failover`` option)."""
+    versions = [int(await c.fetchval(query("server_version_num"))) for c in (primary, service)]
+    return min(versions) >= FAILOVER_SLOTS_VERSION
+
+
+async def _make_failover(
+    service: Connection, primary: Connection, name: str, slot: str, enabled: bool
+) -> None:
+    """An existing subscription's slot made a failover slot: PostgreSQL alters the slot itself, on a
+    disabled subscription whose walsender has let the slot go."""
+    if enabled:
+        await service.execute(_ddl("disable_subscription", name))
+    await _wait_slot_idle(primary, slot, 30.0)
+    await service.execute(_ddl("subscription_failover_on", name))
+    await service.execute(_ddl("enable_subscription", name))
+    logger.info("subscription slot made a failover slot", extra={"subscription": name, "slot": slot})
+
+
+async def _wait_slot_idle(primary: Connection, slot: str, timeout: float) -> None:
+    """Until no walsender holds ``slot`` on the primary (a disabled subscription's goes within moments)."""
+    deadline = time.monotonic() + timeout
+    while (state := await primary.fetchrow(query("slot_state"), slot)) is not None and state["active"]:
+        if time.monotonic() > deadline:
+            raise ReplicationError(f"replication slot {slot} stays active on the primary")
+        await asyncio.sleep(0.1)
 
 
 async def _create(
     service: Connection, primary: Connection, primary_id: _Identity, name: str, conninfo: str, adopt: bool
 ) -> SubscribeResult:
-    """Claim (or make) slot ``name`` on the primary, then the subscription using it."""
+    """Claim (or make) slot ``name`` on the primary, then the subscription using it.
+
+    On a PostgreSQL 17+ primary the slot is a failover slot (physical standbys
+    with ``sync_replication_slots`` keep a copy), and a 17+ service database's
+    subscription says ``failover = true`` too: with ``create_slot = false``,
+    CREATE SUBSCRIPTION sets the slot's flag to the subscription's.
+    """
     exists, adopted = await _claim_slot(service, primary, primary_id, name, adopt=adopt)
+    failover = int(await primary.fetchval(query("server_version_num"))) >= FAILOVER_SLOTS_VERSION
     if not exists:
         # Waits for every open write transaction in the primary's cluster.
-        await primary.fetchval(query("create_slot"), name)
+        await primary.fetchval(query("create_failover_slot" if failover else "create_slot"), name)
+    option = failover and await _failover_capable(service, primary)
     await service.execute(
         render(
             query("create_subscription"),
             subscription=quote_ident(name),
             conninfo=quote_literal(conninfo),
             slot=quote_literal(name),
+            options=", failover = true" if option else "",
         )
     )
-    logger.info("subscription created", extra={"subscription": name, "slot": name, "adopted": adopted})
+    state = await primary.fetchrow(query("repoint_slot"), name)
+    failover = state is not None and bool(state["failover"])
+    logger.info(
+        "subscription created",
+        extra={"subscription": name, "slot": name, "adopted": adopted, "failover": failover},
+    )
     return SubscribeResult(
-        name=name, created=True, slot_created=not exists, synced=False, slot=name, adopted=adopted
+        name=name,
+        created=True,
+        slot_created=not exists,
+        synced=False,
+        slot=name,
+        adopted=adopted,
+        failover=failover,
     )
 
 
@@ -276,6 +356,135 @@ async def _drop_slot(primary: Connection, name: str, timeout: float) -> bool:
             raise ReplicationError(f"replication slot {name} stays active on the primary")
         await asyncio.sleep(0.1)
     return False
+
+
+@dataclass(frozen=True)
+class RepointResult:
+    """What `repoint` did: adopted the slot the new primary kept (``adopted``), or re-subscribed."""
+
+    name: str
+    slot: str
+    #: "adopted": the slot on the new primary is used (a synced one after a 17+ failover);
+    #: "resubscribed": a new slot and subscription, copying only what is missing;
+    #: "subscribed": there was no subscription, made as `subscribe` does.
+    how: Literal["adopted", "resubscribed", "subscribed"]
+    synced_slot: bool = False
+    failover: bool = False
+    #: The LSN the new primary resends from (adopted only).
+    resume_lsn: str | None = None
+    copied: bool = False
+
+
+async def repoint(
+    config: ReplicationConfig, *, wait: bool = True, sync_timeout: float = 300.0
+) -> RepointResult:
+    """Point the subscription at the primary now at PRIMARY_URL (the promoted standby after a failover).
+
+    The slot the new primary holds under the subscription's slot name, when it
+    is usable and this database's (recorded here, or synced from the old
+    primary by PostgreSQL 17+), is adopted: the connection is changed and the
+    subscription resumes from the slot's ``confirmed_flush_lsn``. Otherwise the
+    subscription is made again on a new slot, copying the table: rows the
+    service database holds are skipped (``outbox_skip_known``). Either way
+    nothing committed on the new primary is lost, and no row is applied twice.
+    """
+    async with _locked_pair(config) as (primary, service):
+        if await primary.fetchval(query("in_recovery")):
+            raise ReplicationError(
+                "the server at OUTBOX_RELAY_PRIMARY_URL is a standby (in recovery): promote it first "
+                "(pg_ctl promote, or SELECT pg_promote();), then run `repoint` again"
+            )
+        primary_id = await _identity(primary)
+        name = await subscription_name(config.subscription_name, service, primary_id)
+        result = await _repoint(service, primary, primary_id, name, config.conninfo)
+        if wait and result.copied:
+            await _wait_for_sync(service, name, sync_timeout)
+    return result
+
+
+async def _repoint(
+    service: Connection, primary: Connection, primary_id: _Identity, name: str, conninfo: str
+) -> RepointResult:
+    """Adopt the new primary's slot, or re-subscribe (see :func:`repoint`)."""
+    info = await service.fetchrow(query("subscription_info"), name)
+    if info is None:
+        made = await _create(service, primary, primary_id, name, conninfo, adopt=False)
+        return RepointResult(name, made.slot, "subscribed", failover=made.failover, copied=True)
+    slot = str(info["subslotname"] or name)
+    state = await primary.fetchrow(query("repoint_slot"), slot)
+    ours = state is not None and (state["synced"] or slot in await _recorded(service, primary_id))
+    if state is not None and state["active"]:
+        raise ReplicationError(
+            f"replication slot {slot} on the new primary is in use by another subscriber: "
+            f"set OUTBOX_RELAY_SUBSCRIPTION_NAME to another name, or drop that subscriber"
+        )
+    if state is not None and not ours:
+        raise ReplicationError(
+            f"replication slot {slot} exists on the new primary and is not this service database's: "
+            f"set OUTBOX_RELAY_SUBSCRIPTION_NAME to another name"
+        )
+    usable = (
+        state is not None
+        and state["database"] == primary_id.database
+        and state["plugin"] == "pgoutput"
+        and state["wal_status"] != "lost"
+        and state["invalid"] is None
+        and state["confirmed_flush_lsn"] is not None
+    )
+    if state is not None and usable:
+        return await _adopt(service, primary_id, name, slot, conninfo, state)
+    if state is not None:  # ours, but unusable (invalidated, lost): made again below
+        logger.warning("dropping an unusable replication slot", extra={"slot": slot, "why": state["invalid"]})
+        await _drop_slot(primary, slot, 30.0)
+    await _drop_subscription(service, name)
+    made = await _create(service, primary, primary_id, name, conninfo, adopt=False)
+    logger.info("re-subscribed to the new primary", extra={"subscription": name, "slot": made.slot})
+    return RepointResult(name, made.slot, "resubscribed", failover=made.failover, copied=True)
+
+
+async def _adopt(
+    service: Connection, primary_id: _Identity, name: str, slot: str, conninfo: str, state: Any
+) -> RepointResult:
+    """The subscription, disabled, takes the new primary's connection and resumes from the slot's
+    confirmed_flush_lsn (its origin moved there: nothing the new primary committed is skipped)."""
+    oid = int(await service.fetchval(query("subscription_oid"), name))
+    await service.execute(_ddl("disable_subscription", name))
+    deadline = time.monotonic() + 30.0
+    while await service.fetchval(query("apply_workers"), oid):
+        if time.monotonic() > deadline:
+            raise ReplicationError(f"subscription {name}'s apply worker does not stop")
+        await asyncio.sleep(0.1)
+    await service.execute(
+        render(
+            query("alter_subscription_connection"),
+            subscription=quote_ident(name),
+            conninfo=quote_literal(conninfo),
+        )
+    )
+    resume = str(state["confirmed_flush_lsn"])
+    await service.execute(query("origin_advance"), oid, resume)
+    await service.execute(query("record_slot"), primary_id.system_identifier, primary_id.database, slot)
+    await service.execute(_ddl("enable_subscription", name))
+    logger.info(
+        "subscription repointed: slot adopted",
+        extra={"subscription": name, "slot": slot, "synced": bool(state["synced"]), "resume_lsn": resume},
+    )
+    return RepointResult(
+        name,
+        slot,
+        "adopted",
+        synced_slot=bool(state["synced"]),
+        failover=bool(state["failover"]),
+        resume_lsn=resume,
+    )
+
+
+async def _drop_subscription(service: Connection, name: str) -> None:
+    """Drop the subscription, leaving its slot alone (it is on the old primary, gone or unreachable)."""
+    await service.execute(_ddl("disable_subscription", name))
+    await service.execute(_ddl("detach_subscription_slot", name))
+    await service.execute(_ddl("drop_subscription", name))
+    logger.info("subscription dropped, to be made again on the new primary", extra={"subscription": name})
 
 
 def _ddl(name: str, subscription: str) -> str:
