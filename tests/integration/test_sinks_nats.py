@@ -16,7 +16,7 @@ from outbox_relay.devtools.nats_server import EmbeddedNats
 from outbox_relay.handlers import HandlerRegistry
 from outbox_relay.settings import Settings
 from tests.conftest import OutboxEnv
-from tests.helpers import Services, cli_env, count_status, equals, running_relay, running_worker, wait_until
+from tests.helpers import count_status, equals, running_relay, running_worker, wait_until
 from tests.integration.sinks_support import (
     insert_events,
     make_stream,
