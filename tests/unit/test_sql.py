@@ -30,7 +30,7 @@ OWN_QUERY_FILES = {
 QUERY_FUNCTIONS = {"query", "_ddl"}
 
 #: The subscription DDL: takes no parameters, so identifiers are formatted in (quoted).
-DDL_PLACEHOLDERS = {"subscription", "conninfo", "slot"}
+DDL_PLACEHOLDERS = {"subscription", "conninfo", "slot", "options"}
 DDL_RE = re.compile(r"^\s*(CREATE|ALTER|DROP)\s+SUBSCRIPTION\b", re.I | re.M)
 
 
@@ -134,14 +134,15 @@ def test_query_returns_the_named_text_and_rejects_unknown_names() -> None:
 
 
 def test_ddl_queries_use_only_the_known_placeholders() -> None:
-    """The subscription DDL formats in only {subscription}, {conninfo} and {slot}, and formats cleanly."""
+    """The subscription DDL formats in only {subscription}, {conninfo}, {slot} and the code's own
+    {options} (e.g. `, failover = true`), and formats cleanly."""
     ddl = {name: text for name, text in sql.queries().items() if DDL_RE.search(text)}
     assert {"create_subscription", "enable_subscription", "drop_subscription"} <= set(ddl)
     for name, text in ddl.items():
         fields = {field for _, field, _, _ in string.Formatter().parse(text) if field is not None}
         assert fields <= DDL_PLACEHOLDERS, f"{name} uses {fields - DDL_PLACEHOLDERS}"
         assert "subscription" in fields, f"{name} does not name the subscription"
-        formatted = text.format(subscription='"s"', conninfo="'host=h'", slot="'s'")
+        formatted = text.format(subscription='"s"', conninfo="'host=h'", slot="'s'", options="")
         assert "{" not in formatted
     create = sql.query("create_subscription")
     assert {f for _, f, _, _ in string.Formatter().parse(create) if f} == DDL_PLACEHOLDERS
