@@ -19,6 +19,7 @@ queue untouched, its attempts not counted.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -132,7 +133,14 @@ class Deliveries:
         if not delivered:
             return {}
         tokens = [claimed[i]["claim_token"] for i in delivered]
-        done = {r["id"]: r for r in await self.pool.fetch(self._finish, delivered, tokens)}
+        try:
+            done = {r["id"]: r for r in await self.pool.fetch(self._finish, delivered, tokens)}
+        except Exception as exc:  # delivered, not finished: the claim expires, the retry delivers again
+            logger.warning(
+                "delivered rows not finished (the database away?); they are delivered again, same id",
+                extra={"rows": len(delivered), "error": describe(exc)},
+            )
+            return {i: Outcome.retry(HAND_BACK_DELAY, claimed[i]["kind"]) for i in delivered}
         outcomes: dict[int, Outcome] = {}
         for row_id in delivered:
             row = done.get(row_id)
@@ -150,7 +158,8 @@ class Deliveries:
     async def _failed(self, row_id: int, row: Any, delivery: int, exc: Exception) -> Outcome:
         token = row["claim_token"]
         if isinstance(exc, PutOff):
-            await self.pool.execute(query("release_claim"), row_id, token)
+            with contextlib.suppress(Exception):  # else the claim expires on its own
+                await self.pool.execute(query("release_claim"), row_id, token)
             return Outcome.put_off()
         retry_after = exc.retry_after if isinstance(exc, TransientError) else None
         error = str(exc) if isinstance(exc, (PermanentError, TransientError)) else describe(exc)

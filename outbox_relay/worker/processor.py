@@ -109,7 +109,13 @@ class RowProcessor:
                 )
         rest = [job for job in jobs if job.row_id not in finished]
         if rest:
-            finished.update(await self._deliveries.run(rest, deadline))
+            try:
+                finished.update(await self._deliveries.run(rest, deadline))
+            except Exception as exc:  # the database away: each row on its own (retried, not lost)
+                logger.info(
+                    "batch deliveries failed; rows one by one",
+                    extra={"rows": len(rest), "error": describe(exc)},
+                )
         outcomes: dict[int, Outcome] = {}
         for job in sorted(jobs, key=lambda j: j.row_id):
             if job.row_id in finished:

@@ -335,10 +335,10 @@ async def test_rows_finish_when_a_worker_is_sigkilled_mid_load(env: OutboxEnv, s
         await services.wait(
             at_least_finished(env.service_url, len(load.rows)), timeout=90, message="every row finished"
         )
-        # The victim's jobs wait for their in-progress keys to expire (16 s) before they run again.
+        # The victim's jobs wait for their in-progress keys to expire (1 + 6 s) before they run again.
         recovered = await conn.fetchval(
             "SELECT count(*) FROM outbox_relay.outbox"
-            " WHERE finished_at > $1::timestamptz + interval '10 seconds'",
+            " WHERE finished_at > $1::timestamptz + interval '6 seconds'",
             killed_at,
         )
     finally:
