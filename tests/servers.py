@@ -24,6 +24,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -399,6 +400,8 @@ class OwnedRabbitmq:
         self.node = f"outbox-relay-{self.port}@localhost"
         self.log = self.home / "server.log"
         self._proc: subprocess.Popen[bytes] | None = None
+        self._lock = threading.Lock()  # start() runs in a thread: cleanup() may come meanwhile
+        self._closed = False
         (self.home / "enabled_plugins").write_text("[].\n")  # no management plugin: a quicker start
         (self.home / "rabbitmq.conf").write_text(f"listeners.tcp.local = 127.0.0.1:{self.port}\n")
         # instead of the machine's /etc/rabbitmq/rabbitmq-env.conf (its node name): loopback only
@@ -436,18 +439,21 @@ class OwnedRabbitmq:
 
     def start(self, timeout: float = 30.0) -> None:
         """Start the node (again) and wait until it answers AMQP."""
-        if self.running:
-            return
-        with self.log.open("ab") as log:
-            # a session of its own: kill() ends the script, the VM and its helpers by the group's id
-            self._proc = subprocess.Popen(
-                [RABBITMQ_SERVER_SCRIPT],
-                env=self._env(),
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        with self._lock:
+            if self._closed:
+                raise RuntimeError(f"RabbitMQ node {self.node} not started: cleaned up")
+            if self.running:
+                return
+            with self.log.open("ab") as log:
+                # a session of its own: kill() ends the script, the VM and its helpers by the group's id
+                self._proc = subprocess.Popen(
+                    [RABBITMQ_SERVER_SCRIPT],
+                    env=self._env(),
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
 
         def probe() -> None:
             if not self.running:
@@ -470,7 +476,9 @@ class OwnedRabbitmq:
             proc.wait(10)
 
     def cleanup(self) -> None:
-        """Kill the node and remove its directory."""
+        """Kill the node and remove its directory; it starts no more."""
+        with self._lock:
+            self._closed = True
         self.kill()
         shutil.rmtree(self.home, ignore_errors=True)
 

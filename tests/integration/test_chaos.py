@@ -60,6 +60,8 @@ from tests.servers import PgServer, RedisServer, owned_rabbitmq, session_rabbitm
 
 SOAK_SECONDS = float(os.environ.get("OUTBOX_RELAY_SOAK_SECONDS", "110"))
 BROKER_SOAK_SECONDS = float(os.environ.get("OUTBOX_RELAY_SOAK_SECONDS", "35"))
+#: Seconds a soak may take beyond its length (start, producers' catch-up, the rows' settling, checks).
+SOAK_SLACK = 420
 SEED = int(os.environ.get("OUTBOX_RELAY_SOAK_SEED", "7"))
 #: Reservation rows committed per second while the faults strike.
 RATE = 20
@@ -369,6 +371,7 @@ async def _resume(service: Service) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(SOAK_SECONDS + SOAK_SLACK)
 async def test_chaos_soak_loses_nothing_and_settles_each_reservation_once(
     env: OutboxEnv,  # noqa: F811
     services: Services,
@@ -450,6 +453,8 @@ class Brokers:
     queue: str
     receiver: Receiver
     down: set[str] = field(default_factory=set)
+    #: set when the fixture ends: a soak still running past it (a timeout) starts no server again
+    closed: bool = False
 
     def settings(self) -> dict[str, str]:
         """The workers' route and sink settings (timeouts within JOB_TIMEOUT)."""
@@ -470,7 +475,7 @@ class Brokers:
     def strikes(self, chaos: Chaos) -> dict[str, Strike]:
         """BROKER_FAULTS: each takes its server away for the drawn pause, then brings it back."""
         plans = {
-            "restart_nats": (self._kill_nats, lambda: asyncio.to_thread(self.nats.start), "SIGKILLed"),
+            "restart_nats": (self._kill_nats, self._start_nats, "SIGKILLed"),
             "restart_rabbitmq": (self.rabbit.down, self.rabbit.up, self.rabbit.how),
             "stop_webhook": (self.receiver.stop, self.receiver.start, "receiver stopped"),
         }
@@ -478,6 +483,9 @@ class Brokers:
 
     async def _kill_nats(self) -> None:
         self.nats.kill()
+
+    async def _start_nats(self) -> None:
+        self.nats.start()  # in the loop's thread (well under a second): it cannot race the cleanup
 
     def _outage(
         self,
@@ -488,8 +496,9 @@ class Brokers:
         how: str,
     ) -> Strike:
         async def back() -> None:
-            await up()
-            self.down.discard(kind)
+            if not self.closed:
+                await up()
+                self.down.discard(kind)
 
         async def strike(pause: float) -> str | None:
             if kind in self.down:
@@ -530,18 +539,22 @@ async def brokers() -> AsyncIterator[Brokers]:
     try:
         nats.start()
         name = await make_stream(nats.url, [f"{SUBJECT_PREFIX}>"])
-        async with rabbit() as broker, receiving() as receiver:
+        async with rabbit() as broker, receiving() as receiver, contextlib.AsyncExitStack() as stack:
             if broker.how.startswith("node"):  # the node is the test's own: no need to delete after
                 made = await declare(broker.direct, "chaos", ["ev.#"], "chaos")
-                yield Brokers(nats, name, broker, made.exchange, made.queue, receiver)
             else:
-                async with topology(broker.direct) as made:
-                    yield Brokers(nats, name, broker, made.exchange, made.queue, receiver)
+                made = await stack.enter_async_context(topology(broker.direct))
+            made_brokers = Brokers(nats, name, broker, made.exchange, made.queue, receiver)
+            try:
+                yield made_brokers
+            finally:
+                made_brokers.closed = True
     finally:
         nats.cleanup()
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(BROKER_SOAK_SECONDS + SOAK_SLACK)
 async def test_chaos_soak_with_broker_faults_delivers_every_event_to_every_broker(
     env: OutboxEnv,  # noqa: F811
     services: Services,
