@@ -311,10 +311,14 @@ class Services:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         self.started: list[Service] = []
+        #: set by :meth:`kill_all`: a test task still running past its end (a timeout) starts nothing
+        self.closed = False
 
     def start(self, name: str, *args: str, env: Mapping[str, str], http: bool = False) -> Service:
         """Start ``python -m outbox_relay ARGS``; its output goes to ``<name>.log``. With ``http``
         it serves /healthz, /readyz and /metrics on a free port (:attr:`Service.port`)."""
+        if self.closed:
+            raise RuntimeError(f"{name} not started: this test's processes were all killed (its end)")
         log = self.directory / f"{name}.log"
         port = free_port() if http else None
         if port is not None:
@@ -396,7 +400,8 @@ class Services:
         return int(service.proc.returncode)
 
     def kill_all(self) -> None:
-        """SIGKILL every process still running and reap them all."""
+        """SIGKILL every process still running and reap them all; start no more."""
+        self.closed = True
         for service in self.started:
             if service.proc.poll() is None:
                 service.proc.kill()

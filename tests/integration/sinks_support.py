@@ -88,6 +88,7 @@ class Receiver:
     script: dict[str, list[tuple[int, str | None]]] = field(default_factory=dict)
     #: webhook-id -> seconds to stall its first request (a timeout)
     stall: dict[str, float] = field(default_factory=dict)
+    _runner: web.AppRunner | None = field(default=None, repr=False)
 
     @property
     def url(self) -> str:
@@ -111,21 +112,33 @@ class Receiver:
             return web.Response(status=status, headers=extra)
         return web.Response(status=200)
 
+    async def start(self) -> None:
+        """Listen on 127.0.0.1 at :attr:`port` (again, after :meth:`stop`: the same port)."""
+        if self._runner is not None:
+            return
+        app = web.Application()
+        app.router.add_post("/hook", self.handle)
+        runner = web.AppRunner(app, handle_signals=False)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", self.port).start()
+        self._runner = runner
+
+    async def stop(self) -> None:
+        """Stop listening and close every connection (connections to the port are refused)."""
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
+
 
 @contextlib.asynccontextmanager
 async def receiving() -> AsyncIterator[Receiver]:
     """Run a :class:`Receiver` on 127.0.0.1 for the block."""
     receiver = Receiver()
-    app = web.Application()
-    app.router.add_post("/hook", receiver.handle)
-    runner = web.AppRunner(app, handle_signals=False)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", receiver.port)
-    await site.start()
+    await receiver.start()
     try:
         yield receiver
     finally:
-        await runner.cleanup()
+        await receiver.stop()
 
 
 async def insert_events(conn: Any, prefix: str, n: int, kind: str = "ev.created") -> list[str]:
