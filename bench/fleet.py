@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -52,6 +54,17 @@ class Fleet:
         self.relay: subprocess.Popen[bytes] | None = None
         self.workers: list[subprocess.Popen[bytes]] = []
         self._cpu_done: dict[str, float] = {"relay": 0.0, "workers": 0.0}
+
+    @contextlib.contextmanager
+    def extra_env(self, env: dict[str, str]) -> Iterator[None]:
+        """Processes started in the block also get ``env``."""
+        saved = dict(self.env)
+        self.env.update(env)
+        try:
+            yield
+        finally:
+            self.env.clear()
+            self.env.update(saved)
 
     def start(self, workers: int, *, relay: bool = True, noop: bool = False) -> None:
         """Start the relay (if ``relay``) and ``workers`` workers (the no-op ones if ``noop``)."""

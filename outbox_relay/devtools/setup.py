@@ -6,8 +6,7 @@ from collections.abc import Sequence
 
 from outbox_relay.composition import replication_config
 from outbox_relay.db import connect
-from outbox_relay.domains.reservation import plugin as reservation
-from outbox_relay.handlers import Plugin
+from outbox_relay.handlers import HandlerRegistry, Plugin, load_plugins
 from outbox_relay.migrate import Target, migrate
 from outbox_relay.replication import SubscribeResult, subscribe
 from outbox_relay.settings import Settings
@@ -23,11 +22,14 @@ async def migrate_database(url: str, target: Target, plugins: Sequence[Plugin]) 
 
 
 async def prepare(
-    settings: Settings, plugins: Sequence[Plugin] = (reservation,), *, replicate: bool = True
+    settings: Settings, plugins: Sequence[Plugin] | None = None, *, replicate: bool = True
 ) -> SubscribeResult | None:
-    """Migrate the service database (with ``plugins``, the reservation domain by default) and,
+    """Migrate the service database (with ``plugins``; by default every installed one, as `migrate`
+    does: a worker checks the schema of each, the sinks' set included, whatever ROUTES says) and,
     when ``replicate`` and the settings name a primary, the primary too, then subscribe the
     service database to it; the subscription made, or None where nothing replicates."""
+    if plugins is None:
+        plugins = load_plugins(HandlerRegistry()).plugins()
     await migrate_database(settings.require_database_url(), "service", plugins)
     if not (replicate and settings.primary_url is not None):
         return None
