@@ -37,6 +37,16 @@ def tree_cpu(pid: int, *, include_reaped: bool) -> float:
         return 0.0
 
 
+def listening_pid(port: int) -> int | None:
+    """The process listening on TCP ``port`` of this machine (None: none, or not ours to see)."""
+    try:
+        connections = psutil.net_connections(kind="tcp")
+    except psutil.AccessDenied:
+        return None
+    listening = (c for c in connections if c.status == psutil.CONN_LISTEN and c.laddr)
+    return next((c.pid for c in listening if getattr(c.laddr, "port", None) == port), None)
+
+
 def rss(pid: int) -> int:
     """Resident memory of a process in bytes (0 once it is gone)."""
     try:

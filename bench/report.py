@@ -156,7 +156,8 @@ def _sink_row(name: str, route: dict[str, Any]) -> str:
     failed = f", {route['failed_rows']:,} failed" if route["failed_rows"] else ""
     return (
         f"  {name:<18} {route['events_per_s'] or 0:>9,.0f}  {_num(ratio):>6}  {cpu:>9.2f}  "
-        f"{delivered:>13}{failed}  {route['longest_idle_in_transaction_s']:>8.2f}"
+        f"{delivered:>13}  {route['longest_idle_in_transaction_s']:>8.2f}  "
+        f"{route['cores_busy']:>9.2f}{failed}"
     )
 
 
@@ -170,18 +171,32 @@ def _sinks(data: dict[str, Any]) -> list[str]:
         "",
         f"sink routes ({workers} worker(s); the rows of each run committed in one transaction on the "
         "primary; commit -> last finished)",
-        "  route               events/s   ratio   CPU s per   delivered /   longest idle",
-        "                                         1,000 ev.*      events   in transaction (s)",
+        "  route               events/s   ratio   CPU s per   delivered /   longest idle   cores",
+        "                                         1,000 ev.*      events   in transaction    busy**",
         f"  {'reservation path':<18} {reference['events_per_s'] or 0:>9,.0f}  {1.0:>6.2f}  "
         f"{_num(reference['cpu_relay_and_workers_per_1000_events']):>9}",
     ]
     lines += [_sink_row(name, route) for name, route in sinks.items()]
     lines.append("  * relay and workers together (PostgreSQL, Redis and the destination not counted)")
+    lines.append(
+        f"  ** of the machine's {data['machine']['cpus']}, every process counted, commit to last finished"
+    )
     if slow["runs"]:
         lines.append("webhook answering after 50 ms, by worker processes:")
         lines += [_sink_row(f"{n} worker(s)", route) for n, route in slow["runs"].items()]
         if slow["ratio_2_to_1"] is not None:
             lines.append(f"  2 workers / 1 worker: {slow['ratio_2_to_1']:.2f}x")
+    runs = {**sinks, **{f"webhook 50 ms, {n} worker(s)": r for n, r in slow["runs"].items()}}
+    lines.append(
+        "CPU seconds per 1,000 events by process (destination: the server the sink delivers to; "
+        "bench: the producer and the pollers)"
+    )
+    for name, route in runs.items():
+        if "skipped" not in route:
+            cpu = route["cpu_seconds_per_1000_events"]
+            keys = ("relay", "workers", "postgresql", "redis", "destination", "bench")
+            other = f"; cores busy by other processes {_num(route.get('cores_busy_other'))}"
+            lines.append(f"  {name:<28} " + ", ".join(f"{k} {_num(cpu.get(k))}" for k in keys) + other)
     return lines
 
 

@@ -202,7 +202,7 @@ class Run:
         """Each sink route with the reservation path's worker count, then the webhook answering
         after 50 ms with 1 and with 2 workers."""
         events, workers = self.options.sink_events, self.options.workers
-        place = sink_routes.Place(self.settings, self.servers.admin_url, self.fleet, self.workdir, self.tag)
+        place = sink_routes.Place(self.settings, self.servers, self.fleet, self.workdir, self.tag)
         for route in measured(self.options):
             say(f"[9] sink route {route.label}: {events:,} events in one transaction, {workers} worker(s)")
             result = await sink_routes.measure(route, place, events, workers)

@@ -13,9 +13,15 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import psutil
+
 from bench import BenchError
 from bench.activity import IdleInTransaction
-from bench.fleet import Fleet
+from bench.fleet import Fleet, listening_pid, tree_cpu
+from bench.scenarios.scaling import busy
+from bench.scenarios.throughput import CpuSeconds, cpu_seconds
+from bench.scenarios.throughput import per_1000 as per_1000_events
+from bench.servers import Servers
 from bench.sinks import Destination, SinkRoute, Unavailable
 from bench.sql import query
 from outbox_relay.db import Connection, connect
@@ -33,7 +39,7 @@ class Place:
     """What every sink run shares: the databases, the fleet, a scratch directory, the run's tag."""
 
     settings: Settings
-    admin_url: str
+    servers: Servers
     fleet: Fleet
     workdir: Path
     tag: str
@@ -63,6 +69,40 @@ async def measure(route: SinkRoute, place: Place, events: int, workers: int) -> 
         return {"skipped": str(exc)}
 
 
+class CpuMeter:
+    """CPU seconds of the relay, the workers, PostgreSQL, Redis, the destination's server and the bench
+    itself, and the machine's cores busy (and how many of them by any other process), between
+    :meth:`start` and :meth:`stop`."""
+
+    def __init__(self, place: Place, destination: Destination) -> None:
+        self.place = place
+        self.pid = listening_pid(destination.port) if destination.port else None
+        self._before: CpuSeconds = {}
+        self._machine: Any = None
+        self._started = 0.0
+
+    def _now(self) -> CpuSeconds:
+        destination = tree_cpu(self.pid, include_reaped=False) if self.pid else None
+        own = psutil.Process().cpu_times()  # this process alone: its children are counted above
+        servers = cpu_seconds(self.place.fleet, self.place.servers)
+        return {**servers, "destination": destination, "bench": own.user + own.system}
+
+    def start(self) -> None:
+        """From now."""
+        self._before, self._machine, self._started = self._now(), psutil.cpu_times(), time.monotonic()
+
+    def stop(self, events: int) -> dict[str, Any]:
+        """Until now: CPU seconds per 1,000 events of each (None: not measured here), cores busy."""
+        cores = busy(self._machine, psutil.cpu_times())
+        elapsed = time.monotonic() - self._started
+        per_1000 = per_1000_events(self._before, self._now(), events)
+        known = sum(v for v in per_1000.values() if v is not None) * events / 1000
+        relay, workers = per_1000["relay"], per_1000["workers"]
+        per_1000["relay_and_workers"] = (relay or 0.0) + (workers or 0.0)
+        other = max(cores - known / elapsed, 0.0) if elapsed > 0 else None
+        return {"cpu_seconds_per_1000_events": per_1000, "cores_busy": cores, "cores_busy_other": other}
+
+
 async def _run(
     route: SinkRoute, destination: Destination, place: Place, events: int, workers: int
 ) -> dict[str, Any]:
@@ -71,7 +111,8 @@ async def _run(
     primary = await connect(place.settings.require_primary_url())
     service = await connect(place.settings.require_database_url())
     own = [primary.get_server_pid(), service.get_server_pid()]
-    watch = IdleInTransaction(place.admin_url, place.databases(), own)
+    watch = IdleInTransaction(place.servers.admin_url, place.databases(), own)
+    meter = CpuMeter(place, destination)
     try:
         with fleet.extra_env({"OUTBOX_RELAY_ROUTES": f"{KIND_PREFIX}*={route.sink}", **destination.env}):
             async with watch:
@@ -80,10 +121,10 @@ async def _run(
                     warm = await _commit(primary, kind, WARM_UP_ROWS * workers)
                     await _wait_ended(service, fleet, warm, timeout=120)
                     received_before = await destination.count()
-                    cpu_before = fleet.cpu_seconds()
+                    meter.start()
                     batch = await _commit(primary, kind, events)
                     await _wait_ended(service, fleet, batch, timeout=600)
-                    cpu = {k: v - cpu_before[k] for k, v in fleet.cpu_seconds().items()}
+                    cpu = meter.stop(events)
                 finally:
                     fleet.stop()
         outcome = await service.fetchrow(query("routed_outcome"), batch.first, batch.last)
@@ -100,11 +141,7 @@ async def _run(
         "seconds": seconds,
         "delivered": delivered,
         "failed_rows": int(outcome["failed"]),
-        "cpu_seconds_per_1000_events": {
-            "relay": cpu["relay"] * 1000 / events,
-            "workers": cpu["workers"] * 1000 / events,
-            "relay_and_workers": (cpu["relay"] + cpu["workers"]) * 1000 / events,
-        },
+        **cpu,
         "longest_idle_in_transaction_s": watch.longest,
         "longest_idle_in_transaction_session": watch.session,
         "activity_samples": watch.samples,

@@ -35,6 +35,8 @@ class Destination:
     env: dict[str, str]
     #: Messages (or requests) the destination has received so far.
     count: Callable[[], Awaitable[int]]
+    #: The port its server listens on (the CPU of the process listening there is reported too).
+    port: int | None = None
 
 
 @dataclass(frozen=True)

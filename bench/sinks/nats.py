@@ -31,7 +31,7 @@ async def _open(workdir: Path, tag: str) -> AsyncIterator[Destination]:
             async def count() -> int:
                 return int((await js.stream_info(STREAM)).state.messages)
 
-            yield Destination({"OUTBOX_RELAY_NATS_URL": broker.url}, count)
+            yield Destination({"OUTBOX_RELAY_NATS_URL": broker.url}, count, broker.port)
         finally:
             await client.close()
 

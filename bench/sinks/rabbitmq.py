@@ -59,7 +59,7 @@ def route(url: str | None = None) -> SinkRoute:
                     return int(declared.declaration_result.message_count or 0)
 
                 env = {"OUTBOX_RELAY_RABBITMQ_URL": amqp, "OUTBOX_RELAY_RABBITMQ_EXCHANGE": name}
-                yield Destination(env, count)
+                yield Destination(env, count, urlsplit(amqp).port or 5672)
             finally:
                 await queue.delete(if_unused=False, if_empty=False)
                 await exchange.delete()

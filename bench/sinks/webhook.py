@@ -11,6 +11,7 @@ import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from bench.fleet import ROOT
 from bench.sinks import Destination, SinkRoute, Unavailable
@@ -78,7 +79,7 @@ def route(delay_ms: int = 0) -> SinkRoute:
                 return await _received(base)
 
             env = {"OUTBOX_RELAY_WEBHOOK_URL": f"{base}/hook", "OUTBOX_RELAY_WEBHOOK_SECRET": SECRET}
-            yield Destination(env, count)
+            yield Destination(env, count, urlsplit(base).port)
 
     name = "webhook" if not delay_ms else f"webhook_{delay_ms}ms"
     answer = "at once" if not delay_ms else f"after {delay_ms} ms"
