@@ -109,6 +109,7 @@ SELECT CASE WHEN EXISTS (SELECT 1 FROM outbox_relay.outbox WHERE id = $2)
 -- name: routed_outcome
 SELECT count(*) FILTER (WHERE status = 'finished') AS finished,
        count(*) FILTER (WHERE status = 'failed') AS failed,
+       extract(epoch FROM min(finished_at))::float8 AS first_finished,
        extract(epoch FROM max(finished_at))::float8 AS last_finished,
        min(last_error) FILTER (WHERE status = 'failed') AS error
   FROM outbox_relay.outbox WHERE id BETWEEN $1 AND $2

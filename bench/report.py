@@ -185,7 +185,10 @@ def _sinks(data: dict[str, Any]) -> list[str]:
         lines.append("webhook answering after 50 ms, by worker processes:")
         lines += [_sink_row(f"{n} worker(s)", route) for n, route in slow["runs"].items()]
         if slow["ratio_2_to_1"] is not None:
-            lines.append(f"  2 workers / 1 worker: {slow['ratio_2_to_1']:.2f}x")
+            lines.append(
+                f"  2 workers / 1 worker: {slow['ratio_2_to_1']:.2f}x "
+                f"(first to last finished: {_num(slow['ratio_2_to_1_first_to_last_finished'])}x)"
+            )
     runs = {**sinks, **{f"webhook 50 ms, {n} worker(s)": r for n, r in slow["runs"].items()}}
     lines.append(
         "CPU seconds per 1,000 events by process (destination: the server the sink delivers to; "

@@ -148,12 +148,18 @@ class Results:
             sinks[name] = {**route, "ratio_to_reservation_path": ratio} if "skipped" not in route else route
         rates = {str(n): r.get("events_per_s") for n, r in sorted(self.webhook_50ms.items())}
         one, two = rates.get("1"), rates.get("2")
+        steady = [r.get("events_per_s_first_to_last_finished") for _, r in sorted(self.webhook_50ms.items())]
         return {
             "sinks": sinks,
             "sinks_reference": self.reservation_path(),
             "webhook_50ms": {
                 "workers": rates,
                 "ratio_2_to_1": two / one if one and two else None,
+                # the same without the fixed start (replication, the relay's first pass): first to
+                # last finished
+                "ratio_2_to_1_first_to_last_finished": steady[1] / steady[0]
+                if len(steady) == 2 and steady[0] and steady[1]
+                else None,
                 "runs": {str(n): r for n, r in sorted(self.webhook_50ms.items())},
             },
         }

@@ -134,11 +134,14 @@ async def _run(
         await primary.close()
         await service.close()
     seconds = float(outcome["last_finished"] or batch.committed_at) - batch.committed_at
+    # the delivery alone: without the replication of the batch and the relay's first pass over it
+    steady = float(outcome["last_finished"] or 0.0) - float(outcome["first_finished"] or 0.0)
     result: dict[str, Any] = {
         "events": events,
         "workers": workers,
         "events_per_s": events / seconds if seconds > 0 else None,
         "seconds": seconds,
+        "events_per_s_first_to_last_finished": events / steady if steady > 0 else None,
         "delivered": delivered,
         "failed_rows": int(outcome["failed"]),
         **cpu,
