@@ -27,7 +27,12 @@ on: what users run); ``--fsync-off`` shows the throw-away mode.
    first, the workers warm, the relay started last; the rate between the first
    and the last ``finished_at``), where the producers are not the limit;
 7. CPU seconds per 1,000 events for relay, workers, PostgreSQL and Redis;
-8. idle CPU: percent of a core a relay and each worker use with nothing to do.
+8. idle CPU: percent of a core a relay and each worker use with nothing to do;
+9. sink routes (:mod:`bench.sinks`): rows of a routed kind committed on the primary in one
+   transaction and delivered by each sink (nats, rabbitmq, webhook answering at once) to a real
+   local server, then by the webhook answering after 50 ms with 1 and 2 workers: events/s from the
+   commit to the last ``finished`` and the ratio to 2, messages delivered (exactly the events), the
+   CPU per 1,000 events of each process, and the longest any session sat idle in a transaction.
 
 It lives next to the package, not in it: neither the wheel nor the image carries
 it. Each scenario is a module of :mod:`bench.scenarios`; :mod:`bench.run` runs

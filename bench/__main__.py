@@ -26,7 +26,7 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _drain_rows(text: str) -> int:
+def _count_or_zero(text: str) -> int:
     value = int(text)
     if not 0 <= value <= 1_000_000:
         raise argparse.ArgumentTypeError("must be 0 (skip) to 1000000")
@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add(
         "--drain-rows",
-        type=_drain_rows,
+        type=_count_or_zero,
         default=20_000,
         help="backlog rows each worker count drains in the scaling rounds (20000; 0: skip)",
     )
@@ -67,6 +67,18 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_int,
         default=100,
         help="ledger accounts the reservations are spread over (100; 1: one hot account)",
+    )
+    add(
+        "--sink-events",
+        type=_count_or_zero,
+        default=5_000,
+        help="events through each sink route, one transaction each (5000; 0: skip the sink routes)",
+    )
+    add(
+        "--rabbitmq-url",
+        metavar="URL",
+        help="the rabbitmq route's broker (default: OUTBOX_RELAY_TEST_RABBITMQ_URL, else "
+        "amqp://guest:guest@127.0.0.1:5672/)",
     )
     add(
         "--fsync-off",
@@ -89,6 +101,7 @@ def options_from(args: argparse.Namespace) -> BenchOptions:
         "use_settings": args.use_settings,
         "fsync_off": args.fsync_off,
         "accounts": args.accounts,
+        "rabbitmq_url": args.rabbitmq_url,
     }
     if args.quick:
         return BenchOptions.quick(**common)
@@ -99,6 +112,7 @@ def options_from(args: argparse.Namespace) -> BenchOptions:
         table_rows=args.table_rows,
         rounds=args.rounds,
         drain_rows=args.drain_rows,
+        sink_events=args.sink_events,
         **common,
     )
 

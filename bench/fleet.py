@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -35,6 +37,16 @@ def tree_cpu(pid: int, *, include_reaped: bool) -> float:
         return 0.0
 
 
+def listening_pid(port: int) -> int | None:
+    """The process listening on TCP ``port`` of this machine (None: none, or not ours to see)."""
+    try:
+        connections = psutil.net_connections(kind="tcp")
+    except psutil.AccessDenied:
+        return None
+    listening = (c for c in connections if c.status == psutil.CONN_LISTEN and c.laddr)
+    return next((c.pid for c in listening if getattr(c.laddr, "port", None) == port), None)
+
+
 def rss(pid: int) -> int:
     """Resident memory of a process in bytes (0 once it is gone)."""
     try:
@@ -52,6 +64,17 @@ class Fleet:
         self.relay: subprocess.Popen[bytes] | None = None
         self.workers: list[subprocess.Popen[bytes]] = []
         self._cpu_done: dict[str, float] = {"relay": 0.0, "workers": 0.0}
+
+    @contextlib.contextmanager
+    def extra_env(self, env: dict[str, str]) -> Iterator[None]:
+        """Processes started in the block also get ``env``."""
+        saved = dict(self.env)
+        self.env.update(env)
+        try:
+            yield
+        finally:
+            self.env.clear()
+            self.env.update(saved)
 
     def start(self, workers: int, *, relay: bool = True, noop: bool = False) -> None:
         """Start the relay (if ``relay``) and ``workers`` workers (the no-op ones if ``noop``)."""

@@ -27,8 +27,12 @@ class BenchOptions:
     idle_seconds: float = 30.0
     #: Also drain the backlog with one row per job (the shape before batching).
     backlog_per_row: bool = True
-    #: Events routed to NATS JetStream (an embedded nats-server) for the sink step; 0: skip.
-    nats_events: int = 5_000
+    #: Events through each sink route (nats, rabbitmq, webhook; webhook at 50 ms with 1 and 2
+    #: workers), each run committed in one transaction; 0: skip the sink routes.
+    sink_events: int = 5_000
+    #: The RabbitMQ broker of the rabbitmq route (None: OUTBOX_RELAY_TEST_RABBITMQ_URL, else
+    #: guest/guest at 127.0.0.1:5672).
+    rabbitmq_url: str | None = None
     #: Rounds of the scaling runs (arq ceiling and end to end per worker count), interleaved.
     rounds: int = 3
     #: Ledger accounts the reservations are spread over (round robin). 1: every refund
@@ -44,6 +48,7 @@ class BenchOptions:
         use_settings: bool = False,
         fsync_off: bool = False,
         accounts: int = 100,
+        rabbitmq_url: str | None = None,
     ) -> BenchOptions:
         """A smoke run of a few seconds (what CI runs)."""
         return cls(
@@ -62,7 +67,8 @@ class BenchOptions:
             anchor_seconds=1.0,
             idle_seconds=3.0,
             backlog_per_row=False,
-            nats_events=200,
+            sink_events=200,
+            rabbitmq_url=rabbitmq_url,
             accounts=accounts,
             rounds=1,
             drain_rows=500,

@@ -86,14 +86,40 @@ EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {statement}
 EXPLAIN (FORMAT JSON) {statement}
 
 -- name: insert_routed_rows
--- The NATS route: $2 rows of a kind routed to the nats sink, one transaction.
-INSERT INTO outbox_relay.outbox (correlation_id, kind, outcome, payload)
-SELECT $1 || i, 'benchev.created', 'success', jsonb_build_object('n', i)
-  FROM generate_series(1, $2::int) AS i
+-- A sink route: $3 rows of kind $2 (routed to the sink), one statement; the range of their ids.
+WITH rows AS (
+    INSERT INTO outbox_relay.outbox (correlation_id, kind, outcome, payload)
+    SELECT $1 || i, $2, 'success', jsonb_build_object('n', i)
+      FROM generate_series(1, $3::int) AS i
+    RETURNING id
+)
+SELECT min(id) AS first, max(id) AS last FROM rows
 
--- name: count_routed_ended
-SELECT count(*) FROM outbox_relay.outbox
- WHERE kind = 'benchev.created' AND status IN ('finished', 'failed')
+-- name: now_epoch
+SELECT extract(epoch FROM clock_timestamp())::float8
 
--- name: count_routed_failed
-SELECT count(*) FROM outbox_relay.outbox WHERE kind = 'benchev.created' AND status = 'failed'
+-- name: routed_pending
+-- Rows of the id range $1..$2 not ended yet; all of them until the range has arrived (the rows
+-- were committed in one transaction, so they arrive together with the last one).
+SELECT CASE WHEN EXISTS (SELECT 1 FROM outbox_relay.outbox WHERE id = $2)
+            THEN (SELECT count(*) FROM outbox_relay.outbox
+                   WHERE id BETWEEN $1 AND $2 AND status IN ('new', 'queued'))
+            ELSE $2 - $1 + 1 END
+
+-- name: routed_outcome
+SELECT count(*) FILTER (WHERE status = 'finished') AS finished,
+       count(*) FILTER (WHERE status = 'failed') AS failed,
+       extract(epoch FROM min(finished_at))::float8 AS first_finished,
+       extract(epoch FROM max(finished_at))::float8 AS last_finished,
+       min(last_error) FILTER (WHERE status = 'failed') AS error
+  FROM outbox_relay.outbox WHERE id BETWEEN $1 AND $2
+
+-- name: longest_idle_in_transaction
+-- The session of databases $1 (other than the pids $2: the bench's own) idle in a transaction the
+-- longest, and for how long (seconds).
+SELECT extract(epoch FROM clock_timestamp() - state_change)::float8 AS seconds,
+       application_name, backend_type, left(query, 200) AS query
+  FROM pg_stat_activity
+ WHERE state LIKE 'idle in transaction%' AND datname = ANY($1::text[]) AND pid <> ALL($2::int[])
+ ORDER BY state_change
+ LIMIT 1

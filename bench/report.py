@@ -16,7 +16,18 @@ def say(text: str = "") -> None:
 def render(results: Results) -> str:
     """The results as a plain-text table."""
     data = results.as_json()
-    sections = (_header, _scaling, _drains, _latency, _backlog, _table_scale, _cpu, _nats_route, _targets)
+    sections = (
+        _header,
+        _scaling,
+        _drains,
+        _latency,
+        _backlog,
+        _table_scale,
+        _cpu,
+        _sinks,
+        _targets,
+        _sink_targets,
+    )
     return "\n".join(line for section in sections for line in section(data))
 
 
@@ -136,21 +147,73 @@ def _cpu(data: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _nats_route(data: dict[str, Any]) -> list[str]:
-    route = data["nats_route"]
-    if "events_per_s" in route:
-        ratio = route.get("ratio_to_reservation_path")
-        return [
-            f"NATS route (nats sink, JetStream PubAck per row): {route['events_per_s']:,.0f} events/s, "
-            f"{route['messages']:,} messages for {route['events']:,} events"
-            + (f", {ratio:.2f}x the reservation path" if ratio else "")
-        ]
-    return [f"NATS route: skipped ({route.get('skipped')})"] if route else []
+def _sink_row(name: str, route: dict[str, Any]) -> str:
+    if "skipped" in route:
+        return f"  {name:<18} skipped: {route['skipped']}"
+    ratio = route.get("ratio_to_reservation_path")
+    cpu = route["cpu_seconds_per_1000_events"]["relay_and_workers"]
+    delivered = f"{route['delivered']:,}/{route['events']:,}"
+    failed = f", {route['failed_rows']:,} failed" if route["failed_rows"] else ""
+    return (
+        f"  {name:<18} {route['events_per_s'] or 0:>9,.0f}  {_num(ratio):>6}  {cpu:>9.2f}  "
+        f"{delivered:>13}  {route['longest_idle_in_transaction_s']:>8.2f}  "
+        f"{route['cores_busy']:>9.2f}{failed}"
+    )
+
+
+def _sinks(data: dict[str, Any]) -> list[str]:
+    sinks, slow = data["sinks"], data["webhook_50ms"]
+    if not sinks and not slow["runs"]:
+        return []
+    reference = data["sinks_reference"]
+    workers = next((r["workers"] for r in sinks.values() if "workers" in r), data["workers"])
+    lines = [
+        "",
+        f"sink routes ({workers} worker(s); the rows of each run committed in one transaction on the "
+        "primary; commit -> last finished)",
+        "  route               events/s   ratio   CPU s per   delivered /   longest idle   cores",
+        "                                         1,000 ev.*      events   in transaction    busy**",
+        f"  {'reservation path':<18} {reference['events_per_s'] or 0:>9,.0f}  {1.0:>6.2f}  "
+        f"{_num(reference['cpu_relay_and_workers_per_1000_events']):>9}",
+    ]
+    lines += [_sink_row(name, route) for name, route in sinks.items()]
+    lines.append("  * relay and workers together (PostgreSQL, Redis and the destination not counted)")
+    lines.append(
+        f"  ** of the machine's {data['machine']['cpus']}, every process counted, commit to last finished"
+    )
+    if slow["runs"]:
+        lines.append("webhook answering after 50 ms, by worker processes:")
+        lines += [_sink_row(f"{n} worker(s)", route) for n, route in slow["runs"].items()]
+        if slow["ratio_2_to_1"] is not None:
+            lines.append(
+                f"  2 workers / 1 worker: {slow['ratio_2_to_1']:.2f}x "
+                f"(first to last finished: {_num(slow['ratio_2_to_1_first_to_last_finished'])}x)"
+            )
+    runs = {**sinks, **{f"webhook 50 ms, {n} worker(s)": r for n, r in slow["runs"].items()}}
+    lines.append(
+        "CPU seconds per 1,000 events by process (destination: the server the sink delivers to; "
+        "bench: the producer and the pollers)"
+    )
+    for name, route in runs.items():
+        if "skipped" not in route:
+            cpu = route["cpu_seconds_per_1000_events"]
+            keys = ("relay", "workers", "postgresql", "redis", "destination", "bench")
+            other = f"; cores busy by other processes {_num(route.get('cores_busy_other'))}"
+            lines.append(f"  {name:<28} " + ", ".join(f"{k} {_num(cpu.get(k))}" for k in keys) + other)
+    return lines
 
 
 def _targets(data: dict[str, Any]) -> list[str]:
-    lines = ["", "targets (issue 8)                                            value   target   met"]
-    for t in data["targets"]:
+    return _target_table("targets (issue 8)", data["targets"])
+
+
+def _sink_targets(data: dict[str, Any]) -> list[str]:
+    return _target_table("targets (issue 16, sinks)", data["sink_targets"]) if data["sink_targets"] else []
+
+
+def _target_table(title: str, targets: list[dict[str, Any]]) -> list[str]:
+    lines = ["", f"{title:<61}value   target   met"]
+    for t in targets:
         value = "" if t["value"] is None else f"{t['value']:.2f}"
         met = {True: "yes", False: "NO", None: "n/a"}[t["met"]]
         lines.append(f"  {t['measure']:<58} {value:>7}  {t['target']:>7}  {met}")

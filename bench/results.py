@@ -38,8 +38,11 @@ class Results:
     backlog_per_row: dict[str, float] = field(default_factory=dict)
     job_batch_size: int = 0
     accounts: int = 0
-    #: The NATS route: events/s end to end, messages in the stream, or why it was skipped.
-    nats: dict[str, Any] = field(default_factory=dict)
+    #: Each sink route (bench.sinks) by name: events/s from the commit to the last finished,
+    #: messages delivered, CPU, longest idle in transaction; or why it was skipped.
+    sinks: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: The webhook answering after 50 ms, by worker processes.
+    webhook_50ms: dict[int, dict[str, Any]] = field(default_factory=dict)
 
     def targets(self) -> list[tuple[str, float | None, str, bool | None]]:
         """(measure, value, target, met) for each target of issue 8."""
@@ -95,6 +98,9 @@ class Results:
             "idle_cpu_percent_of_a_core": self.idle_cpu,
             "backlog_one_row_per_job": self.backlog_per_row,
             "targets": [{"measure": m, "value": v, "target": t, "met": ok} for m, v, t, ok in self.targets()],
+            "sink_targets": [
+                {"measure": m, "value": v, "target": t, "met": ok} for m, v, t, ok in self.sink_targets()
+            ],
             "latency_ms": {str(int(rate)): v for rate, v in self.latency.items()},
             "backlog": self.backlog,
             "table_scale": self.table,
@@ -117,8 +123,65 @@ class Results:
                 for n in sorted(set(self.ceiling) | set(self.throughput))
             },
             "cpu_seconds_per_1000_events": self.cpu_per_1000,
-            "nats_route": self.nats,
+            **self.sinks_json(),
         }
+
+    def reservation_path(self) -> dict[str, float | None]:
+        """The reference of the sink routes: the reservation path's events/s with the same workers,
+        and its relay's and workers' CPU seconds per 1,000 events."""
+        cpu = self.cpu_per_1000
+        relay, workers = cpu.get("relay"), cpu.get("workers")
+        return {
+            "events_per_s": self.throughput.get(self.workers),
+            "cpu_relay_and_workers_per_1000_events": relay + workers
+            if relay is not None and workers is not None
+            else None,
+        }
+
+    def sinks_json(self) -> dict[str, Any]:
+        """``sinks`` (each with its ratio to the reservation path), ``webhook_50ms``, the reference."""
+        reference = self.reservation_path()["events_per_s"]
+        sinks = {}
+        for name, route in self.sinks.items():
+            rate = route.get("events_per_s")
+            ratio = rate / reference if rate and reference else None
+            sinks[name] = {**route, "ratio_to_reservation_path": ratio} if "skipped" not in route else route
+        rates = {str(n): r.get("events_per_s") for n, r in sorted(self.webhook_50ms.items())}
+        one, two = rates.get("1"), rates.get("2")
+        steady = [r.get("events_per_s_first_to_last_finished") for _, r in sorted(self.webhook_50ms.items())]
+        return {
+            "sinks": sinks,
+            "sinks_reference": self.reservation_path(),
+            "webhook_50ms": {
+                "workers": rates,
+                "ratio_2_to_1": two / one if one and two else None,
+                # the same without the fixed start (replication, the relay's first pass): first to
+                # last finished
+                "ratio_2_to_1_first_to_last_finished": steady[1] / steady[0]
+                if len(steady) == 2 and steady[0] and steady[1]
+                else None,
+                "runs": {str(n): r for n, r in sorted(self.webhook_50ms.items())},
+            },
+        }
+
+    def sink_targets(self) -> list[tuple[str, float | None, str, bool | None]]:
+        """(measure, value, target, met) for each sink target of issue 16."""
+        data = self.sinks_json()
+        out: list[tuple[str, float | None, str, bool | None]] = []
+        for name, least in (("nats", 0.8), ("kafka", 0.8), ("rabbitmq", 0.5), ("webhook", 0.5)):
+            if name in data["sinks"]:
+                r = data["sinks"][name].get("ratio_to_reservation_path")
+                out.append((f"{name} / reservation path", r, f">= {least}", met(r, least)))
+        r = data["webhook_50ms"]["ratio_2_to_1"]
+        if self.webhook_50ms:
+            out.append(("webhook at 50 ms, 2 workers / 1 worker", r, ">= 1.8", met(r, 1.8)))
+        runs = [r for r in [*self.sinks.values(), *self.webhook_50ms.values()] if "skipped" not in r]
+        if runs:
+            longest = max(r["longest_idle_in_transaction_s"] for r in runs)
+            out.append(("longest idle in transaction, any sink run (s)", longest, "<= 1", longest <= 1.0))
+            once = all(r["delivered"] == r["events"] and not r["failed_rows"] for r in runs)
+            out.append(("every event delivered once, none failed", None, "all", once))
+        return out
 
 
 def met(value: float | None, at_least: float) -> bool | None:

@@ -11,6 +11,7 @@ import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pydantic import SecretStr
 
@@ -23,13 +24,15 @@ from bench.scenarios import (
     backlog,
     commit_rate,
     latency,
-    nats_route,
     noop_ceiling,
     scaling,
+    sink_routes,
     table_scale,
     throughput,
 )
 from bench.servers import Servers, machine
+from bench.sinks import measured
+from bench.sinks import webhook as webhook_route
 from bench.sql import scratch_databases
 from outbox_relay.composition import replication_config
 from outbox_relay.devtools import processes
@@ -84,7 +87,7 @@ async def _bench(options: BenchOptions, servers: Servers, workdir: Path) -> Resu
             ledger = Ledger(settings, options.accounts)
             await ledger.open()
             try:
-                await Run(options, settings, servers, fleet, ledger, workdir, results).scenarios()
+                await Run(options, settings, servers, fleet, ledger, workdir, results, tag).scenarios()
             finally:
                 fleet.stop()
                 await ledger.close()
@@ -112,13 +115,14 @@ class Run:
     ledger: Ledger
     workdir: Path
     results: Results
+    tag: str
 
     async def scenarios(self) -> None:
-        """Scaling rounds (ceiling, throughput, latency, idle CPU, drain), backlogs, NATS route."""
+        """Scaling rounds (ceiling, throughput, latency, idle CPU, drain), backlogs, sink routes."""
         await self.scaling_rounds()
         await self.backlogs()
-        if self.options.nats_events:
-            await self.nats()
+        if self.options.sink_events:
+            await self.sinks()
 
     async def scaling_rounds(self) -> None:
         """Each worker count in interleaved rounds, so that a spell of load from outside falls
@@ -194,16 +198,29 @@ class Run:
             self.results.backlog_per_row = per_row
             say(f"    {per_row['drain_events_per_s']:,.0f} events/s")
 
-    async def nats(self) -> None:
-        """The NATS route, and its ratio to the reservation path's throughput."""
-        events, workers = self.options.nats_events, self.options.workers
-        say(f"[9] a NATS route: {events:,} events into JetStream, {workers} worker(s)")
-        route = await nats_route.measure(self.settings, self.fleet, self.workdir, events, workers)
-        self.results.nats = route
-        if "events_per_s" not in route:
-            say(f"    skipped: {route.get('skipped')}")
-            return
-        reference = self.results.throughput.get(workers)
-        if reference:
-            route["ratio_to_reservation_path"] = route["events_per_s"] / reference
-        say(f"    {route['events_per_s']:,.0f} events/s, {route['messages']:,} messages")
+    async def sinks(self) -> None:
+        """Each sink route with the reservation path's worker count, then the webhook answering
+        after 50 ms with 1 and with 2 workers."""
+        events, workers = self.options.sink_events, self.options.workers
+        place = sink_routes.Place(self.settings, self.servers, self.fleet, self.workdir, self.tag)
+        for route in measured(self.options):
+            say(f"[9] sink route {route.label}: {events:,} events in one transaction, {workers} worker(s)")
+            result = await sink_routes.measure(route, place, events, workers)
+            self.results.sinks[route.name] = result
+            _say_sink(result)
+        slow = webhook_route.route(delay_ms=50)
+        for count in (1, 2):
+            say(f"[9] sink route {slow.label}: {events:,} events, {count} worker(s)")
+            result = await sink_routes.measure(slow, place, events, count)
+            self.results.webhook_50ms[count] = result
+            _say_sink(result)
+
+
+def _say_sink(result: dict[str, Any]) -> None:
+    if "skipped" in result:
+        say(f"    skipped: {result['skipped']}")
+        return
+    say(
+        f"    {result['events_per_s']:,.0f} events/s, {result['delivered']:,} delivered, "
+        f"longest idle in transaction {result['longest_idle_in_transaction_s']:.2f} s"
+    )

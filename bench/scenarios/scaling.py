@@ -58,7 +58,11 @@ def cores_busy(samples: Samples, first: float, last: float) -> float:
     """Cores busy (all processes of the machine) between the samples around ``first`` and ``last``."""
     before = [s for s in samples if s[0] <= first] or samples[:1]
     after = [s for s in samples if s[0] >= last] or samples[-1:]
-    c0, c1 = before[-1][1], after[0][1]
+    return busy(before[-1][1], after[0][1])
+
+
+def busy(c0: Any, c1: Any) -> float:
+    """Cores busy (all processes of the machine) between two ``psutil.cpu_times()``."""
     idle = float(c1.idle - c0.idle) + (getattr(c1, "iowait", 0.0) - getattr(c0, "iowait", 0.0))
     total = _cpu_total(c1) - _cpu_total(c0)
     if total <= 0:

@@ -8,8 +8,10 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from tests.helpers import REPO, cli_env, run_cli
+from tests.servers import RABBITMQ_ENV, RABBITMQ_LOCAL, amqp_answers
 
 
 def test_demo_completes_on_embedded_servers_with_every_check_passing() -> None:
@@ -31,8 +33,8 @@ def test_demo_completes_on_embedded_servers_with_every_check_passing() -> None:
 
 
 def test_bench_quick_writes_the_results_with_the_ratio_to_the_arq_ceiling(tmp_path: Path) -> None:
-    """`python -m bench --quick --json PATH` (what `./dev bench` runs) measures everything and writes
-    the ratio under ratio_to_arq_ceiling."""
+    """`python -m bench --quick --json PATH` (what `./dev bench` runs) measures everything, writes the
+    ratio under ratio_to_arq_ceiling and each sink route's figures under sinks and webhook_50ms."""
     path = tmp_path / "bench.json"
     result = subprocess.run(
         [sys.executable, "-m", "bench", "--quick", "--json", str(path)],
@@ -69,11 +71,33 @@ def test_bench_quick_writes_the_results_with_the_ratio_to_the_arq_ceiling(tmp_pa
     assert "arq no-op ceiling" in result.stdout
     assert "targets (issue 8)" in result.stdout
     assert "latency commit -> finished" in result.stdout
-    route = data["nats_route"]
-    assert route["messages"] == route["events"] == 200, route
-    assert route["events_per_s"] > 0
-    assert route["ratio_to_reservation_path"] > 0
-    assert "NATS route (nats sink" in result.stdout
+    _assert_sink_routes(data, result.stdout)
+
+
+def _assert_sink_routes(data: dict[str, Any], stdout: str) -> None:
+    """Each sink route measured (rabbitmq skipped only where no broker answers), every event
+    delivered once, the longest idle-in-transaction recorded, the table printed."""
+    sinks = data["sinks"]
+    assert set(sinks) >= {"nats", "rabbitmq", "webhook"}, sinks
+    if "skipped" in sinks["rabbitmq"]:
+        assert not amqp_answers(os.environ.get(RABBITMQ_ENV) or RABBITMQ_LOCAL), sinks["rabbitmq"]
+        del sinks["rabbitmq"]
+    runs = [*sinks.values(), *data["webhook_50ms"]["runs"].values()]
+    assert set(data["webhook_50ms"]["workers"]) == {"1", "2"}
+    assert all(rate > 0 for rate in data["webhook_50ms"]["workers"].values())
+    for route in sinks.values():
+        assert route["ratio_to_reservation_path"] > 0, route
+    for route in runs:
+        assert route["events_per_s"] > 0, route
+        assert route["delivered"] == route["events"] == 200, route
+        assert route["failed_rows"] == 0, route
+        assert 0 <= route["longest_idle_in_transaction_s"] < 60, route
+        assert route["activity_samples"] > 0, route
+        assert route["cpu_seconds_per_1000_events"]["relay_and_workers"] >= 0, route
+    assert data["sinks_reference"]["events_per_s"] == data["throughput_events_per_s"]
+    assert "sink routes (" in stdout
+    assert "webhook answering after 50 ms" in stdout
+    assert "targets (issue 16, sinks)" in stdout
 
 
 def test_demo_sink_nats_shows_messages_arriving_and_every_event_once() -> None:
