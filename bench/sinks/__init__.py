@@ -55,6 +55,6 @@ class SinkRoute:
 
 def measured(options: BenchOptions) -> list[SinkRoute]:
     """The routes of the sinks table, in order."""
-    from bench.sinks import nats, rabbitmq, webhook
+    from bench.sinks import kafka, nats, rabbitmq, webhook
 
-    return [nats.route(), rabbitmq.route(options.rabbitmq_url), webhook.route(delay_ms=0)]
+    return [nats.route(), kafka.route(), rabbitmq.route(options.rabbitmq_url), webhook.route(delay_ms=0)]
