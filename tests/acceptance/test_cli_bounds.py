@@ -43,7 +43,7 @@ async def test_prune_older_than_1e12_is_a_usage_error() -> None:
 @pytest.mark.parametrize(
     ("routes", "needle"),
     [
-        ("ev.*=kafka", "unknown sink 'kafka'"),
+        ("ev.*=pigeon", "unknown sink 'pigeon'"),
         ("ev.*", "is not KIND_PATTERN=SINK"),
         # issue 15.6: a pattern given twice (the second never matches), a ROUTES too long to be meant
         ("ev.*=nats,audit=nats,ev.*=webhook", "pattern 'ev.*' appears twice"),
