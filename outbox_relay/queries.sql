@@ -86,25 +86,13 @@ WITH claimed AS (
 )
 SELECT id, kind, commit_to_finish FROM finished;
 
--- name: fail_row
--- The attempt also joins the failure history: the last 10 failed attempts,
--- oldest first (`$[last - 9 to last]` keeps at most ten, fewer as they are).
--- A claimed row ($3: its claim token, NULL for a row applied in a transaction) is
--- failed only while its claim is still this worker's, and its claim goes.
-UPDATE outbox_relay.outbox
-   SET status = 'failed', attempts = attempts + 1, last_error = $2, finished_at = now(),
-       errors = jsonb_path_query_array(
-           errors || jsonb_build_array(jsonb_build_object(
-               'at', now(), 'attempt', attempts + 1, 'error', $2::text)),
-           '$[last - 9 to last]'),
-       claim_token = NULL, claimed_until = NULL
- WHERE id = $1 AND status IN ('new', 'queued') AND ($3::bigint IS NULL OR claim_token = $3)
-RETURNING kind;
-
--- name: record_transient_failure
--- Counts the attempt; the row turns failed once it has had $3 (MAX_ATTEMPTS).
--- Each attempt joins the failure history, as in fail_row; a claimed row ($4, as
--- there) only while its claim is this worker's, and the claim goes.
+-- name: record_failure
+-- Counts a failed attempt; the row turns failed once it has had $3 attempts
+-- (MAX_ATTEMPTS; 0 fails it now: a permanent error). The attempt also joins the
+-- failure history: the last 10 failed attempts, oldest first
+-- (`$[last - 9 to last]` keeps at most ten, fewer as they are). A claimed row
+-- ($4: its claim token, NULL for a row applied in a transaction) only while its
+-- claim is still this worker's, and its claim goes.
 UPDATE outbox_relay.outbox
    SET attempts    = attempts + 1,
        last_error  = $2,

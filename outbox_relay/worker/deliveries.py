@@ -22,32 +22,21 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from fnmatch import fnmatchcase
-from typing import Any, Protocol
+from typing import Any
 
 from outbox_relay.db import Pool
 from outbox_relay.events import OutboxEvent
-from outbox_relay.exceptions import PermanentError, TransientError, UnknownKindError
+from outbox_relay.exceptions import UnknownKindError
 from outbox_relay.handlers import Delivery, HandlerRegistry, PutOff
 from outbox_relay.logs import describe
 from outbox_relay.queue import Job, Outcome
 from outbox_relay.sql import query, render
 
-
-class RecordFailure(Protocol):
-    """The processor's way of recording a failed attempt (fenced by the claim's token)."""
-
-    async def __call__(
-        self,
-        row_id: int,
-        delivery: int,
-        error: str,
-        *,
-        permanent: bool,
-        retry_after: float | None = None,
-        token: int | None = None,
-    ) -> Outcome: ...
+#: The processor's way of recording an attempt that raised (row id, delivery, the exception,
+#: the claim's token that fences it).
+RecordFailure = Callable[[int, int, Exception, int | None], Awaitable[Outcome]]
 
 
 logger = logging.getLogger(__name__)
@@ -161,16 +150,7 @@ class Deliveries:
             with contextlib.suppress(Exception):  # else the claim expires on its own
                 await self.pool.execute(query("release_claim"), row_id, token)
             return Outcome.put_off()
-        retry_after = exc.retry_after if isinstance(exc, TransientError) else None
-        error = str(exc) if isinstance(exc, (PermanentError, TransientError)) else describe(exc)
-        return await self.record_failure(
-            row_id,
-            delivery,
-            error,
-            permanent=isinstance(exc, PermanentError),
-            retry_after=retry_after,
-            token=token,
-        )
+        return await self.record_failure(row_id, delivery, exc, token)
 
     async def _unclaimed(self, ids: list[int]) -> dict[int, Outcome]:
         """Rows the claim did not take: gone (the general path says so), ended, or claimed by

@@ -133,7 +133,6 @@ class RowProcessor:
     ) -> Outcome:
         """Apply row ``row_id``: ``finished``, ``failed``, ``duplicate``, ``missing``, or a retry."""
         timeout = self.config.job_timeout if timeout is None else timeout
-        retry_after: float | None = None
         try:
             async with asyncio.timeout(timeout):
                 if fast and self._fast_path is not None:
@@ -141,15 +140,9 @@ class RowProcessor:
                     if row_id in finished:
                         return finished[row_id]
                 return await self._apply(row_id)
-        except PermanentError as exc:
-            error, permanent = str(exc), True
-        except TransientError as exc:  # a handler's own "not now", perhaps with a Retry-After
-            error, permanent, retry_after = str(exc), False, exc.retry_after
-        except Exception as exc:  # transient: database, timeouts, handler bugs
-            error, permanent = describe(exc), False
-        return await self.record_failure(
-            row_id, delivery, error, permanent=permanent, retry_after=retry_after
-        )
+        except Exception as exc:  # the handler's verdict, or transient: database, timeouts, handler bugs
+            failure = exc
+        return await self.record_failure(row_id, delivery, failure)
 
     async def _apply_fast(self, row_ids: list[int]) -> dict[int, Outcome]:
         """The outcome of every row among ``row_ids`` the fast-path statement finished
@@ -181,30 +174,25 @@ class RowProcessor:
         return Outcome("finished", kind=done["kind"], commit_to_finish=done["commit_to_finish"])
 
     async def record_failure(
-        self,
-        row_id: int,
-        delivery: int,
-        error: str,
-        *,
-        permanent: bool,
-        retry_after: float | None = None,
-        token: int | None = None,
+        self, row_id: int, delivery: int, exc: Exception, token: int | None = None
     ) -> Outcome:
-        """Record a failed attempt (a claimed row's only while ``token`` is still its claim)."""
+        """Record an attempt that raised ``exc`` (a claimed row's only while ``token`` is still its
+        claim): permanently failed on a PermanentError, else retried (no sooner than a
+        TransientError's ``retry_after``)."""
+        permanent = isinstance(exc, PermanentError)
+        retry_after = exc.retry_after if isinstance(exc, TransientError) else None
+        error = str(exc) if isinstance(exc, (PermanentError, TransientError)) else describe(exc)
+        max_attempts = 0 if permanent else self.config.max_attempts  # 0: failed now
         try:
             async with asyncio.timeout(self.config.job_timeout):
-                if permanent:
-                    kind = await self.pool.fetchval(query("fail_row"), row_id, error, token)
-                    logger.warning(
-                        "row failed permanently",
-                        extra={"event": "row_failed", "row_id": row_id, "error": error},
-                    )
-                    return Outcome("failed", kind=kind)
-                row = await self.pool.fetchrow(
-                    query("record_transient_failure"), row_id, error, self.config.max_attempts, token
-                )
-        except Exception as exc:
-            return self._unrecordable(row_id, delivery, error, exc)
+                row = await self.pool.fetchrow(query("record_failure"), row_id, error, max_attempts, token)
+        except Exception as away:
+            return self._unrecordable(row_id, delivery, error, away)
+        if permanent:
+            logger.warning(
+                "row failed permanently", extra={"event": "row_failed", "row_id": row_id, "error": error}
+            )
+            return Outcome("failed", kind=None if row is None else row["kind"])
         if row is None:
             return Outcome("duplicate")  # finished or failed meanwhile
         if row["status"] == "failed":
