@@ -137,12 +137,17 @@ async def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
 # -- subscribe, unsubscribe ------------------------------------------------------------------
 
 
-def configure_subscribe(parser: argparse.ArgumentParser) -> None:
+def _add_no_wait(parser: argparse.ArgumentParser, when: str = "") -> None:
+    """The --no-wait flag of the commands that may make a subscription (its initial copy)."""
     parser.add_argument(
         "--no-wait",
         action="store_true",
-        help="return once the subscription exists, before the initial copy ends",
+        help=f"{when}return once the subscription exists, before the initial copy ends",
     )
+
+
+def configure_subscribe(parser: argparse.ArgumentParser) -> None:
+    _add_no_wait(parser)
     parser.add_argument(
         "--adopt-slot",
         action="store_true",
@@ -165,11 +170,7 @@ async def cmd_subscribe(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def configure_repoint(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--no-wait",
-        action="store_true",
-        help="when it re-subscribes, return once the subscription exists, before the copy ends",
-    )
+    _add_no_wait(parser, "when it re-subscribes, ")
 
 
 async def cmd_repoint(args: argparse.Namespace, settings: Settings) -> int:
