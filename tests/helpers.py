@@ -321,6 +321,8 @@ class Services:
             raise RuntimeError(f"{name} not started: this test's processes were all killed (its end)")
         log = self.directory / f"{name}.log"
         port = free_port() if http else None
+        while port is not None and port in {service.port for service in self.started}:
+            port = free_port()  # a port handed out but not yet bound could come back: not twice
         if port is not None:
             env = {**env, "OUTBOX_RELAY_HTTP_PORT": str(port)}
         service = Service(name, spawn_cli(*args, env=env, log=log), log, port)
