@@ -150,6 +150,10 @@ class OutboxWorker(Worker):
     _started_now: int = 0
     _read_now: int = 0
     _next_announce: float = 0.0
+    #: Whether this poll looked at the queue, and when (event loop time) the next job not yet
+    #: due is due as it read it (None: none is).
+    _looked: bool = False
+    _next_due: float | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -197,7 +201,9 @@ class OutboxWorker(Worker):
                 return
             count = min(remaining, count)
         if self.allow_pick_jobs and self.job_counter < self.max_jobs:
-            _, job_ids = await self._look(count)
+            upcoming, job_ids = await self._look(count)
+            self._looked = True
+            self._next_due = None if upcoming is None else asyncio.get_running_loop().time() + upcoming
             await self.start_jobs(job_ids)
         if self.allow_abort_jobs:
             await self._cancel_aborted_jobs()
@@ -245,6 +251,7 @@ class OutboxWorker(Worker):
         wake = wake_key(self.queue_name)
         while True:
             self._started_now = self._read_now = 0
+            self._looked = False
             await self._poll_iteration()
             if self.burst and await self.pool.zcard(self.queue_name) == 0:
                 await asyncio.gather(*self.tasks.values())
@@ -256,9 +263,13 @@ class OutboxWorker(Worker):
             # else: the poll read a full window and took jobs from it; more may be due: poll again
 
     async def _wait_for_wake_up(self, wake: str) -> None:
-        """Block until the relay adds a job, the next deferred job is due, or ``idle_wait``."""
+        """Block until the relay adds a job, the next deferred job is due, or ``idle_wait``
+        (when the next one is due: as the poll just read it, else a look of its own)."""
         timeout = self.idle_wait
-        upcoming, _ = await self._look(0)
+        if self._looked:
+            upcoming = None if self._next_due is None else self._next_due - asyncio.get_running_loop().time()
+        else:
+            upcoming, _ = await self._look(0)
         if upcoming is not None:
             timeout = min(timeout, max(0.0, upcoming))
         await self._block(wake, timeout)

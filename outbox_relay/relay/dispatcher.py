@@ -195,8 +195,8 @@ class Dispatcher:
             return min(next_sweep, self._swept_at + FLOOD_SWEEP_INTERVAL)
         return next_sweep
 
-    async def _sweep_new(self, store: Store) -> int:
-        """Hand over every ``new`` row; how many."""
+    async def _sweep_new(self, store: Store) -> None:
+        """Hand over every ``new`` row."""
         self._swept_at = asyncio.get_running_loop().time()
         new = 0
         async for rows in store.new_rows():
@@ -206,7 +206,6 @@ class Dispatcher:
         self.stats.swept += new
         if new and self._swept_at >= self._flood_until:  # not a line every 10 ms during a flood
             logger.info("sweep handed rows over", extra={"new": new})
-        return new
 
     async def sweep(self, store: Store) -> None:
         """New rows nobody was told about, and queued rows the queue may have lost: all of them

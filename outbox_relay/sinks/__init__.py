@@ -9,11 +9,12 @@ own keeps it), and adds the plugin ``sinks`` that brings the ``deliveries``
 table (its own migration set) and opens the sinks' connections once per worker
 process (its lifespan).
 
-One attempt makes one delivery per sink, all at once. On a route with several
-sinks each acknowledgement is recorded in ``outbox_relay_sinks.deliveries``:
-when every sink acknowledged, in the transaction that finishes the row; when
-some did not, at once from a connection of its own (the row's transaction then
-rolls back), so that the retry delivers only to the sinks that have not.
+One attempt makes one delivery per sink, all at once, outside any transaction
+(the worker claims the row first: :mod:`outbox_relay.worker.deliveries`). On a
+route with several sinks the acknowledgements are recorded in
+``outbox_relay_sinks.deliveries`` as soon as they came, from a small pool of the
+router's own, so that a retry (some sink failed, or the row's finish could not
+be written) delivers only to the sinks that have not acknowledged.
 """
 
 from __future__ import annotations

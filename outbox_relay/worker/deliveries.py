@@ -11,9 +11,10 @@ another worker claims the row and delivers it again under the same delivery id
 finds another token and changes nothing. A failure is recorded the same way,
 fenced by the token.
 
-The same step hands back rows of a kind this worker does not route while
-another live worker does (a rolling change of ROUTES): the row goes back to the
-queue untouched, its attempts not counted.
+A row of a kind this worker neither handles nor routes while another live
+worker routes or handles it (a rolling change of ROUTES) is handed back
+(:class:`LiveRoutes`, asked by the general path, which reads the row's kind
+anyway): the row goes back to the queue untouched, its attempts not counted.
 """
 
 from __future__ import annotations
@@ -54,40 +55,30 @@ ROUTES_CACHE = 2.0
 
 
 class Deliveries:
-    """The delivery step of a batch, for one worker process."""
+    """The delivery step of a batch, for one worker process (one with routes)."""
 
     def __init__(self, pool: Pool, registry: HandlerRegistry, record_failure: RecordFailure) -> None:
         self.pool = pool
         self.registry = registry
         self.record_failure = record_failure
         self._finish = render(query("finish_claimed"), finished_columns=query("finished_columns"))
-        self._live: list[tuple[list[str], list[str]]] = []
-        self._live_read_at = -1e9
 
     async def run(self, jobs: Sequence[Job], deadline: float) -> dict[int, Outcome]:
-        """The outcome of every row of ``jobs`` this step took: delivered (or failed), handed back,
-        or found ended; the other rows are the general path's."""
+        """The outcome of every row of ``jobs`` this step took: delivered (or failed), or found
+        ended; the other rows (gone, of a kind with a handler or none) are the general path's."""
         kinds = {
             r["id"]: r["kind"] for r in await self.pool.fetch(query("kinds_of"), [j.row_id for j in jobs])
         }
-        outcomes: dict[int, Outcome] = {}
         to_deliver: dict[int, Delivery] = {}
-        for job in jobs:
-            kind = kinds.get(job.row_id)
-            if kind is None:
-                continue  # gone: the general path says "missing"
-            try:
+        for row_id, kind in kinds.items():
+            with contextlib.suppress(UnknownKindError):
                 work = self.registry.get(kind)
-            except UnknownKindError:
-                if await self._routed_elsewhere(kind):
-                    outcomes[job.row_id] = self._hand_back(job.row_id, kind)
-                continue
-            if isinstance(work, Delivery):
-                to_deliver[job.row_id] = work
-        if to_deliver:
-            deliveries = {job.row_id: job.delivery for job in jobs if job.row_id in to_deliver}
-            outcomes.update(await self._claim_and_deliver(to_deliver, deliveries, deadline))
-        return outcomes
+                if isinstance(work, Delivery):
+                    to_deliver[row_id] = work
+        if not to_deliver:
+            return {}
+        deliveries = {job.row_id: job.delivery for job in jobs if job.row_id in to_deliver}
+        return await self._claim_and_deliver(to_deliver, deliveries, deadline)
 
     async def _claim_and_deliver(
         self, work: Mapping[int, Delivery], deliveries: Mapping[int, int], deadline: float
@@ -166,7 +157,21 @@ class Deliveries:
                 outcomes[r["id"]] = Outcome.retry(wait, r["kind"])
         return outcomes
 
-    def _hand_back(self, row_id: int, kind: str) -> Outcome:
+
+class LiveRoutes:
+    """What the live workers route and handle (outbox_relay.workers, read at most every
+    ROUTES_CACHE seconds), for handing back a row of a kind this worker does not know."""
+
+    def __init__(self, pool: Pool) -> None:
+        self.pool = pool
+        self._live: list[tuple[list[str], list[str]]] = []
+        self._read_at = -1e9
+
+    async def hand_back(self, row_id: int, kind: str) -> Outcome | None:
+        """A retry after HAND_BACK_DELAY, uncounted, when a live worker (another one: this one has
+        no handler or route for ``kind``) routes or handles ``kind``; else None."""
+        if not await self._routed_elsewhere(kind):
+            return None
         logger.info(
             "handing a row back: another live worker routes its kind",
             extra={"row_id": row_id, "kind": kind},
@@ -174,14 +179,13 @@ class Deliveries:
         return Outcome.retry(HAND_BACK_DELAY, kind)
 
     async def _routed_elsewhere(self, kind: str) -> bool:
-        """Whether a live worker (another one: this one has no route) routes or handles ``kind``."""
         now = time.monotonic()
-        if now - self._live_read_at > ROUTES_CACHE:
+        if now - self._read_at > ROUTES_CACHE:
             try:
                 rows = await self.pool.fetch(query("live_worker_routes"), LIVE_WORKER_SECONDS)
             except Exception as exc:  # no table yet, or the database away: fail as before
                 logger.debug("live workers' routes unreadable", extra={"error": describe(exc)})
                 rows = []
             self._live = [(list(r["routes"]), list(r["kinds"])) for r in rows]
-            self._live_read_at = now
+            self._read_at = now
         return any(kind in kinds or any(fnmatchcase(kind, p) for p in routes) for routes, kinds in self._live)

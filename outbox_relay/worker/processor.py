@@ -11,11 +11,14 @@ the row finished and changes nothing. A permanent error turns the row ``failed``
 at once; a transient one counts an attempt and asks the queue to run the job
 again after a backoff, until MAX_ATTEMPTS, when the row turns ``failed``.
 
-Failures stay per row: the rows the fast path did not finish take the general
-path one by one, each in its own transaction; a failure fails or retries that
-row only, and a retry never re-applies a finished row. A batch has JOB_TIMEOUT
-in all: the fast path may use half of it; a row not started when it runs out
-is put off (run again at once, the attempt not counted).
+Rows routed to sinks are delivered outside any transaction (a worker with
+routes: :mod:`~outbox_relay.worker.deliveries`). Failures stay per row: the
+rows the fast path did not finish take the general path one by one, each in
+its own transaction; a failure fails or retries that row only, and a retry
+never re-applies a finished row. A batch has JOB_TIMEOUT in all: the fast path
+may use half of it; a row not started when it runs out is put off (run again at
+once, the attempt not counted). A row of a kind this worker does not know is
+handed back while another live worker routes it (a rolling change of ROUTES).
 """
 
 from __future__ import annotations
@@ -29,13 +32,13 @@ from dataclasses import dataclass, field
 
 from outbox_relay.db import Pool
 from outbox_relay.events import OutboxEvent
-from outbox_relay.exceptions import PermanentError, TransientError
+from outbox_relay.exceptions import PermanentError, TransientError, UnknownKindError
 from outbox_relay.handlers import Delivery, HandlerRegistry
 from outbox_relay.logs import describe
 from outbox_relay.queue import Job, Outcome
 from outbox_relay.retry import is_denied
 from outbox_relay.sql import query, render
-from outbox_relay.worker.deliveries import Deliveries
+from outbox_relay.worker.deliveries import Deliveries, LiveRoutes
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +88,9 @@ class RowProcessor:
         self._unrecorded_logged_at = -1e9
         self._coalescer = _Coalescer(self._run_fast_path)
         #: Rows routed to sinks: claimed, delivered outside any transaction, finished (None: no routes).
-        self._deliveries = Deliveries(pool, registry, self.record_failure)
+        self._deliveries = Deliveries(pool, registry, self.record_failure) if registry.routes() else None
+        #: For a row of a kind unknown here that another live worker routes: handed back.
+        self._live_routes = LiveRoutes(pool)
 
     async def __call__(self, jobs: Sequence[Job]) -> list[Outcome]:
         """The job function of the queue port (:data:`outbox_relay.queue.JobFunction`): the one
@@ -108,7 +113,7 @@ class RowProcessor:
                     extra={"rows": len(jobs), "error": describe(exc)},
                 )
         rest = [job for job in jobs if job.row_id not in finished]
-        if rest:
+        if rest and self._deliveries is not None:
             try:
                 finished.update(await self._deliveries.run(rest, deadline))
             except Exception as exc:  # the database away: each row on its own (retried, not lost)
@@ -133,6 +138,7 @@ class RowProcessor:
     ) -> Outcome:
         """Apply row ``row_id``: ``finished``, ``failed``, ``duplicate``, ``missing``, or a retry."""
         timeout = self.config.job_timeout if timeout is None else timeout
+        failure: Exception
         try:
             async with asyncio.timeout(timeout):
                 if fast and self._fast_path is not None:
@@ -140,6 +146,11 @@ class RowProcessor:
                     if row_id in finished:
                         return finished[row_id]
                 return await self._apply(row_id)
+        except _NoHandler as exc:  # another live worker's kind (a rolling change of ROUTES)?
+            handed_back = await self._live_routes.hand_back(row_id, exc.kind)
+            if handed_back is not None:
+                return handed_back
+            failure = exc
         except Exception as exc:  # the handler's verdict, or transient: database, timeouts, handler bugs
             failure = exc
         return await self.record_failure(row_id, delivery, failure)
@@ -165,8 +176,11 @@ class RowProcessor:
             if row["status"] in ("finished", "failed"):
                 return Outcome("duplicate", kind=row["kind"])
             event = OutboxEvent.from_row(row)
-            handler = self.registry.get(event.kind)
-            if isinstance(handler, Delivery):  # a route added while the job ran: deliver it next time
+            try:
+                handler = self.registry.get(event.kind)
+            except UnknownKindError as exc:
+                raise _NoHandler(event.kind, str(exc)) from None
+            if isinstance(handler, Delivery):  # the delivery step did not take it (failed): next time
                 raise TransientError(f"kind {event.kind!r} is delivered outside a transaction; retrying")
             await handler(conn, event)
             done = await conn.fetchrow(self._finish_row, row_id)
@@ -239,6 +253,14 @@ class RowProcessor:
     def _backoff(self, attempts: int) -> float:
         base = self.config.retry_backoff
         return float(min(self.config.retry_backoff_max, base * 2 ** max(0, attempts - 1)))
+
+
+class _NoHandler(UnknownKindError):
+    """The row's kind has no handler and no route in this worker (the row is left untouched)."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 #: Rows one merged fast-path statement takes at most.
