@@ -14,11 +14,10 @@ tests start the very same ones in their own event loop.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any
 
 from outbox_relay.db import Pool, connect_retrying
 from outbox_relay.doctor import DoctorConfig
@@ -40,35 +39,39 @@ from outbox_relay.settings import Settings, env_name
 from outbox_relay.sinks import Routing, enable_routes
 from outbox_relay.worker import WorkerConfig, run_worker
 
-if TYPE_CHECKING:
-    from _typeshed import DataclassInstance
-
 logger = logging.getLogger(__name__)
-
-C = TypeVar("C", bound="DataclassInstance")
 
 # -- narrow configs ----------------------------------------------------------------------------------
 
 
-def _narrow(cls: type[C], settings: Settings, **given: Any) -> C:
-    """A narrow config: each field not ``given`` holds the setting of the same name."""
-    names = (f.name for f in dataclasses.fields(cls))
-    return cls(**{name: given[name] if name in given else getattr(settings, name) for name in names})
-
-
 def relay_config(settings: Settings, queue: ServiceQueue) -> RelayConfig:
     """What the relay (`run`) needs."""
-    return _narrow(RelayConfig, settings, database_url=settings.require_database_url(), queue_name=queue.name)
+    return RelayConfig(
+        database_url=settings.require_database_url(),
+        queue_name=queue.name,
+        sweep_interval=settings.sweep_interval,
+        requeue_after=settings.requeue_after,
+        batch_size=settings.batch_size,
+        max_queue_depth=settings.max_queue_depth,
+        hand_over_interval=settings.hand_over_interval,
+    )
 
 
 def worker_config(settings: Settings) -> WorkerConfig:
     """What the worker's row processor needs."""
-    return _narrow(
-        WorkerConfig,
-        settings,
+    return WorkerConfig(
         database_url=settings.require_database_url(),
         concurrency=settings.worker_concurrency,
+        job_timeout=settings.job_timeout,
+        max_attempts=settings.max_attempts,
+        retry_backoff=settings.retry_backoff,
+        retry_backoff_max=settings.retry_backoff_max,
     )
+
+
+def _primary_url(settings: Settings) -> str | None:
+    """PRIMARY_URL when set (doctor and the relay's gauges read the primary only then)."""
+    return settings.primary_url.get_secret_value() if settings.primary_url is not None else None
 
 
 def retention_config(settings: Settings) -> RetentionConfig | None:
@@ -110,8 +113,11 @@ def queue_options(settings: Settings, queue: ServiceQueue) -> QueueOptions:
 
 def queue_backend(settings: Settings, queue: ServiceQueue) -> QueueBackend:
     """The queue backend ``REDIS_URL``'s scheme picks (``redis://`` → arq, ``memory://`` → in memory)."""
-    url = settings.redis_url.get_secret_value()
-    return from_url(url, queue_options(settings, queue), variable=env_name("redis_url"))
+    return _backend(settings, queue_options(settings, queue))
+
+
+def _backend(settings: Settings, options: QueueOptions) -> QueueBackend:
+    return from_url(settings.redis_url.get_secret_value(), options, variable=env_name("redis_url"))
 
 
 def routing(settings: Settings) -> Routing:
@@ -149,15 +155,14 @@ def doctor_config(settings: Settings, registry: HandlerRegistry) -> DoctorConfig
     """What `doctor` needs."""
 
     def diagnostics(queue_name: str) -> Diagnosable:
-        options = QueueOptions(queue_name, job_namespace(queue_name))
-        return from_url(settings.redis_url.get_secret_value(), options).diagnostics()
+        return _backend(settings, QueueOptions(queue_name, job_namespace(queue_name))).diagnostics()
 
     return DoctorConfig(
         database_url=settings.require_database_url(),
         queue=diagnostics,
         queue_name=settings.queue_name,
         requeue_after=settings.requeue_after,
-        primary_url=settings.primary_url.get_secret_value() if settings.primary_url is not None else None,
+        primary_url=_primary_url(settings),
         subscription_name=settings.subscription_name,
         plugins=registry.plugins(),
     )
@@ -229,7 +234,7 @@ async def relay_process(
 
         while_active.append(("relay.prune", prune))
     if metrics is not None:
-        primary_url = settings.primary_url.get_secret_value() if settings.primary_url else None
+        primary_url = _primary_url(settings)
 
         async def gauges(pool: Pool, fence: Callable[[], Awaitable[None]]) -> None:
             assert metrics is not None

@@ -174,8 +174,6 @@ class DoctorContext:
 
 CheckFunction = Callable[[DoctorContext], Awaitable[None]]
 _CHECKS: list[tuple[int, Needs, CheckFunction]] = []
-#: The checks that run only when the service database has a subscription (``needs="subscription"``).
-_NEED_SUBSCRIPTION: set[CheckFunction] = set()
 
 
 def check(order: int, needs: Needs) -> Callable[[CheckFunction], CheckFunction]:
@@ -183,18 +181,17 @@ def check(order: int, needs: Needs) -> Callable[[CheckFunction], CheckFunction]:
 
     def register(function: CheckFunction) -> CheckFunction:
         _CHECKS.append((order, needs, function))
-        if needs == "subscription":
-            _NEED_SUBSCRIPTION.add(function)
         _CHECKS.sort(key=lambda entry: entry[0])
         return function
 
     return register
 
 
-def _group(needs: Needs) -> list[CheckFunction]:
-    """The checks of one group, in order (a subscription's run with the service database's)."""
+def _group(needs: Needs) -> list[tuple[Needs, CheckFunction]]:
+    """The checks of one group, in order, with what each needs (a subscription's run with the
+    service database's)."""
     wanted = {needs, "subscription"} if needs == "service" else {needs}
-    return [function for _, n, function in _CHECKS if n in wanted]
+    return [(n, function) for _, n, function in _CHECKS if n in wanted]
 
 
 async def run_doctor(config: DoctorConfig) -> Report:
@@ -228,11 +225,11 @@ async def _on_database(ctx: DoctorContext, needs: Literal["service", "primary"])
 
 async def _run_group(ctx: DoctorContext, needs: Needs) -> None:
     ctx.halted = False
-    for function in _group(needs):
+    for need, function in _group(needs):
         if ctx.halted:
             return
-        if function in _NEED_SUBSCRIPTION and ctx.subscription is None:
-            continue
+        if need == "subscription" and ctx.subscription is None:
+            continue  # the service database subscribes to nothing
         await function(ctx)
 
 
@@ -604,7 +601,7 @@ def _relay_holder(holder: Any) -> str:
     )
 
 
-# -- the primary ---------------------------------------------------------------------------------
+# -- the sinks and routed kinds (service database) ---------------------------------------------
 
 
 @check(80, needs="service")
@@ -648,6 +645,9 @@ async def _unrouted_kinds(ctx: DoctorContext) -> None:
         "set OUTBOX_RELAY_ROUTES on the workers to route them (or install their handler); "
         "until then they wait, and fail as `unknown kind` when a worker takes them",
     )
+
+
+# -- the primary ---------------------------------------------------------------------------------
 
 
 @check(110, needs="primary")
@@ -825,33 +825,6 @@ async def _workers(ctx: DoctorContext) -> None:
         ctx.add("workers", "fail", f"no live worker for queue {queue_name}{in_db}", start)
 
 
-@check(240, needs="queue")
-async def _clocks(ctx: DoctorContext) -> None:
-    """This host's clock against PostgreSQL's and the queue server's (whose clock the queue's
-    timing goes by): warn when any two are more than :data:`CLOCK_SKEW_WARN` apart."""
-    assert ctx.diagnosis is not None
-    server = ctx.diagnosis.server
-    offsets = {"PostgreSQL": ctx.database_clock_offset, server: ctx.diagnosis.clock_offset}
-    found = ", ".join(
-        f"{name} {'unknown' if offset is None else f'{offset:+.3f} s'}" for name, offset in offsets.items()
-    )
-    clocks = {"this host": 0.0, **{name: offset for name, offset in offsets.items() if offset is not None}}
-    ahead = max(clocks, key=lambda name: clocks[name])
-    behind = min(clocks, key=lambda name: clocks[name])
-    spread = clocks[ahead] - clocks[behind]
-    if spread <= CLOCK_SKEW_WARN:
-        ctx.add("clocks", "ok", f"{found} from this host's clock")
-        return
-    ctx.add(
-        "clocks",
-        "warn",
-        f"{found} from this host's clock: {ahead} is {_seconds(spread)} ahead of {behind}",
-        "synchronise the hosts' clocks (NTP: chrony or systemd-timesyncd). The queue's timing goes "
-        f"by {server}'s clock alone, so jobs are not delayed; but times logged and compared across "
-        "hosts disagree. Run `outbox-relay doctor` on each relay and worker host to check its clock",
-    )
-
-
 @check(230, needs="queue")
 async def _queue_database(ctx: DoctorContext) -> None:
     """Every job waiting in the queue and every live worker of it belongs to this service database:
@@ -878,6 +851,33 @@ async def _queue_database(ctx: DoctorContext) -> None:
         "from the database) or set distinct names, on the relay and workers of one of them, and restart them"
     )
     ctx.add("queue database", "fail", "; ".join(found) + f" (this database is {own})", fix)
+
+
+@check(240, needs="queue")
+async def _clocks(ctx: DoctorContext) -> None:
+    """This host's clock against PostgreSQL's and the queue server's (whose clock the queue's
+    timing goes by): warn when any two are more than :data:`CLOCK_SKEW_WARN` apart."""
+    assert ctx.diagnosis is not None
+    server = ctx.diagnosis.server
+    offsets = {"PostgreSQL": ctx.database_clock_offset, server: ctx.diagnosis.clock_offset}
+    found = ", ".join(
+        f"{name} {'unknown' if offset is None else f'{offset:+.3f} s'}" for name, offset in offsets.items()
+    )
+    clocks = {"this host": 0.0, **{name: offset for name, offset in offsets.items() if offset is not None}}
+    ahead = max(clocks, key=lambda name: clocks[name])
+    behind = min(clocks, key=lambda name: clocks[name])
+    spread = clocks[ahead] - clocks[behind]
+    if spread <= CLOCK_SKEW_WARN:
+        ctx.add("clocks", "ok", f"{found} from this host's clock")
+        return
+    ctx.add(
+        "clocks",
+        "warn",
+        f"{found} from this host's clock: {ahead} is {_seconds(spread)} ahead of {behind}",
+        "synchronise the hosts' clocks (NTP: chrony or systemd-timesyncd). The queue's timing goes "
+        f"by {server}'s clock alone, so jobs are not delayed; but times logged and compared across "
+        "hosts disagree. Run `outbox-relay doctor` on each relay and worker host to check its clock",
+    )
 
 
 def render_json(report: Report) -> str:

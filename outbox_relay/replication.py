@@ -29,11 +29,7 @@ def derived_subscription_name(database: str, system_identifier: str, database_oi
     return derived_name(database, system_identifier, database_oid)
 
 
-_Identity = DatabaseIdentity
-_identity = read_identity
-
-
-async def subscription_name(configured: str | None, service: Connection, primary: _Identity) -> str:
+async def subscription_name(configured: str | None, service: Connection, primary: DatabaseIdentity) -> str:
     """The name ``subscribe`` and ``unsubscribe`` use on this service database.
 
     In order: ``SUBSCRIPTION_NAME`` (``configured``; None: not set); the
@@ -54,7 +50,7 @@ async def subscription_name(configured: str | None, service: Connection, primary
     recorded = await service.fetch(query("recorded_slots"), primary.system_identifier, primary.database)
     if recorded:
         return str(recorded[0]["slot_name"])
-    own = await _identity(service)
+    own = await read_identity(service)
     return derived_subscription_name(own.database, own.system_identifier, own.database_oid)
 
 
@@ -100,7 +96,7 @@ async def subscribe(
     duplicates nothing and never stalls.
     """
     async with _locked_pair(config) as (primary, service):
-        primary_id = await _identity(primary)
+        primary_id = await read_identity(primary)
         name = await subscription_name(config.subscription_name, service, primary_id)
         info = await service.fetchrow(query("subscription_info"), name)
         if info is not None:
@@ -196,7 +192,12 @@ async def _wait_slot_idle(primary: Connection, slot: str, timeout: float) -> Non
 
 
 async def _create(
-    service: Connection, primary: Connection, primary_id: _Identity, name: str, conninfo: str, adopt: bool
+    service: Connection,
+    primary: Connection,
+    primary_id: DatabaseIdentity,
+    name: str,
+    conninfo: str,
+    adopt: bool,
 ) -> SubscribeResult:
     """Claim (or make) slot ``name`` on the primary, then the subscription using it.
 
@@ -238,7 +239,7 @@ async def _create(
 
 
 async def _claim_slot(
-    service: Connection, primary: Connection, primary_id: _Identity, name: str, *, adopt: bool
+    service: Connection, primary: Connection, primary_id: DatabaseIdentity, name: str, *, adopt: bool
 ) -> tuple[bool, bool]:
     """Make slot ``name`` this database's before it is created or used.
 
@@ -270,7 +271,7 @@ async def _claim_slot(
     return state is not None, adopted
 
 
-async def _recorded(service: Connection, primary_id: _Identity) -> set[str]:
+async def _recorded(service: Connection, primary_id: DatabaseIdentity) -> set[str]:
     """The slots on this primary that this service database made or adopted."""
     rows = await service.fetch(query("recorded_slots"), primary_id.system_identifier, primary_id.database)
     return {str(r["slot_name"]) for r in rows}
@@ -307,7 +308,7 @@ async def unsubscribe(config: ReplicationConfig, *, slot_timeout: float = 30.0) 
     """
     primary = await connect_retrying(config.primary_url, what="the primary")
     try:
-        primary_id = await _identity(primary)
+        primary_id = await read_identity(primary)
         service = await connect_retrying(config.database_url, what="the service database")
         try:
             await service.execute(query("subscription_lock"))  # released when `service` closes
@@ -394,7 +395,7 @@ async def repoint(
                 "the server at OUTBOX_RELAY_PRIMARY_URL is a standby (in recovery): promote it first "
                 "(pg_ctl promote, or SELECT pg_promote();), then run `repoint` again"
             )
-        primary_id = await _identity(primary)
+        primary_id = await read_identity(primary)
         name = await subscription_name(config.subscription_name, service, primary_id)
         result = await _repoint(service, primary, primary_id, name, config.conninfo)
         if wait and result.copied:
@@ -403,7 +404,7 @@ async def repoint(
 
 
 async def _repoint(
-    service: Connection, primary: Connection, primary_id: _Identity, name: str, conninfo: str
+    service: Connection, primary: Connection, primary_id: DatabaseIdentity, name: str, conninfo: str
 ) -> RepointResult:
     """Adopt the new primary's slot, or re-subscribe (see :func:`repoint`)."""
     info = await service.fetchrow(query("subscription_info"), name)
@@ -443,7 +444,7 @@ async def _repoint(
 
 
 async def _adopt(
-    service: Connection, primary_id: _Identity, name: str, slot: str, conninfo: str, state: Any
+    service: Connection, primary_id: DatabaseIdentity, name: str, slot: str, conninfo: str, state: Any
 ) -> RepointResult:
     """The subscription, disabled, takes the new primary's connection and resumes from the slot's
     confirmed_flush_lsn (its origin moved there: nothing the new primary committed is skipped)."""

@@ -18,7 +18,7 @@ import stat
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -464,17 +464,3 @@ def _alive(pid: int) -> bool:
         if len(status) > 2 and status[2] == "Z":
             return False
     return True
-
-
-@contextlib.contextmanager
-def embedded_servers() -> Iterator[tuple[EmbeddedPostgres, EmbeddedRedis]]:
-    """Start one PostgreSQL cluster and one Redis; stop and remove both on exit."""
-    pg = EmbeddedPostgres()
-    redis = EmbeddedRedis()
-    try:
-        pg.start()
-        redis.start()
-        yield pg, redis
-    finally:
-        redis.cleanup()
-        pg.cleanup()

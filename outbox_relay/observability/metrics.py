@@ -47,7 +47,7 @@ class MetricSpec:
     name: str
     type: Literal["counter", "gauge", "histogram"]
     help: str
-    role: Literal["relay", "worker", "both"]
+    role: Role
     labels: tuple[str, ...] = ()
     buckets: tuple[float, ...] = ()
     #: Label values shown at 0 from the start, so that rate() and alerts see them.
@@ -163,7 +163,7 @@ class Metrics:
         self.role: Role = role
         self.registry = CollectorRegistry(auto_describe=True)
         for spec in METRICS:
-            if spec.role in (role, "both"):
+            if spec.role == role:
                 setattr(self, spec.attr, spec.build(self.registry))
 
     if not TYPE_CHECKING:  # for mypy every metric is declared above; at run time only the role's exist
