@@ -15,7 +15,16 @@ from aiohttp import web
 from outbox_relay.composition import plugins
 from outbox_relay.handlers import HandlerRegistry
 from tests.conftest import OutboxEnv
-from tests.helpers import Services, cli_env, count_status, equals, running_relay, running_worker, wait_until
+from tests.helpers import (
+    Services,
+    cli_env,
+    count_status,
+    equals,
+    idle,
+    running_relay,
+    running_worker,
+    wait_until,
+)
 from tests.integration.sinks_support import SECRET, insert_events, receiving, routed_registry, serving
 
 
@@ -110,8 +119,8 @@ async def test_a_worker_frozen_mid_delivery_is_replaced_within_job_timeout_and_f
             replaced_after = arrivals[1][0] - frozen_at
         finally:
             os.kill(worker_a.proc.pid, signal.SIGCONT)
-        hold.set()
-        await asyncio.sleep(1.0)  # A's answer arrives and its finish is fenced off
+        hold.set()  # A's answer arrives and its finish is fenced off, or its job timed out meanwhile
+        await services.wait(lambda: idle(worker_a), timeout=30, message="A's job over")
         assert [wid for _, wid in arrivals] == [cid, cid], "B delivered under the same delivery id"
         assert replaced_after < job_timeout + 8, f"B delivered {replaced_after:.1f} s after the freeze"
         row = await service.fetchrow("SELECT status, attempts FROM outbox_relay.outbox")

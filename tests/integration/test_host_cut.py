@@ -25,7 +25,7 @@ import pytest
 from aiohttp import web
 
 from tests.conftest import OutboxEnv
-from tests.helpers import Service, Services, cli_env, count_status, equals, http_get
+from tests.helpers import Service, Services, cli_env, count_status, equals, http_get, idle
 from tests.hosts import Host, netns_unavailable, network_host, start_worker_on
 from tests.integration.sinks_support import SECRET, insert_events, serving
 from tests.integration.test_faults import assert_settled, prepare_load, produce
@@ -143,13 +143,6 @@ async def busy(worker: Service, n: float) -> bool:
     status, text = await http_get(worker.port, "/metrics", worker.host)
     in_flight = "outbox_relay_worker_jobs_in_flight 0.0" not in text
     return status == 200 and in_flight and await finished_metric(worker) >= n
-
-
-async def idle(service: Service) -> bool:
-    """True when the worker answers /metrics with no job in flight."""
-    assert service.port is not None
-    status, text = await http_get(service.port, "/metrics", service.host)
-    return status == 200 and "outbox_relay_worker_jobs_in_flight 0.0" in text
 
 
 async def last_finished_after(conn: Any, cut_at: float) -> float:
