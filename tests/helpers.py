@@ -230,6 +230,13 @@ async def wait_ready(
     return result
 
 
+async def idle(service: Service) -> bool:
+    """True when the worker answers /metrics with no job in flight."""
+    assert service.port is not None
+    status, text = await http_get(service.port, "/metrics", service.host)
+    return status == 200 and "outbox_relay_worker_jobs_in_flight 0.0" in text
+
+
 async def lease(url: str) -> asyncpg.Record | None:
     """The relay lease row (holder, epoch, expires_at, valid); None while the database is away."""
     try:

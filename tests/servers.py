@@ -72,8 +72,20 @@ class RedisServer(Protocol):
     def cleanup(self) -> None: ...
 
 
-class ExternalPg:
-    """A server given by the environment: used, never restarted."""
+class External:
+    """A server given by the environment: used, never restarted (nor killed, started, cleaned up)."""
+
+    def restart(self) -> None:
+        raise RuntimeError("an external server is never restarted by the tests")
+
+    kill = start = restart
+
+    def cleanup(self) -> None:
+        pass
+
+
+class ExternalPg(External):
+    """A PostgreSQL server given by the environment."""
 
     def __init__(self, url: str) -> None:
         self._url = url
@@ -82,17 +94,9 @@ class ExternalPg:
         parts = urlsplit(self._url)
         return urlunsplit(parts._replace(path=f"/{database}"))
 
-    def restart(self) -> None:
-        raise RuntimeError("an external server is never restarted by the tests")
 
-    kill = start = restart
-
-    def cleanup(self) -> None:
-        pass
-
-
-class ExternalRedis:
-    """A Redis given by the environment: used, never restarted."""
+class ExternalRedis(External):
+    """A Redis given by the environment."""
 
     def __init__(self, url: str) -> None:
         self._url = url
@@ -100,14 +104,6 @@ class ExternalRedis:
     def url(self, db: int = 0) -> str:
         parts = urlsplit(self._url)
         return urlunsplit(parts._replace(path=f"/{db}"))
-
-    def restart(self) -> None:
-        raise RuntimeError("an external server is never restarted by the tests")
-
-    kill = start = restart
-
-    def cleanup(self) -> None:
-        pass
 
 
 def docker_available() -> bool:
@@ -401,8 +397,8 @@ class KafkaServer(Protocol):
     def cleanup(self) -> None: ...
 
 
-class ExternalKafka:
-    """A broker given by the environment: used, never restarted."""
+class ExternalKafka(External):
+    """A Kafka-protocol broker given by the environment."""
 
     def __init__(self, bootstrap: str) -> None:
         self._bootstrap = bootstrap
@@ -410,14 +406,6 @@ class ExternalKafka:
     @property
     def bootstrap(self) -> str:
         return self._bootstrap
-
-    def kill(self) -> None:
-        raise RuntimeError("an external server is never restarted by the tests")
-
-    start = kill
-
-    def cleanup(self) -> None:
-        pass
 
 
 def tansu_binary() -> Path | None:

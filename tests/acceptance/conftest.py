@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -12,7 +13,10 @@ import pytest
 
 import outbox_relay
 from outbox_relay.db import quote_ident
-from tests.conftest import OutboxEnv
+from tests.acceptance.test_cli import cli, describe
+from tests.conftest import OutboxEnv, create_outbox_env, drop_outbox_env
+from tests.helpers import cli_env
+from tests.servers import PgServer, RedisServer
 
 ROLES_DIR = Path(outbox_relay.__file__).resolve().parent
 
@@ -27,6 +31,22 @@ def as_user(url: str, user: str) -> str:
     parts = urlsplit(url)
     host = parts.netloc.rpartition("@")[2]
     return urlunsplit(parts._replace(netloc=f"{user}:{_password(user)}@{host}"))
+
+
+@contextlib.asynccontextmanager
+async def made_by_the_cli(
+    pg_server: PgServer, redis_server: RedisServer, *commands: tuple[str, ...]
+) -> AsyncIterator[OutboxEnv]:
+    """Two empty databases on which the CLI ran ``commands`` in turn (each exiting 0), as a user
+    makes a deployment; both dropped after the block."""
+    env = await create_outbox_env(pg_server, redis_server.url(), migrate_primary=False, migrate_service=False)
+    try:
+        for command in commands:
+            result = await cli(*command, env=cli_env(env.env()))
+            assert result.returncode == 0, describe(result)
+        yield env
+    finally:
+        await drop_outbox_env(env)
 
 
 async def apply_roles(outbox_env: OutboxEnv) -> None:

@@ -12,9 +12,9 @@ from typing import Any
 import asyncpg
 import pytest
 
-from tests.acceptance.conftest import as_user
+from tests.acceptance.conftest import as_user, made_by_the_cli
 from tests.acceptance.test_cli import cli, describe
-from tests.conftest import OutboxEnv, create_outbox_env, drop_outbox_env
+from tests.conftest import OutboxEnv
 from tests.helpers import Services, cli_env, count_status, open_account, produce, reserve
 from tests.servers import PgServer, RedisServer
 
@@ -22,14 +22,9 @@ from tests.servers import PgServer, RedisServer
 @pytest.fixture
 async def outbox_env(pg_server: PgServer, redis_server: RedisServer) -> AsyncIterator[OutboxEnv]:
     """Two empty databases made replicated by the CLI alone: migrate --primary, migrate, subscribe."""
-    env = await create_outbox_env(pg_server, redis_server.url(), migrate_primary=False, migrate_service=False)
-    try:
-        for command in (("migrate", "--primary"), ("migrate",), ("subscribe",)):
-            result = await cli(*command, env=cli_env(env.env()))
-            assert result.returncode == 0, describe(result)
+    commands = (("migrate", "--primary"), ("migrate",), ("subscribe",))
+    async with made_by_the_cli(pg_server, redis_server, *commands) as env:
         yield env
-    finally:
-        await drop_outbox_env(env)
 
 
 def _doctor_denials(report: dict[str, Any]) -> list[dict[str, Any]]:

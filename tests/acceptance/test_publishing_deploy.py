@@ -8,8 +8,9 @@ from typing import Any
 
 import pytest
 
+from tests.acceptance.conftest import made_by_the_cli
 from tests.acceptance.test_cli import cli, describe
-from tests.conftest import OutboxEnv, create_outbox_env, drop_outbox_env
+from tests.conftest import OutboxEnv
 from tests.helpers import Services, cli_env, count_status, equals, http_get
 from tests.integration.sinks_support import SECRET, insert_events, receiving
 from tests.servers import PgServer, RedisServer
@@ -18,13 +19,8 @@ from tests.servers import PgServer, RedisServer
 @pytest.fixture
 async def outbox_env(pg_server: PgServer, redis_server: RedisServer) -> AsyncIterator[OutboxEnv]:
     """A fresh service database migrated by the CLI's `migrate` with no ROUTES set (the direct shape)."""
-    env = await create_outbox_env(pg_server, redis_server.url(), migrate_primary=False, migrate_service=False)
-    try:
-        result = await cli("migrate", env=cli_env(env.env()))
-        assert result.returncode == 0, describe(result)
+    async with made_by_the_cli(pg_server, redis_server, ("migrate",)) as env:
         yield env
-    finally:
-        await drop_outbox_env(env)
 
 
 def _routed(env: OutboxEnv, url: str) -> dict[str, str]:

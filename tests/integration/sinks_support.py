@@ -26,6 +26,9 @@ from tests.helpers import Services, cli_env, count_status, running_relay
 
 SECRET = "whsec_" + base64.b64encode(b"outbox-relay-test-secret-32bytes").decode()
 
+#: What answers an endpoint's POST /hook.
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
 
 def routed_registry(settings: Settings, **plugin_settings: dict[str, Any]) -> HandlerRegistry:
     """What the CLI's edge builds: the installed plugins with their settings (``nats={"url": ...}``
@@ -114,20 +117,35 @@ class Receiver:
 
     async def start(self) -> None:
         """Listen on 127.0.0.1 at :attr:`port` (again, after :meth:`stop`: the same port)."""
-        if self._runner is not None:
-            return
-        app = web.Application()
-        app.router.add_post("/hook", self.handle)
-        runner = web.AppRunner(app, handle_signals=False)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", self.port).start()
-        self._runner = runner
+        if self._runner is None:
+            self._runner = await _listen(self.handle, self.port)
 
     async def stop(self) -> None:
         """Stop listening and close every connection (connections to the port are refused)."""
         runner, self._runner = self._runner, None
         if runner is not None:
             await runner.cleanup()
+
+
+async def _listen(handler: Handler, port: int) -> web.AppRunner:
+    """An endpoint answering POST /hook with ``handler`` on 127.0.0.1:``port``, listening."""
+    app = web.Application()
+    app.router.add_post("/hook", handler)
+    runner = web.AppRunner(app, handle_signals=False)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    return runner
+
+
+@contextlib.asynccontextmanager
+async def serving(handler: Handler) -> AsyncIterator[str]:
+    """An endpoint answering POST /hook with ``handler`` on a free loopback port, for the block: its URL."""
+    port = free_port()
+    runner = await _listen(handler, port)
+    try:
+        yield f"http://127.0.0.1:{port}/hook"
+    finally:
+        await runner.cleanup()
 
 
 @contextlib.asynccontextmanager

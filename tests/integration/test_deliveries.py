@@ -4,24 +4,28 @@ slow endpoints, the job's deadline, a rolling change of ROUTES."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
 
 from outbox_relay.composition import plugins
-from outbox_relay.devtools.embedded import free_port
 from outbox_relay.handlers import HandlerRegistry
 from tests.conftest import OutboxEnv
-from tests.helpers import Services, cli_env, count_status, equals, running_relay, running_worker, wait_until
-from tests.integration.sinks_support import SECRET, insert_events, receiving, routed_registry
-
-Handler = Callable[[web.Request], Awaitable[web.Response]]
+from tests.helpers import (
+    Services,
+    cli_env,
+    count_status,
+    equals,
+    idle,
+    running_relay,
+    running_worker,
+    wait_until,
+)
+from tests.integration.sinks_support import SECRET, insert_events, receiving, routed_registry, serving
 
 
 def _webhook(url: str, timeout: float = 2.0) -> dict[str, Any]:
@@ -52,7 +56,7 @@ async def test_a_hung_endpoint_holds_no_transaction_and_no_row_lock(
         await release.wait()
         return web.Response(status=200)
 
-    async with _server(hang) as url:
+    async with serving(hang) as url:
         settings = outbox_env.settings(routes="ev.*=webhook", job_timeout=4.0)
         registry = routed_registry(settings, webhook=_webhook(url, timeout=4.0))
         await insert_events(service, "hung", 20)
@@ -89,7 +93,7 @@ async def test_a_worker_frozen_mid_delivery_is_replaced_within_job_timeout_and_f
             await hold.wait()  # A's request: answered only after the test is over
         return web.Response(status=200)
 
-    async with _server(answer) as url:
+    async with serving(answer) as url:
         env = cli_env(
             outbox_env.env(
                 routes="ev.*=webhook",
@@ -115,8 +119,8 @@ async def test_a_worker_frozen_mid_delivery_is_replaced_within_job_timeout_and_f
             replaced_after = arrivals[1][0] - frozen_at
         finally:
             os.kill(worker_a.proc.pid, signal.SIGCONT)
-        hold.set()
-        await asyncio.sleep(1.0)  # A's answer arrives and its finish is fenced off
+        hold.set()  # A's answer arrives and its finish is fenced off, or its job timed out meanwhile
+        await services.wait(lambda: idle(worker_a), timeout=30, message="A's job over")
         assert [wid for _, wid in arrivals] == [cid, cid], "B delivered under the same delivery id"
         assert replaced_after < job_timeout + 8, f"B delivered {replaced_after:.1f} s after the freeze"
         row = await service.fetchrow("SELECT status, attempts FROM outbox_relay.outbox")
@@ -136,7 +140,7 @@ async def test_a_slow_endpoint_gets_each_event_once_and_no_attempt_is_wasted(
         await asyncio.sleep(0.25)
         return web.Response(status=200)
 
-    async with _server(slow) as url:
+    async with serving(slow) as url:
         settings = outbox_env.settings(routes="ev.*=webhook", job_timeout=10.0)
         registry = routed_registry(settings, webhook=_webhook(url, timeout=5.0))
         await insert_events(service, "slow", 3000)
@@ -166,7 +170,7 @@ async def test_a_delivery_cut_by_the_jobs_deadline_names_the_sink_and_late_ones_
             await asyncio.sleep(2.5)
         return web.Response(status=200)
 
-    async with _server(stall_first) as url:
+    async with serving(stall_first) as url:
         settings = outbox_env.settings(
             routes="ev.*=webhook", job_timeout=2.0, sink_in_flight=1, max_attempts=50
         )
@@ -223,18 +227,3 @@ async def test_a_worker_without_the_route_hands_rows_back_while_another_worker_r
     )
     assert all("unknown kind" in r["last_error"] for r in reasons)
     assert len({h["webhook-id"] for _, h, _ in receiver.requests}) == 100
-
-
-@contextlib.asynccontextmanager
-async def _server(handler: Handler) -> AsyncIterator[str]:
-    """An endpoint answering POST /hook with ``handler`` on a free loopback port: its URL."""
-    app = web.Application()
-    app.router.add_post("/hook", handler)
-    runner = web.AppRunner(app, handle_signals=False)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    try:
-        yield f"http://127.0.0.1:{port}/hook"
-    finally:
-        await runner.cleanup()

@@ -24,11 +24,10 @@ import asyncpg
 import pytest
 from aiohttp import web
 
-from outbox_relay.devtools.embedded import free_port
 from tests.conftest import OutboxEnv
-from tests.helpers import Service, Services, cli_env, count_status, equals, http_get
+from tests.helpers import Service, Services, cli_env, count_status, equals, http_get, idle
 from tests.hosts import Host, netns_unavailable, network_host, start_worker_on
-from tests.integration.sinks_support import SECRET, insert_events
+from tests.integration.sinks_support import SECRET, insert_events, serving
 from tests.integration.test_faults import assert_settled, prepare_load, produce
 
 pytestmark = pytest.mark.slow
@@ -56,14 +55,10 @@ class SlowReceiver:
 
     host: Host
     delay: float = 0.2
-    port: int = field(default_factory=free_port)
+    url: str = ""
     ids: Counter[str] = field(default_factory=Counter)
     from_host: Counter[str] = field(default_factory=Counter)
     in_flight_from_host: int = 0
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/hook"
 
     async def handle(self, request: web.Request) -> web.Response:
         wid = request.headers["webhook-id"]
@@ -85,15 +80,9 @@ class SlowReceiver:
 async def slow_receiver(host: Host) -> AsyncIterator[SlowReceiver]:
     """Run a :class:`SlowReceiver` for the block."""
     receiver = SlowReceiver(host)
-    app = web.Application()
-    app.router.add_post("/hook", receiver.handle)
-    runner = web.AppRunner(app, handle_signals=False)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", receiver.port).start()
-    try:
+    async with serving(receiver.handle) as url:
+        receiver.url = url
         yield receiver
-    finally:
-        await runner.cleanup()
 
 
 async def host_sessions(conn: Any, host: Host) -> list[dict[str, Any]]:
@@ -154,13 +143,6 @@ async def busy(worker: Service, n: float) -> bool:
     status, text = await http_get(worker.port, "/metrics", worker.host)
     in_flight = "outbox_relay_worker_jobs_in_flight 0.0" not in text
     return status == 200 and in_flight and await finished_metric(worker) >= n
-
-
-async def idle(service: Service) -> bool:
-    """True when the worker answers /metrics with no job in flight."""
-    assert service.port is not None
-    status, text = await http_get(service.port, "/metrics", service.host)
-    return status == 200 and "outbox_relay_worker_jobs_in_flight 0.0" in text
 
 
 async def last_finished_after(conn: Any, cut_at: float) -> float:

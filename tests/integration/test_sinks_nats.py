@@ -18,6 +18,7 @@ from outbox_relay.settings import Settings
 from tests.conftest import OutboxEnv
 from tests.helpers import count_status, equals, running_relay, running_worker, wait_until
 from tests.integration.sinks_support import (
+    all_finished,
     insert_events,
     make_stream,
     migrate_sinks,
@@ -62,7 +63,7 @@ async def test_n_rows_make_exactly_n_messages_in_the_stream(
     await migrate_sinks(outbox_env.service_url, registry)
     cids = await insert_events(service, "n", 200)
     async with running_worker(settings, registry), running_relay(settings):
-        await wait_until(lambda: _all_finished(service, 200), timeout=60, message="200 rows finished")
+        await wait_until(lambda: all_finished(service, 200), timeout=60, message="200 rows finished")
     assert await stream_messages(nats_server.url, stream) == 200
     contents = await stream_contents(nats_server.url, stream)
     assert sorted(h["Nats-Msg-Id"] for _, h, _ in contents) == sorted(cids)
@@ -105,7 +106,7 @@ async def test_a_broker_down_for_30_s_loses_nothing(outbox_env: OutboxEnv, servi
         await migrate_sinks(outbox_env.service_url, registry)
         await insert_events(service, "before", 50)
         async with running_worker(settings, registry), running_relay(settings):
-            await wait_until(lambda: _all_finished(service, 50), timeout=60, message="first 50 finished")
+            await wait_until(lambda: all_finished(service, 50), timeout=60, message="first 50 finished")
             server.kill()
             await insert_events(service, "during", 50)
             down_since = time.monotonic()
@@ -121,15 +122,11 @@ async def test_a_broker_down_for_30_s_loses_nothing(outbox_env: OutboxEnv, servi
             await asyncio.sleep(max(0.0, 30.0 - (time.monotonic() - down_since)))
             assert await count_status(service, "failed") == 0
             server.start()
-            await wait_until(lambda: _all_finished(service, 100), timeout=90, message="all 100 finished")
+            await wait_until(lambda: all_finished(service, 100), timeout=90, message="all 100 finished")
         assert await count_status(service, "failed") == 0
         assert await stream_messages(server.url, stream) == 100
     finally:
         server.cleanup()
-
-
-async def _all_finished(service: Any, n: int) -> bool:
-    return await count_status(service, "finished") == n
 
 
 @pytest.mark.slow

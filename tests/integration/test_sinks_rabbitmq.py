@@ -19,7 +19,7 @@ from outbox_relay.handlers import HandlerRegistry
 from outbox_relay.settings import Settings
 from outbox_relay.sinks.rabbitmq import RabbitmqConfig, RabbitmqSink
 from tests.conftest import OutboxEnv
-from tests.helpers import Services, cli_env, count_status, running_relay, running_worker, wait_until
+from tests.helpers import Services, cli_env, count_status, equals, running_relay, running_worker, wait_until
 from tests.integration.rabbitmq_support import (
     Topology,
     declare,
@@ -32,7 +32,13 @@ from tests.integration.rabbitmq_support import (
     topology,
     unique,
 )
-from tests.integration.sinks_support import insert_events, migrate_sinks, routed_registry
+from tests.integration.sinks_support import (
+    all_finished,
+    insert_events,
+    migrate_sinks,
+    routed_registry,
+    worker_killed_mid_stream,
+)
 from tests.servers import session_rabbitmq
 
 #: A kind of 136 characters but 269 bytes: over AMQP's 255-byte routing key.
@@ -71,10 +77,6 @@ def worker_env(env: OutboxEnv, url: str, exchange: str, **extra: str) -> dict[st
     return cli_env(env.env(ROUTES="ev.*=rabbitmq", RABBITMQ_URL=url, RABBITMQ_EXCHANGE=exchange, **extra))
 
 
-async def _all_finished(service: Any, n: int) -> bool:
-    return await count_status(service, "finished") == n
-
-
 async def test_n_rows_make_n_confirmed_persistent_messages(
     outbox_env: OutboxEnv, service: Any, rabbit: str, bound: Topology
 ) -> None:
@@ -84,7 +86,7 @@ async def test_n_rows_make_n_confirmed_persistent_messages(
     await migrate_sinks(outbox_env.service_url, registry)
     cids = await insert_events(service, "n", 200)
     async with running_worker(settings, registry), running_relay(settings):
-        await wait_until(lambda: _all_finished(service, 200), timeout=60, message="200 rows finished")
+        await wait_until(lambda: all_finished(service, 200), timeout=60, message="200 rows finished")
     messages = await drain(rabbit, bound.queue)
     assert sorted(message_ids(messages)) == sorted(cids)
     first = messages[0]
@@ -113,8 +115,10 @@ async def test_an_unroutable_kind_fails_permanently_naming_exchange_and_key(
     await insert_events(service, "long", 2, kind=LONG_KIND)
     await insert_events(service, "flow", 50)
     async with running_worker(settings, registry), running_relay(settings):
-        await wait_until(lambda: _all_finished(service, 50), timeout=60, message="50 ev rows finished")
-        await wait_until(lambda: _status_is(service, "failed", 7), timeout=30, message="7 rows failed")
+        await wait_until(lambda: all_finished(service, 50), timeout=60, message="50 ev rows finished")
+        await wait_until(
+            lambda: equals(count_status(service, "failed"), 7), timeout=30, message="7 rows failed"
+        )
     failed = await service.fetch(
         "SELECT kind, attempts, last_error FROM outbox_relay.outbox WHERE status = 'failed'"
     )
@@ -142,21 +146,19 @@ async def test_a_missing_exchange_fails_permanently_and_the_channel_recovers(
     try:
         await insert_events(service, "nox", 10)
         async with running_worker(settings, registry), running_relay(settings):
-            await wait_until(lambda: _status_is(service, "failed", 10), timeout=30, message="10 rows failed")
+            await wait_until(
+                lambda: equals(count_status(service, "failed"), 10), timeout=30, message="10 rows failed"
+            )
             errors = {
                 r["last_error"] for r in await service.fetch("SELECT last_error FROM outbox_relay.outbox")
             }
             assert errors == {f"RabbitMQ has no exchange {made.exchange!r} (routing key 'ev.created')"}
             await declare(rabbit, made.exchange, ["ev.#"], made.queue)
             await insert_events(service, "after", 20)
-            await wait_until(lambda: _all_finished(service, 20), timeout=30, message="20 later rows finished")
+            await wait_until(lambda: all_finished(service, 20), timeout=30, message="20 later rows finished")
         assert await depth(rabbit, made.queue) == 20
     finally:
         await delete(rabbit, made)
-
-
-async def _status_is(service: Any, status: str, n: int) -> bool:
-    return await count_status(service, status) == n
 
 
 async def test_a_broker_away_is_transient_and_rows_finish_when_it_returns(
@@ -176,7 +178,7 @@ async def test_a_broker_away_is_transient_and_rows_finish_when_it_returns(
         await migrate_sinks(outbox_env.service_url, registry)
         await insert_events(service, "before", 30)
         async with running_worker(settings, registry), running_relay(settings):
-            await wait_until(lambda: _all_finished(service, 30), timeout=60, message="first 30 finished")
+            await wait_until(lambda: all_finished(service, 30), timeout=60, message="first 30 finished")
             await forwarder.close()
             await insert_events(service, "during", 30)
             await wait_until(
@@ -189,7 +191,7 @@ async def test_a_broker_away_is_transient_and_rows_finish_when_it_returns(
             )
             assert await count_status(service, "failed") == 0
             await forwarder.open()
-            await wait_until(lambda: _all_finished(service, 60), timeout=60, message="all 60 finished")
+            await wait_until(lambda: all_finished(service, 60), timeout=60, message="all 60 finished")
     ids = message_ids(await drain(rabbit, bound.queue))
     assert len(ids) == len(set(ids)) == 60
 
@@ -294,30 +296,20 @@ async def test_a_worker_sigkilled_mid_stream_delivers_every_row_under_its_id(
 ) -> None:
     """A `worker` process SIGKILLed while publishing: its jobs run again in another worker, every row
     finishes, and the queue holds every row; a duplicate only ever under the same message_id."""
-    settings, registry = rabbit_settings(
-        outbox_env, rabbit, bound.exchange, requeue_after=3.0, job_timeout=2.0
-    )
+    _, registry = rabbit_settings(outbox_env, rabbit, bound.exchange)
     await migrate_sinks(outbox_env.service_url, registry)
     n = 400
     cids = await insert_events(service, "kill", n)
-    env = worker_env(
-        outbox_env, rabbit, bound.exchange, JOB_TIMEOUT="2", WORKER_CONCURRENCY="4", LOG_LEVEL="WARNING"
+    sink_env = {"ROUTES": "ev.*=rabbitmq", "RABBITMQ_URL": rabbit, "RABBITMQ_EXCHANGE": bound.exchange}
+    await worker_killed_mid_stream(
+        outbox_env,
+        service,
+        sink_env,
+        tmp_path,
+        rows=n,
+        started=lambda: _at_least(rabbit, bound.queue, 50),
+        what="50 messages published",
     )
-    services = Services(tmp_path)
-    try:
-        async with running_relay(settings):
-            first = services.start("worker-1", "worker", env=env)
-            await services.wait(
-                lambda: _at_least(rabbit, bound.queue, 50), timeout=60, message="50 messages published"
-            )
-            first.proc.kill()
-            first.proc.wait(10)
-            assert await count_status(service, "finished") < n, "the worker finished everything first"
-            services.start("worker-2", "worker", env=env)
-            await services.wait(lambda: _all_finished(service, n), timeout=120, message="all rows finished")
-    finally:
-        services.kill_all()
-    assert await count_status(service, "failed") == 0
     ids = message_ids(await drain(rabbit, bound.queue))
     assert set(ids) == set(cids)
     assert len(ids) >= n

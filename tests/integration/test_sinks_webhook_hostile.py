@@ -3,32 +3,13 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
 
-from outbox_relay.devtools.embedded import free_port
 from tests.conftest import OutboxEnv
 from tests.helpers import count_status, equals, running_relay, running_worker, wait_until
-from tests.integration.sinks_support import SECRET, insert_events, routed_registry
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-@contextlib.asynccontextmanager
-async def _server(handler: Handler) -> AsyncIterator[str]:
-    """An endpoint answering POST /hook with ``handler`` on a free loopback port: its URL."""
-    app = web.Application()
-    app.router.add_post("/hook", handler)
-    runner = web.AppRunner(app, handle_signals=False)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    try:
-        yield f"http://127.0.0.1:{port}/hook"
-    finally:
-        await runner.cleanup()
+from tests.integration.sinks_support import SECRET, insert_events, routed_registry, serving
 
 
 async def test_a_huge_answer_is_not_read_whole(outbox_env: OutboxEnv, service: Any) -> None:
@@ -48,7 +29,7 @@ async def test_a_huge_answer_is_not_read_whole(outbox_env: OutboxEnv, service: A
         written.append(sent)
         return response
 
-    async with _server(flood) as url:
+    async with serving(flood) as url:
         settings = outbox_env.settings(routes="ev.*=webhook")
         registry = routed_registry(settings, webhook={"url": url, "secret": SECRET, "timeout": 5.0})
         await insert_events(service, "flood", 1)
@@ -64,7 +45,7 @@ async def test_a_redirect_is_permanent_and_names_its_location(outbox_env: Outbox
     async def redirect(request: web.Request) -> web.StreamResponse:
         return web.Response(status=302, headers={"Location": "http://169.254.169.254/latest/meta-data/"})
 
-    async with _server(redirect) as url:
+    async with serving(redirect) as url:
         settings = outbox_env.settings(routes="ev.*=webhook")
         registry = routed_registry(settings, webhook={"url": url, "secret": SECRET, "timeout": 5.0})
         await insert_events(service, "redir", 1)
