@@ -23,12 +23,6 @@ logger = logging.getLogger(__name__)
 FAILOVER_SLOTS_VERSION = 170000
 
 
-def derived_subscription_name(database: str, system_identifier: str, database_oid: int) -> str:
-    """The default subscription and slot name of a service database (the default queue name too,
-    see :func:`outbox_relay.identity.derived_name`)."""
-    return derived_name(database, system_identifier, database_oid)
-
-
 async def subscription_name(configured: str | None, service: Connection, primary: DatabaseIdentity) -> str:
     """The name ``subscribe`` and ``unsubscribe`` use on this service database.
 
@@ -51,7 +45,7 @@ async def subscription_name(configured: str | None, service: Connection, primary
     if recorded:
         return str(recorded[0]["slot_name"])
     own = await read_identity(service)
-    return derived_subscription_name(own.database, own.system_identifier, own.database_oid)
+    return derived_name(own.database, own.system_identifier, own.database_oid)
 
 
 @dataclass(frozen=True)

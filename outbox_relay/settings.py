@@ -1,7 +1,7 @@
 """Settings: built once at the edge (the CLI) from ``OUTBOX_RELAY_*`` variables, then passed down.
 
 Every URL is a :class:`~pydantic.SecretStr` so that it never reaches a log or an
-error message by accident; :func:`redact_url` gives a printable form.
+error message by accident; :func:`outbox_relay.config.redact_url` gives a printable form.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from pydantic import AfterValidator, Field, SecretStr, field_validator
 from pydantic_settings import NoDecode
 
 from outbox_relay.config import DAY, HOUR, PG_SCHEMES, SettingsBase, count, load, seconds, url_of
-from outbox_relay.config import redact_url as redact_url
 from outbox_relay.exceptions import SettingsError
 from outbox_relay.queue.backends import check as check_queue_url
 from outbox_relay.queue.backends import schemes as queue_schemes

@@ -18,7 +18,7 @@ from outbox_relay.db import Pool
 from outbox_relay.lifecycle import stopped_within
 from outbox_relay.logs import describe
 from outbox_relay.observability.hooks import RelayHooks
-from outbox_relay.observability.metrics import Metrics
+from outbox_relay.observability.metrics import PENDING_STATUSES, Metrics
 from outbox_relay.observability.sql import query
 from outbox_relay.sql import query as core_query
 
@@ -76,7 +76,7 @@ class GaugeRefresher:
     async def _pending(self) -> None:
         row = await self.pool.fetchrow(query("pending_counts"), timeout=QUERY_TIMEOUT)
         assert row is not None
-        for status in ("new", "queued", "failed"):
+        for status in PENDING_STATUSES:
             self.metrics.rows.labels(status=status).set(row[status])
         age = await self.pool.fetchval(core_query("oldest_pending_age"), timeout=QUERY_TIMEOUT)
         self.metrics.oldest_pending_age.set(0.0 if age is None else float(age))

@@ -6,11 +6,11 @@ import re
 
 import pytest
 
-from outbox_relay.config import load
+from outbox_relay.config import load, redact_url
 from outbox_relay.exceptions import SettingsError
+from outbox_relay.identity import derived_name as derived_subscription_name
 from outbox_relay.identity import job_namespace
-from outbox_relay.replication import derived_subscription_name
-from outbox_relay.settings import Settings, env_name, load_settings, redact_url
+from outbox_relay.settings import Settings, env_name, load_settings
 from outbox_relay.sinks.webhook import WebhookSettings
 
 PASSWORD = "hunter2-s3cret"
